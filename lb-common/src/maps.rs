@@ -1,0 +1,250 @@
+//! BPF map names, sizes and key/value layouts: the contract between the XDP program and the daemon.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding fields so that no byte is
+//! uninitialised (the kernel compares keys byte by byte) and `aya::Pod` is sound.
+//! Addresses are stored as 16 bytes: an IPv4 address occupies the first 4 bytes,
+//! the rest are zero. Ports are kept in network byte order, as they sit in the packet.
+
+/// Address family tags stored in keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Default Maglev table size (prime), as in the Maglev paper.
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default number of VIP slots; the ring map holds two rings per VIP.
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+pub const MAX_BACKENDS: u32 = 16384;
+pub const DEFAULT_MAX_CONNS: u32 = 1 << 20;
+
+/// Ring entry that means "no usable backend" (drop and count).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Map names, as declared in the eBPF object.
+pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_RINGS: &str = "RINGS";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_CONNS: &str = "CONNS";
+pub const MAP_NAT_REV: &str = "NAT_REV";
+pub const MAP_STATS_REASON: &str = "STATS_REASON";
+pub const MAP_STATS_VIP: &str = "STATS_VIP";
+pub const MAP_STATS_BACKEND: &str = "STATS_BACKEND";
+/// The XDP program's function name.
+pub const PROGRAM_NAME: &str = "lb_xdp";
+
+/// XDP verdicts (uapi `enum xdp_action`).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// How often the program tries to find a free NAT source port for a new flow.
+pub const NAT_PORT_TRIES: u32 = 8;
+
+/// The `attempt`-th candidate source port for a new NAT flow with hash `hash`, in [min, max].
+/// Spreading candidates by a large odd step keeps collisions of neighbouring hashes apart.
+#[inline(always)]
+pub const fn snat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) -> u16 {
+    let range = (max as u32).saturating_sub(min as u32) + 1;
+    let mixed = (hash ^ (hash >> 16)).wrapping_add(attempt.wrapping_mul(40_503));
+    min + (mixed % range) as u16
+}
+
+/// Why a packet got the verdict it got. Indexes `STATS_REASON`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4/IPv6, or not for a VIP: handed to the kernel untouched.
+    PassNotIp = 0,
+    PassNotVip = 1,
+    PassTruncated = 2,
+    PassBadHeader = 3,
+    PassFragment = 4,
+    PassIpv6ExtHeader = 5,
+    PassUnknownL4 = 6,
+    /// Forwarded to a backend.
+    TxForward = 7,
+    /// NAT reply translated back to the client.
+    TxNatReply = 8,
+    /// VIP has no usable backend.
+    DropNoBackend = 9,
+    /// NAT: no free source port for this backend.
+    DropNatPorts = 10,
+    /// Internal inconsistency (map lookup failed for an index published by the daemon).
+    DropInternal = 11,
+}
+
+pub const REASON_COUNT: u32 = 12;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::PassNotIp,
+        Reason::PassNotVip,
+        Reason::PassTruncated,
+        Reason::PassBadHeader,
+        Reason::PassFragment,
+        Reason::PassIpv6ExtHeader,
+        Reason::PassUnknownL4,
+        Reason::TxForward,
+        Reason::TxNatReply,
+        Reason::DropNoBackend,
+        Reason::DropNatPorts,
+        Reason::DropInternal,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassTruncated => "pass_truncated",
+            Reason::PassBadHeader => "pass_bad_header",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassIpv6ExtHeader => "pass_ipv6_ext_header",
+            Reason::PassUnknownL4 => "pass_unknown_l4",
+            Reason::TxForward => "tx_forward",
+            Reason::TxNatReply => "tx_nat_reply",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropNatPorts => "drop_nat_ports",
+            Reason::DropInternal => "drop_internal",
+        }
+    }
+
+    /// The XDP verdict that goes with the reason.
+    pub const fn xdp_action(self) -> u32 {
+        match self {
+            Reason::TxForward | Reason::TxNatReply => XDP_TX,
+            Reason::DropNoBackend | Reason::DropNatPorts | Reason::DropInternal => XDP_DROP,
+            _ => XDP_PASS,
+        }
+    }
+}
+
+/// Forwarding mode of a VIP.
+pub const MODE_DSR: u8 = 1;
+pub const MODE_NAT: u8 = 2;
+
+/// `VIPS` key: (address, port, protocol). Port 0 = any port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// `VIPS` value. The daemon publishes a new ring by rewriting the whole value,
+/// so a packet sees either the old `ring_offset` or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into `STATS_VIP`.
+    pub vip_index: u32,
+    /// First entry of this VIP's active ring in `RINGS`.
+    pub ring_offset: u32,
+    pub ring_size: u32,
+    pub mode: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// NAT mode: the load balancer's source address towards backends.
+    pub snat_addr: [u8; 16],
+    /// NAT mode: source ports are allocated in [port_min, port_max] (host order).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+/// Backend flags.
+pub const BACKEND_USABLE: u8 = 1;
+
+/// `BACKENDS` value, indexed by backend index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    /// Next-hop MAC towards the backend.
+    pub mac: [u8; 6],
+    /// Network byte order; NAT mode rewrites the destination port to it.
+    pub port: u16,
+    pub family: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A flow as seen on the wire, in the direction of the packet. `CONNS` and `NAT_REV` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `CONNS` value: the backend a client flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    pub backend: u32,
+    /// NAT mode: the allocated source port (network byte order), 0 in DSR mode.
+    pub snat_port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// `NAT_REV` value: how to turn a backend's reply back into the client's flow.
+/// Keyed by the reply's FlowKey (backend → snat address:port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReverse {
+    pub client_addr: [u8; 16],
+    pub vip_addr: [u8; 16],
+    pub client_port: u16,
+    pub vip_port: u16,
+    /// Where the client's packet came from on L2: the reply goes back there.
+    pub client_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Per-VIP and per-backend counters (values of per-CPU arrays).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made only of integers and byte arrays,
+    // with explicit padding fields, so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::NatReverse {}
+    unsafe impl aya::Pod for super::Traffic {}
+}
+
+// Layouts are part of the contract with the kernel object: any change must be deliberate.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<VipKey>() == 20);
+    assert!(offset_of!(VipKey, port) == 16);
+    assert!(size_of::<VipMeta>() == 36);
+    assert!(offset_of!(VipMeta, snat_addr) == 16);
+    assert!(offset_of!(VipMeta, snat_port_max) == 34);
+    assert!(size_of::<Backend>() == 28);
+    assert!(offset_of!(Backend, port) == 22);
+    assert!(size_of::<FlowKey>() == 40);
+    assert!(offset_of!(FlowKey, sport) == 32);
+    assert!(size_of::<ConnState>() == 8);
+    assert!(size_of::<NatReverse>() == 44);
+    assert!(size_of::<Traffic>() == 24);
+};

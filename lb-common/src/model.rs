@@ -1,0 +1,258 @@
+//! A host-side reference model of the XDP program: the same rules, written over byte slices and
+//! std collections instead of packet pointers and BPF maps. Tests run packets through both and
+//! demand identical verdicts, counters and output bytes.
+//!
+//! It shares with the program only what is meant to be shared (layouts, flow hash, the checksum
+//! update formula, the NAT port candidates); parsing and the choice of backend are written anew.
+
+use crate::csum::{replace_bytes, replace_u16, udp_nonzero};
+use crate::hash::flow_hash;
+use crate::maps::*;
+use crate::packet::{
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, ipv4, ipv6, is_ipv4_fragment,
+    is_ipv6_extension, l4,
+};
+use std::collections::HashMap;
+
+/// The maps as the model sees them.
+#[derive(Clone, Debug, Default)]
+pub struct ModelMaps {
+    pub vips: HashMap<VipKey, VipMeta>,
+    /// Ring entries that were written; an array map reads 0 elsewhere below `ring_len`.
+    pub rings: HashMap<u32, u32>,
+    pub ring_len: u32,
+    pub backends: HashMap<u32, Backend>,
+    pub conns: HashMap<FlowKey, ConnState>,
+    pub nat_rev: HashMap<FlowKey, NatReverse>,
+    pub reasons: HashMap<u32, u64>,
+}
+
+/// What the program does with a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub reason: Reason,
+    pub action: u32,
+    /// The packet as the program leaves it.
+    pub packet: Vec<u8>,
+}
+
+struct Parsed {
+    family: u8,
+    l4_off: usize,
+    flow: FlowKey,
+    no_l4_checksum: bool,
+}
+
+impl ModelMaps {
+    pub fn process(&mut self, frame: &[u8]) -> Outcome {
+        let mut packet = frame.to_vec();
+        let reason = self.balance(&mut packet).unwrap_or_else(|reason| reason);
+        *self.reasons.entry(reason as u32).or_default() += 1;
+        if reason.xdp_action() != XDP_TX {
+            // The program writes only once it has decided to forward.
+            packet = frame.to_vec();
+        }
+        Outcome { reason, action: reason.xdp_action(), packet }
+    }
+
+    fn balance(&mut self, packet: &mut [u8]) -> Result<Reason, Reason> {
+        let parsed = parse(packet)?;
+        let vip = self.find_vip(&parsed.flow);
+        let Some(vip) = vip else {
+            let reverse = *self.nat_rev.get(&parsed.flow).ok_or(Reason::PassNotVip)?;
+            rewrite_flow(packet, &parsed, &reverse.vip_addr, reverse.vip_port, &reverse.client_addr, reverse.client_port);
+            set_macs(packet, reverse.client_mac);
+            return Ok(Reason::TxNatReply);
+        };
+        let client_mac: [u8; 6] = packet[6..12].try_into().unwrap();
+        let (backend, snat_port) = self.choose(&parsed, &vip, client_mac)?;
+        if vip.mode == MODE_NAT {
+            let dport = if backend.port == 0 { parsed.flow.dport } else { backend.port };
+            rewrite_flow(packet, &parsed, &vip.snat_addr, snat_port, &backend.addr, dport);
+        } else if vip.mode != MODE_DSR {
+            return Err(Reason::DropInternal);
+        }
+        set_macs(packet, backend.mac);
+        Ok(Reason::TxForward)
+    }
+
+    fn find_vip(&self, flow: &FlowKey) -> Option<VipMeta> {
+        let key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
+        self.vips.get(&key).or_else(|| self.vips.get(&VipKey { port: 0, ..key })).copied()
+    }
+
+    fn usable(&self, index: u32) -> Option<Backend> {
+        self.backends.get(&index).filter(|b| b.flags & BACKEND_USABLE != 0).copied()
+    }
+
+    fn choose(&mut self, parsed: &Parsed, vip: &VipMeta, client_mac: [u8; 6]) -> Result<(Backend, u16), Reason> {
+        if let Some(conn) = self.conns.get(&parsed.flow)
+            && let Some(backend) = self.usable(conn.backend)
+        {
+            return Ok((backend, conn.snat_port));
+        }
+        if vip.ring_size == 0 {
+            return Err(Reason::DropInternal);
+        }
+        let hash = flow_hash(&parsed.flow);
+        let slot = vip.ring_offset + hash % vip.ring_size;
+        if slot >= self.ring_len {
+            return Err(Reason::DropInternal);
+        }
+        let index = self.rings.get(&slot).copied().unwrap_or(0);
+        if index == NO_BACKEND {
+            return Err(Reason::DropNoBackend);
+        }
+        let backend = self.usable(index).ok_or(Reason::DropNoBackend)?;
+        let mut snat_port = 0;
+        if vip.mode == MODE_NAT {
+            let sport = if backend.port == 0 { parsed.flow.dport } else { backend.port };
+            let reverse = NatReverse {
+                client_addr: parsed.flow.src,
+                vip_addr: parsed.flow.dst,
+                client_port: parsed.flow.sport,
+                vip_port: parsed.flow.dport,
+                client_mac,
+                _pad: [0; 2],
+            };
+            let free = (0..NAT_PORT_TRIES).find_map(|attempt| {
+                let port = snat_port_candidate(hash, attempt, vip.snat_port_min, vip.snat_port_max).to_be();
+                let reply = FlowKey {
+                    src: backend.addr,
+                    dst: vip.snat_addr,
+                    sport,
+                    dport: port,
+                    proto: parsed.flow.proto,
+                    family: parsed.flow.family,
+                    _pad: [0; 2],
+                };
+                (!self.nat_rev.contains_key(&reply)).then_some((reply, port))
+            });
+            let (reply, port) = free.ok_or(Reason::DropNatPorts)?;
+            self.nat_rev.insert(reply, reverse);
+            snat_port = port;
+        }
+        self.conns.insert(parsed.flow, ConnState { backend: index, snat_port, _pad: [0; 2] });
+        Ok((backend, snat_port))
+    }
+}
+
+fn be16(p: &[u8], at: usize) -> usize {
+    u16::from_be_bytes([p[at], p[at + 1]]) as usize
+}
+
+fn parse(p: &[u8]) -> Result<Parsed, Reason> {
+    let need = |n: usize| if p.len() >= n { Ok(()) } else { Err(Reason::PassTruncated) };
+    need(ETH_HLEN)?;
+    let mut flow = FlowKey::default();
+    let (family, l4_off, l4_len) = match be16(p, 12) as u16 {
+        ETH_P_IP => {
+            need(ETH_HLEN + IPV4_MIN_HLEN)?;
+            let ihl = ((p[ETH_HLEN] & 0x0f) as usize) * 4;
+            if p[ETH_HLEN] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+                return Err(Reason::PassBadHeader);
+            }
+            need(ETH_HLEN + ihl)?;
+            let total = be16(p, ETH_HLEN + ipv4::TOTAL_LEN);
+            if total < ihl {
+                return Err(Reason::PassBadHeader);
+            }
+            need(ETH_HLEN + total)?;
+            if is_ipv4_fragment(be16(p, ETH_HLEN + ipv4::FRAG) as u16) {
+                return Err(Reason::PassFragment);
+            }
+            flow.proto = p[ETH_HLEN + ipv4::PROTO];
+            flow.src[..4].copy_from_slice(&p[ETH_HLEN + ipv4::SRC..][..4]);
+            flow.dst[..4].copy_from_slice(&p[ETH_HLEN + ipv4::DST..][..4]);
+            (FAMILY_V4, ETH_HLEN + ihl, total - ihl)
+        }
+        ETH_P_IPV6 => {
+            need(ETH_HLEN + IPV6_HLEN)?;
+            if p[ETH_HLEN] >> 4 != 6 {
+                return Err(Reason::PassBadHeader);
+            }
+            let payload = be16(p, ETH_HLEN + ipv6::PAYLOAD_LEN);
+            need(ETH_HLEN + IPV6_HLEN + payload)?;
+            flow.proto = p[ETH_HLEN + ipv6::NEXT_HEADER];
+            if is_ipv6_extension(flow.proto) {
+                return Err(Reason::PassIpv6ExtHeader);
+            }
+            flow.src.copy_from_slice(&p[ETH_HLEN + ipv6::SRC..][..16]);
+            flow.dst.copy_from_slice(&p[ETH_HLEN + ipv6::DST..][..16]);
+            (FAMILY_V6, ETH_HLEN + IPV6_HLEN, payload)
+        }
+        _ => return Err(Reason::PassNotIp),
+    };
+    flow.family = family;
+    let mut no_l4_checksum = false;
+    match flow.proto {
+        PROTO_TCP => {
+            need(l4_off + TCP_MIN_HLEN)?;
+            if l4_len < TCP_MIN_HLEN {
+                return Err(Reason::PassTruncated);
+            }
+            let doff = ((p[l4_off + 12] >> 4) as usize) * 4;
+            if doff < TCP_MIN_HLEN || doff > l4_len {
+                return Err(Reason::PassBadHeader);
+            }
+        }
+        PROTO_UDP => {
+            need(l4_off + UDP_HLEN)?;
+            if l4_len < UDP_HLEN {
+                return Err(Reason::PassTruncated);
+            }
+            let udp_len = be16(p, l4_off + l4::UDP_LEN);
+            if udp_len < UDP_HLEN || udp_len > l4_len {
+                return Err(Reason::PassBadHeader);
+            }
+            if p[l4_off + l4::UDP_CHECK] == 0 && p[l4_off + l4::UDP_CHECK + 1] == 0 {
+                if family == FAMILY_V6 {
+                    return Err(Reason::PassBadHeader);
+                }
+                no_l4_checksum = true;
+            }
+        }
+        _ => return Err(Reason::PassUnknownL4),
+    }
+    flow.sport = u16::from_ne_bytes([p[l4_off], p[l4_off + 1]]);
+    flow.dport = u16::from_ne_bytes([p[l4_off + 2], p[l4_off + 3]]);
+    Ok(Parsed { family, l4_off, flow, no_l4_checksum })
+}
+
+fn set_macs(p: &mut [u8], next_hop: [u8; 6]) {
+    let ours: [u8; 6] = p[0..6].try_into().unwrap();
+    p[6..12].copy_from_slice(&ours);
+    p[0..6].copy_from_slice(&next_hop);
+}
+
+fn get16(p: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([p[at], p[at + 1]])
+}
+
+fn put16(p: &mut [u8], at: usize, v: u16) {
+    p[at..at + 2].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn rewrite_flow(p: &mut [u8], parsed: &Parsed, src: &[u8; 16], sport: u16, dst: &[u8; 16], dport: u16) {
+    let from = parsed.flow;
+    let check_at = parsed.l4_off + if from.proto == PROTO_TCP { l4::TCP_CHECK } else { l4::UDP_CHECK };
+    let mut check = get16(p, check_at);
+    if parsed.family == FAMILY_V4 {
+        let v4 = |a: &[u8; 16]| -> [u8; 4] { a[..4].try_into().unwrap() };
+        let ip_check = replace_bytes(replace_bytes(get16(p, ETH_HLEN + ipv4::CHECK), &v4(&from.src), &v4(src)), &v4(&from.dst), &v4(dst));
+        put16(p, ETH_HLEN + ipv4::CHECK, ip_check);
+        p[ETH_HLEN + ipv4::SRC..][..4].copy_from_slice(&src[..4]);
+        p[ETH_HLEN + ipv4::DST..][..4].copy_from_slice(&dst[..4]);
+        check = replace_bytes(replace_bytes(check, &v4(&from.src), &v4(src)), &v4(&from.dst), &v4(dst));
+    } else {
+        p[ETH_HLEN + ipv6::SRC..][..16].copy_from_slice(src);
+        p[ETH_HLEN + ipv6::DST..][..16].copy_from_slice(dst);
+        check = replace_bytes(replace_bytes(check, &from.src, src), &from.dst, dst);
+    }
+    check = replace_u16(replace_u16(check, from.sport, sport), from.dport, dport);
+    put16(p, parsed.l4_off + l4::SPORT, sport);
+    put16(p, parsed.l4_off + l4::DPORT, dport);
+    if !parsed.no_l4_checksum {
+        put16(p, check_at, if from.proto == PROTO_TCP { check } else { udp_nonzero(check) });
+    }
+}

@@ -1,0 +1,60 @@
+//! Wire layouts of the headers the data plane parses: sizes, offsets and protocol numbers.
+//! Host-only helpers to build and check packets sit in [`build`].
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+pub const TCP_MIN_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+
+/// Offsets inside an IPv4 header.
+pub mod ipv4 {
+    pub const VERSION_IHL: usize = 0;
+    pub const TOTAL_LEN: usize = 2;
+    pub const FRAG: usize = 6;
+    pub const TTL: usize = 8;
+    pub const PROTO: usize = 9;
+    pub const CHECK: usize = 10;
+    pub const SRC: usize = 12;
+    pub const DST: usize = 16;
+    /// More-fragments flag and fragment offset, in host order after `u16::from_be`.
+    pub const MF_OFFSET_MASK: u16 = 0x3fff;
+}
+
+/// Offsets inside an IPv6 header.
+pub mod ipv6 {
+    pub const PAYLOAD_LEN: usize = 4;
+    pub const NEXT_HEADER: usize = 6;
+    pub const HOP_LIMIT: usize = 7;
+    pub const SRC: usize = 8;
+    pub const DST: usize = 24;
+}
+
+/// Offsets inside TCP and UDP headers (the ports sit at the same place in both).
+pub mod l4 {
+    pub const SPORT: usize = 0;
+    pub const DPORT: usize = 2;
+    pub const UDP_LEN: usize = 4;
+    pub const UDP_CHECK: usize = 6;
+    pub const TCP_FLAGS: usize = 13;
+    pub const TCP_CHECK: usize = 16;
+}
+
+#[cfg(feature = "user")]
+pub mod build;
+
+/// IPv6 extension headers (RFC 8200 and the IANA list): the program does not walk them, it
+/// hands such packets to the kernel.
+pub const fn is_ipv6_extension(next_header: u8) -> bool {
+    matches!(next_header, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
+/// True for any fragment of a fragmented IPv4 datagram (first, middle or last).
+/// `frag_field` is the flags/offset word in host order.
+pub const fn is_ipv4_fragment(frag_field: u16) -> bool {
+    frag_field & ipv4::MF_OFFSET_MASK != 0
+}

@@ -1,0 +1,101 @@
+//! The XDP load balancer: for each packet, parse → find the VIP → choose a backend → rewrite → send.
+#![no_std]
+#![no_main]
+
+mod balance;
+mod maps;
+mod parse;
+mod rewrite;
+
+use aya_ebpf::macros::xdp;
+use aya_ebpf::maps::PerCpuArray;
+use aya_ebpf::programs::XdpContext;
+use lb_common::maps::{MODE_DSR, MODE_NAT, Reason, Traffic, VipKey, VipMeta};
+use maps::{NAT_REV, STATS_BACKEND, STATS_REASON, STATS_VIP, VIPS};
+use parse::{Packet, parse, read};
+use rewrite::{Rewrite, set_flow, set_macs};
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let reason = match balance_packet(&ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    if let Some(counter) = STATS_REASON.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        unsafe { *counter += 1 };
+    }
+    reason.xdp_action()
+}
+
+#[inline(always)]
+fn balance_packet(ctx: &XdpContext) -> Result<Reason, Reason> {
+    let mut packet = Packet::empty();
+    parse(ctx, &mut packet)?;
+    let packet = packet;
+    let Some(vip) = find_vip(&packet) else {
+        return translate_nat_reply(ctx, &packet);
+    };
+    let client_mac: [u8; 6] = read(ctx, 6)?;
+    let chosen = balance::choose(&packet, vip, client_mac)?;
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    add_traffic(&STATS_VIP, vip.vip_index, bytes, chosen.new_flow);
+    add_traffic(&STATS_BACKEND, chosen.index, bytes, chosen.new_flow);
+    match vip.mode {
+        MODE_DSR => {}
+        MODE_NAT => {
+            let to = Rewrite {
+                src: &vip.snat_addr,
+                sport: chosen.snat_port,
+                dst: &chosen.backend.addr,
+                dport: balance::backend_port(chosen.backend, &packet),
+            };
+            set_flow(ctx, &packet, &to)?;
+        }
+        _ => return Err(Reason::DropInternal),
+    }
+    set_macs(ctx, chosen.backend.mac)?;
+    Ok(Reason::TxForward)
+}
+
+/// The VIP for the packet's destination: the exact port first, then the VIP's any-port entry.
+#[inline(always)]
+fn find_vip(packet: &Packet) -> Option<&'static VipMeta> {
+    let mut key = VipKey { addr: packet.flow.dst, port: packet.flow.dport, proto: packet.flow.proto, family: packet.family };
+    // SAFETY: a map value pointer stays valid for the program's run.
+    if let Some(meta) = VIPS.get_ptr(&key) {
+        return Some(unsafe { &*meta });
+    }
+    key.port = 0;
+    VIPS.get_ptr(&key).map(|meta| unsafe { &*meta })
+}
+
+/// A backend's reply to a NAT flow goes back to the client as if it came from the VIP.
+#[inline(never)]
+fn translate_nat_reply(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
+    let Some(reverse) = NAT_REV.get_ptr(&packet.flow) else {
+        return Err(Reason::PassNotVip);
+    };
+    // SAFETY: a map value pointer stays valid for the program's run.
+    let reverse = unsafe { &*reverse };
+    let to = Rewrite { src: &reverse.vip_addr, sport: reverse.vip_port, dst: &reverse.client_addr, dport: reverse.client_port };
+    set_flow(ctx, packet, &to)?;
+    set_macs(ctx, reverse.client_mac)?;
+    Ok(Reason::TxNatReply)
+}
+
+#[inline(always)]
+fn add_traffic(map: &PerCpuArray<Traffic>, index: u32, bytes: u64, new_flow: bool) {
+    if let Some(traffic) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        let traffic = unsafe { &mut *traffic };
+        traffic.packets += 1;
+        traffic.bytes += bytes;
+        traffic.new_flows += new_flow as u64;
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,34 @@
+//! Every BPF map the program uses, declared in one place. Sizes are defaults; the daemon may
+//! resize them at load time (layouts and names come from `lb_common::maps`).
+
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use lb_common::maps::{
+    Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS, NatReverse,
+    REASON_COUNT, Traffic, VipKey, VipMeta,
+};
+
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Two rings per VIP (active and the one being rewritten), each `ring_size` backend indexes.
+#[map(name = "RINGS")]
+pub static RINGS: Array<u32> = Array::with_max_entries(2 * DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0);
+
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "CONNS")]
+pub static CONNS: LruHashMap<FlowKey, ConnState> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+#[map(name = "NAT_REV")]
+pub static NAT_REV: LruHashMap<FlowKey, NatReverse> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+#[map(name = "STATS_REASON")]
+pub static STATS_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+#[map(name = "STATS_VIP")]
+pub static STATS_VIP: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map(name = "STATS_BACKEND")]
+pub static STATS_BACKEND: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

@@ -1,0 +1,3 @@
+//! The `lb` control plane as a library: the binary and the integration tests share it.
+
+pub mod dataplane;

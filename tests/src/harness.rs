@@ -1,0 +1,97 @@
+//! The XDP program and the host reference model, given the same maps and the same packets.
+
+use anyhow::Result;
+use lb::dataplane::{Dataplane, DataplaneSizes, VipForwarding};
+use lb_common::maglev::{MaglevBackend, build_table};
+use lb_common::maps::*;
+use lb_common::model::{ModelMaps, Outcome};
+use std::net::{IpAddr, SocketAddr};
+
+/// A small ring keeps publishing fast; the logic does not depend on M.
+pub const TEST_RING_SIZE: u32 = 1021;
+
+pub struct Harness {
+    pub dataplane: Dataplane,
+    pub model: ModelMaps,
+}
+
+/// The 16-byte address form used in keys.
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => out = v6.octets(),
+    }
+    out
+}
+
+pub fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+pub fn vip_key(addr: SocketAddr, proto: u8) -> VipKey {
+    VipKey { addr: addr16(addr.ip()), port: addr.port().to_be(), proto, family: family(addr.ip()) }
+}
+
+pub fn backend(addr: SocketAddr, mac: [u8; 6]) -> Backend {
+    Backend { addr: addr16(addr.ip()), mac, port: addr.port().to_be(), family: family(addr.ip()), flags: BACKEND_USABLE, _pad: [0; 2] }
+}
+
+/// A stable Maglev identity for a backend slot in tests.
+pub fn maglev_key(index: u32) -> u64 {
+    0x9e37_79b9_7f4a_7c15u64.wrapping_mul(index as u64 + 1)
+}
+
+/// Map sizes small enough to load fast, large enough for every test here.
+pub fn test_sizes() -> DataplaneSizes {
+    DataplaneSizes { max_vips: 16, ring_size: TEST_RING_SIZE, max_conns: 1 << 18 }
+}
+
+impl Harness {
+    pub fn new() -> Result<Self> {
+        let sizes = test_sizes();
+        let dataplane = Dataplane::load(sizes)?;
+        let model = ModelMaps { ring_len: 2 * sizes.max_vips * sizes.ring_size, ..Default::default() };
+        Ok(Self { dataplane, model })
+    }
+
+    pub fn set_backend(&mut self, index: u32, backend: &Backend) -> Result<()> {
+        self.dataplane.set_backend(index, backend)?;
+        self.model.backends.insert(index, *backend);
+        Ok(())
+    }
+
+    /// Builds the Maglev table over `backends` (equal weights) and publishes the VIP to both sides.
+    /// Returns the table.
+    pub fn publish_vip(&mut self, key: &VipKey, forwarding: &VipForwarding, backends: &[u32]) -> Result<Vec<u32>> {
+        let members: Vec<MaglevBackend> =
+            backends.iter().map(|&index| MaglevBackend { index, key: maglev_key(index), weight: 1 }).collect();
+        let table = build_table(&members, TEST_RING_SIZE)?;
+        self.dataplane.publish_vip(key, forwarding, &table)?;
+        let meta = self.dataplane.vip(key)?.expect("VIP was just published");
+        for (i, index) in table.iter().enumerate() {
+            self.model.rings.insert(meta.ring_offset + i as u32, *index);
+        }
+        self.model.vips.insert(*key, meta);
+        Ok(table)
+    }
+
+    /// Runs a packet through the kernel and the model; returns (kernel, model) outcomes.
+    /// The kernel's reason is read from the per-reason counters around the run.
+    pub fn run(&mut self, frame: &[u8]) -> Result<(Outcome, Outcome)> {
+        let before = self.dataplane.reason_counters()?;
+        let (action, packet) = self.dataplane.run_once(frame)?;
+        let after = self.dataplane.reason_counters()?;
+        let changed: Vec<Reason> = before.iter().zip(&after).filter(|(b, a)| a.1 != b.1).map(|(_, a)| a.0).collect();
+        assert_eq!(changed.len(), 1, "exactly one reason counter must move per packet, moved: {changed:?}");
+        let kernel = Outcome { reason: changed[0], action, packet };
+        let model = self.model.process(frame);
+        Ok((kernel, model))
+    }
+
+    /// Runs a packet without reading reason counters (fast path for bulk comparisons).
+    pub fn run_fast(&mut self, frame: &[u8]) -> Result<((u32, Vec<u8>), Outcome)> {
+        let kernel = self.dataplane.run_once(frame)?;
+        Ok((kernel, self.model.process(frame)))
+    }
+}

@@ -1,0 +1,218 @@
+//! Differential test: 100,000 random packets, valid and corrupted, through the kernel program
+//! and through the host reference model; every verdict and every output byte must agree, and
+//! so must the connection and NAT tables and the reason counters at the end.
+
+use lb::dataplane::VipForwarding;
+use lb_common::maps::*;
+use lb_common::packet::ETH_HLEN;
+use lb_common::packet::build::Frame;
+use lb_tests::harness::{Harness, addr16, backend, vip_key};
+use lb_tests::privilege::require_root;
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+const PACKETS: usize = 100_000;
+
+struct Vip {
+    addr: SocketAddr,
+    proto: u8,
+    key: VipKey,
+    forwarding: VipForwarding,
+    backends: Vec<u32>,
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn setup(harness: &mut Harness) -> Vec<Vip> {
+    for i in 1..=4u32 {
+        harness.set_backend(i, &backend(format!("10.0.1.{i}:8080").parse().unwrap(), [2, 0xbe, 0, 0, 0, i as u8])).unwrap();
+        harness.set_backend(10 + i, &backend(format!("[fd00:1::{i}]:8080").parse().unwrap(), [2, 0xbe, 0, 0, 1, i as u8])).unwrap();
+    }
+    let mut vips = Vec::new();
+    let mut slot = 0;
+    for (addr, proto, mode) in [
+        ("10.0.0.10:80", PROTO_TCP, MODE_DSR),
+        ("10.0.0.10:53", PROTO_UDP, MODE_DSR),
+        ("10.0.0.20:80", PROTO_TCP, MODE_NAT),
+        ("10.0.0.20:53", PROTO_UDP, MODE_NAT),
+        ("[fd00::10]:80", PROTO_TCP, MODE_DSR),
+        ("[fd00::10]:53", PROTO_UDP, MODE_DSR),
+        ("[fd00::20]:80", PROTO_TCP, MODE_NAT),
+        ("[fd00::20]:53", PROTO_UDP, MODE_NAT),
+        ("10.0.0.30:0", PROTO_TCP, MODE_DSR),
+    ] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let v4 = addr.is_ipv4();
+        let snat = if v4 { ip("10.0.0.2") } else { ip("fd00::2") };
+        // A narrow port range so that NAT port collisions and exhaustion happen too.
+        let forwarding = VipForwarding { vip_index: slot, mode, snat_addr: addr16(snat), snat_port_min: 30000, snat_port_max: 30400 };
+        let backends: Vec<u32> = if v4 { vec![1, 2, 3] } else { vec![11, 12, 13] };
+        let key = vip_key(addr, proto);
+        harness.publish_vip(&key, &forwarding, &backends).unwrap();
+        vips.push(Vip { addr, proto, key, forwarding, backends });
+        slot += 1;
+    }
+    vips
+}
+
+fn random_valid(rng: &mut StdRng, vips: &[Vip]) -> Frame {
+    let vip = vips.choose(rng).unwrap();
+    let client = if vip.addr.is_ipv4() {
+        IpAddr::from([192, 0, 2, rng.random_range(1..40)])
+    } else {
+        IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, rng.random_range(1..40)])
+    };
+    let sport = rng.random_range(1024..1100);
+    let dport = if vip.addr.port() == 0 { rng.random_range(1..100) } else { vip.addr.port() };
+    let mut frame = if vip.proto == PROTO_TCP {
+        Frame::tcp(client, sport, vip.addr.ip(), dport)
+    } else {
+        Frame::udp(client, sport, vip.addr.ip(), dport)
+    };
+    frame.payload = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
+    if rng.random_bool(0.1) {
+        frame.ipv4_options = vec![1; 4 * rng.random_range(1..=10)];
+    }
+    frame
+}
+
+/// Damages a frame. Frames stay at least an Ethernet header long: BPF_PROG_TEST_RUN refuses
+/// shorter ones, and no NIC delivers them.
+fn corrupt(rng: &mut StdRng, mut bytes: Vec<u8>) -> Vec<u8> {
+    match rng.random_range(0..4) {
+        0 => bytes.truncate(rng.random_range(ETH_HLEN..bytes.len())),
+        1 => {
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..bytes.len().min(80));
+                bytes[at] = rng.random();
+            }
+        }
+        2 => {
+            // Damage length and header-length fields specifically.
+            let at = *[14usize, 16, 17, 18, 19, 20, 38, 46, 52, 54, 58].choose(rng).unwrap();
+            if at < bytes.len() {
+                bytes[at] = rng.random();
+            }
+        }
+        _ => {
+            bytes = (0..rng.random_range(ETH_HLEN..120)).map(|_| rng.random()).collect();
+            // Mostly IP ethertypes, so the garbage reaches the IP parsers.
+            let ethertype: u16 = *[0x0800u16, 0x86dd, 0x0806, rng.random()].choose(rng).unwrap();
+            bytes[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        }
+    }
+    bytes
+}
+
+#[test]
+fn random_packets_agree_with_the_reference_model() {
+    if !require_root("random_packets_agree_with_the_reference_model") {
+        return;
+    }
+    let mut harness = Harness::new().unwrap();
+    let mut vips = setup(&mut harness);
+    let mut rng = StdRng::seed_from_u64(0x1b_2026);
+    let mut replies: Vec<Vec<u8>> = Vec::new();
+    let mut mismatches = Vec::new();
+    let mut by_reason: HashMap<u32, u64> = HashMap::new();
+
+    for n in 0..PACKETS {
+        // Backends change while traffic runs: a backend joins, another goes down.
+        if n == PACKETS / 3 {
+            for vip in &mut vips {
+                vip.backends.push(if vip.addr.is_ipv4() { 4 } else { 14 });
+                harness.publish_vip(&vip.key, &vip.forwarding, &vip.backends).unwrap();
+            }
+        }
+        if n == 2 * PACKETS / 3 {
+            let mut down = backend("10.0.1.2:8080".parse().unwrap(), [2, 0xbe, 0, 0, 0, 2]);
+            down.flags = 0;
+            harness.set_backend(2, &down).unwrap();
+            for vip in vips.iter_mut().filter(|v| v.addr.is_ipv4()) {
+                vip.backends.retain(|&b| b != 2);
+                harness.publish_vip(&vip.key, &vip.forwarding, &vip.backends).unwrap();
+            }
+        }
+        let roll = rng.random_range(0..100);
+        let frame = if roll < 55 {
+            random_valid(&mut rng, &vips).bytes()
+        } else if roll < 70 && !replies.is_empty() {
+            replies.choose(&mut rng).unwrap().clone()
+        } else if roll < 75 {
+            Frame::udp(ip("192.0.2.1"), rng.random(), ip("198.51.100.1"), rng.random()).bytes()
+        } else {
+            let valid = random_valid(&mut rng, &vips).bytes();
+            corrupt(&mut rng, valid)
+        };
+        let ((action, packet), model) = harness.run_fast(&frame).unwrap();
+        *by_reason.entry(model.reason as u32).or_default() += 1;
+        if action != model.action || packet != model.packet {
+            if mismatches.len() < 10 {
+                mismatches.push(format!("packet {n} {frame:02x?}: kernel action {action}, model {:?}", model.reason));
+            } else {
+                mismatches.push(String::new());
+            }
+        }
+        // Turn NAT-forwarded packets into backend replies for later rounds.
+        if model.reason == Reason::TxForward && replies.len() < 5000 {
+            if let Some(reply) = as_backend_reply(&packet) {
+                replies.push(reply);
+            }
+        }
+    }
+    assert!(mismatches.is_empty(), "{} of {PACKETS} packets differ, first ones:\n{}", mismatches.len(), mismatches.join("\n"));
+
+    let kernel_reasons = harness.dataplane.reason_counters().unwrap();
+    for (reason, count) in &kernel_reasons {
+        assert_eq!(*count, harness.model.reasons.get(&(*reason as u32)).copied().unwrap_or(0), "{reason:?} counter");
+    }
+    let mut kernel_conns = harness.dataplane.connections().unwrap();
+    kernel_conns.sort_by_key(|(k, _)| format!("{k:?}"));
+    let mut model_conns: Vec<_> = harness.model.conns.iter().map(|(k, v)| (*k, *v)).collect();
+    model_conns.sort_by_key(|(k, _)| format!("{k:?}"));
+    assert_eq!(kernel_conns, model_conns, "connection tables differ");
+    let mut kernel_nat = harness.dataplane.nat_reverses().unwrap();
+    kernel_nat.sort_by_key(|(k, _)| format!("{k:?}"));
+    let mut model_nat: Vec<_> = harness.model.nat_rev.iter().map(|(k, v)| (*k, *v)).collect();
+    model_nat.sort_by_key(|(k, _)| format!("{k:?}"));
+    assert_eq!(kernel_nat, model_nat, "NAT tables differ");
+
+    // The mix must really exercise the paths it claims to.
+    for reason in [Reason::TxForward, Reason::TxNatReply, Reason::PassTruncated, Reason::PassBadHeader, Reason::PassNotVip, Reason::DropNatPorts] {
+        assert!(by_reason.get(&(reason as u32)).copied().unwrap_or(0) > 50, "too few {reason:?} packets: {by_reason:?}");
+    }
+    eprintln!("differential: {PACKETS} packets, reasons {by_reason:?}, {} connections", kernel_conns.len());
+}
+
+/// For a NAT-forwarded frame (client → SNAT → backend), the backend's answer: swap MACs,
+/// addresses and ports. DSR frames (destination is still the VIP) give none.
+fn as_backend_reply(forwarded: &[u8]) -> Option<Vec<u8>> {
+    let v6 = forwarded[12] == 0x86;
+    let (src_at, len) = if v6 { (14 + 8, 16) } else { (14 + 12, 4) };
+    let src: Vec<u8> = forwarded[src_at..src_at + len].to_vec();
+    let snat: &[u8] = if v6 { &addr16(ip("fd00::2")) } else { &[10, 0, 0, 2] };
+    if src != snat {
+        return None;
+    }
+    let l4 = if v6 { 14 + 40 } else { 14 + ((forwarded[14] & 0xf) as usize) * 4 };
+    let proto = if v6 { forwarded[14 + 6] } else { forwarded[14 + 9] };
+    let port = |at: usize| u16::from_be_bytes([forwarded[at], forwarded[at + 1]]);
+    let to_ip = |bytes: &[u8]| -> IpAddr {
+        if v6 { <[u8; 16]>::try_from(bytes).unwrap().into() } else { <[u8; 4]>::try_from(bytes).unwrap().into() }
+    };
+    let dst_at = src_at + len;
+    let backend = to_ip(&forwarded[dst_at..dst_at + len]);
+    let mut reply = if proto == PROTO_TCP {
+        Frame::tcp(backend, port(l4 + 2), to_ip(&src), port(l4))
+    } else {
+        Frame::udp(backend, port(l4 + 2), to_ip(&src), port(l4))
+    };
+    reply.src_mac = forwarded[0..6].try_into().unwrap();
+    reply.dst_mac = forwarded[6..12].try_into().unwrap();
+    Some(reply.bytes())
+}

@@ -1,0 +1,109 @@
+//! `cargo xtask`: installs what the build needs, builds both toolchains' crates, runs tests and the demo.
+
+#[path = "../../lb-userspace/build_ebpf.rs"]
+mod build_ebpf;
+mod setup;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything the build and the tests need (Debian packages, bpf-linker, bpffs). Idempotent; root.
+    Setup,
+    /// Build the XDP object for bpfel-unknown-none.
+    BuildEbpf,
+    /// Build the `lb` binary (release), with the XDP object embedded.
+    Build,
+    /// Build everything and run every test, privileged ones included (root).
+    Test {
+        /// Arguments passed on to `cargo test` (e.g. a test name filter, after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Show the load balancer at work in network namespaces.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => {
+            setup::ensure()?;
+            let object = build_ebpf::build_ebpf(&root.join("lb-ebpf")).map_err(anyhow::Error::msg)?;
+            println!("XDP object: {}", object.display());
+            Ok(())
+        }
+        Task::Build => {
+            setup::ensure()?;
+            cargo(&root, &["build", "--release", "-p", "lb-userspace"])?;
+            println!("built {}", root.join("target/release/lb").display());
+            Ok(())
+        }
+        Task::Test { cargo_args } => test(&root, &cargo_args),
+        Task::Demo => demo(&root),
+    }
+}
+
+fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
+    let started = Instant::now();
+    setup::ensure()?;
+    if !setup::is_root() && std::env::var("LB_SKIP_PRIVILEGED").as_deref() != Ok("1") {
+        bail!(
+            "the privileged tests (XDP attach, network namespaces) need root: run `sudo cargo xtask test`; \
+             to run only the unprivileged tests, set LB_SKIP_PRIVILEGED=1 (they will be reported as skipped)"
+        );
+    }
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    if !cargo_args.is_empty() {
+        args.push("--");
+        args.extend(cargo_args.iter().map(String::as_str));
+    }
+    cargo(root, &args)?;
+    println!("xtask test: all tests passed in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn demo(root: &Path) -> Result<()> {
+    setup::ensure()?;
+    cargo(root, &["build", "-p", "lb-userspace"])?;
+    let lb = root.join("target/debug/lb");
+    println!("The demo topology (client, load balancer, three backends and a backup on a bridge) arrives with");
+    println!("the control-plane and health-check work. For now it loads and verifies the XDP program:");
+    println!("$ {} verify", lb.display());
+    let status = Command::new(&lb).arg("verify").status().context("running lb verify")?;
+    if !status.success() {
+        bail!("lb verify failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs the host toolchain's cargo (the one that runs this xtask) in the workspace.
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root").to_path_buf()
+}
