@@ -33,6 +33,8 @@ pub const MAP_STATS_VIP: &str = "STATS_VIP";
 pub const MAP_STATS_BACKEND: &str = "STATS_BACKEND";
 /// The XDP program's function name.
 pub const PROGRAM_NAME: &str = "lb_xdp";
+/// A program that passes every frame (see `lb-ebpf/src/pass.rs`).
+pub const PASS_PROGRAM_NAME: &str = "lb_pass";
 
 /// XDP verdicts (uapi `enum xdp_action`).
 pub const XDP_DROP: u32 = 1;

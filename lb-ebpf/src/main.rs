@@ -5,6 +5,7 @@
 mod balance;
 mod maps;
 mod parse;
+mod pass;
 mod rewrite;
 
 use aya_ebpf::macros::xdp;

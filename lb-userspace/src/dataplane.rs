@@ -205,6 +205,33 @@ impl Dataplane {
     }
 }
 
+/// An XDP program that passes every frame, attached for as long as this value lives.
+///
+/// On a veth it lets the device receive the frames its peer sends with XDP_TX: the kernel needs
+/// an XDP program (or GRO) on the receiving side, and GRO alone was seen to hold frames back.
+pub struct PassThrough {
+    _ebpf: Ebpf,
+}
+
+impl PassThrough {
+    pub fn attach(interface: &str, mode: AttachMode) -> Result<Self> {
+        // The object's maps are created too; keep them tiny, this program uses none.
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_RINGS, 2)
+            .map_max_entries(MAP_CONNS, 2)
+            .map_max_entries(MAP_NAT_REV, 2)
+            .load(EBPF_OBJECT)
+            .context("loading the XDP object")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PASS_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PASS_PROGRAM_NAME} missing from the object"))?
+            .try_into()?;
+        program.load().context("loading the pass-through program")?;
+        program.attach(interface, mode.xdp_mode()).with_context(|| format!("attaching pass-through XDP to {interface}"))?;
+        Ok(Self { _ebpf: ebpf })
+    }
+}
+
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     ebpf.program_mut(PROGRAM_NAME)
         .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?

@@ -4,6 +4,7 @@
 //! interface, address or route, so test traffic cannot leave the sandbox.
 
 use anyhow::{Context, Result, bail};
+use lb::dataplane::{AttachMode, PassThrough};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Output, Stdio};
@@ -139,14 +140,18 @@ impl Bridge {
     }
 
     /// Plugs `host` into the bridge through a new veth; the host end is called `dev`.
-    pub fn plug(&mut self, host: &Netns, dev: &str) -> Result<()> {
+    /// Returns the bridge-side port's name.
+    pub fn plug(&mut self, host: &Netns, dev: &str) -> Result<String> {
         let port = format!("p{}", self.ports);
         self.ports += 1;
         veth(&self.ns, &port, host, dev)?;
-        // GRO turns on NAPI on the bridge side, which veth needs to receive XDP_TX frames.
-        self.ns.exec(&["ethtool", "-K", &port, "gro", "on"])?;
         self.ns.ip(&["link", "set", &port, "master", "br0"])?;
-        Ok(())
+        Ok(port)
+    }
+
+    /// Lets the host behind `port` send frames with XDP_TX, for as long as the guard lives.
+    pub fn accept_xdp_tx_from(&self, port: &str) -> Result<PassThrough> {
+        self.ns.enter(|| PassThrough::attach(port, AttachMode::Native))?
     }
 }
 

@@ -5,6 +5,7 @@
 //! by a host route; in DSR mode the backends hold the VIP on loopback.
 
 use crate::netns::{Bridge, Netns, Process};
+use lb::dataplane::PassThrough;
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -57,6 +58,7 @@ pub struct Topology {
     pub backends: Vec<BackendHost>,
     pub client: Netns,
     pub lb: Netns,
+    _lb_port_pass: PassThrough,
     pub bridge: Bridge,
     dsr: bool,
 }
@@ -76,7 +78,8 @@ impl Topology {
         let client = Netns::new("client")?;
         let lb = Netns::new("lb")?;
         bridge.plug(&client, "eth0")?;
-        bridge.plug(&lb, "eth0")?;
+        let lb_port = bridge.plug(&lb, "eth0")?;
+        let lb_port_pass = bridge.accept_xdp_tx_from(&lb_port)?;
         client.addr("eth0", &format!("{CLIENT_V4}/24"))?;
         client.addr("eth0", &format!("{CLIENT_V6}/64"))?;
         client.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", &LB_V4.to_string()])?;
@@ -84,7 +87,7 @@ impl Topology {
         for addr in [format!("{LB_V4}/24"), format!("{SNAT_V4}/24"), format!("{LB_V6}/64"), format!("{SNAT_V6}/64")] {
             lb.addr("eth0", &addr)?;
         }
-        let mut topology = Self { backends: Vec::new(), client, lb, bridge, dsr };
+        let mut topology = Self { backends: Vec::new(), client, lb, _lb_port_pass: lb_port_pass, bridge, dsr };
         for _ in 0..backends {
             topology.add_backend()?;
         }
