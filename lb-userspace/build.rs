@@ -8,7 +8,14 @@ fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest_dir.parent().expect("lb-userspace sits in the workspace root").to_path_buf();
     let ebpf_dir = root.join("lb-ebpf");
-    for watched in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-ebpf/Cargo.lock", "lb-common/src", "lb-common/Cargo.toml", "lb-userspace/build_ebpf.rs"] {
+    for watched in [
+        "lb-ebpf/src",
+        "lb-ebpf/Cargo.toml",
+        "lb-ebpf/Cargo.lock",
+        "lb-common/src",
+        "lb-common/Cargo.toml",
+        "lb-userspace/build_ebpf.rs",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let object = match build_ebpf::build_ebpf(&ebpf_dir) {

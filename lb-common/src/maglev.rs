@@ -47,7 +47,7 @@ pub fn is_prime(n: u32) -> bool {
         return false;
     }
     let n = n as u64;
-    (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// splitmix64's finaliser: a fixed, well-mixed 64-bit hash (no per-process randomness).
@@ -137,7 +137,10 @@ mod tests {
         let total: u32 = weights.iter().sum();
         for (i, share) in shares(&table, weights.len()).iter().enumerate() {
             let expected = weights[i] as f64 / total as f64;
-            assert!((share - expected).abs() <= 0.01 * expected, "weights {weights:?}: backend {i} share {share} vs {expected}");
+            assert!(
+                (share - expected).abs() <= 0.01 * expected,
+                "weights {weights:?}: backend {i} share {share} vs {expected}"
+            );
         }
     }
 
@@ -163,8 +166,7 @@ mod tests {
             let removed = all[n / 2].index;
             let rest: Vec<_> = all.iter().copied().filter(|b| b.index != removed).collect();
             let after = build_table(&rest, DEFAULT_RING_SIZE).unwrap();
-            let others_moved =
-                before.iter().zip(&after).filter(|(old, new)| **old != removed && old != new).count();
+            let others_moved = before.iter().zip(&after).filter(|(old, new)| **old != removed && old != new).count();
             let others = before.iter().filter(|&&b| b != removed).count();
             assert!(after.iter().all(|&b| b != removed));
             assert!(

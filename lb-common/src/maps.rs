@@ -33,8 +33,11 @@ pub const MAP_STATS_VIP: &str = "STATS_VIP";
 pub const MAP_STATS_BACKEND: &str = "STATS_BACKEND";
 /// The XDP program's function name.
 pub const PROGRAM_NAME: &str = "lb_xdp";
-/// A program that passes every frame (see `lb-ebpf/src/pass.rs`).
+/// A program that passes every frame (see `lb-ebpf/src/floor.rs`).
 pub const PASS_PROGRAM_NAME: &str = "lb_pass";
+/// Cost floors for benchmarks: XDP_DROP, and a MAC swap with XDP_TX.
+pub const FLOOR_DROP_PROGRAM_NAME: &str = "floor_drop";
+pub const FLOOR_TX_PROGRAM_NAME: &str = "floor_tx";
 
 /// XDP verdicts (uapi `enum xdp_action`).
 pub const XDP_DROP: u32 = 1;

@@ -60,7 +60,14 @@ impl ModelMaps {
         let vip = self.find_vip(&parsed.flow);
         let Some(vip) = vip else {
             let reverse = *self.nat_rev.get(&parsed.flow).ok_or(Reason::PassNotVip)?;
-            rewrite_flow(packet, &parsed, &reverse.vip_addr, reverse.vip_port, &reverse.client_addr, reverse.client_port);
+            rewrite_flow(
+                packet,
+                &parsed,
+                &reverse.vip_addr,
+                reverse.vip_port,
+                &reverse.client_addr,
+                reverse.client_port,
+            );
             set_macs(packet, reverse.client_mac);
             return Ok(Reason::TxNatReply);
         };
@@ -239,7 +246,11 @@ fn rewrite_flow(p: &mut [u8], parsed: &Parsed, src: &[u8; 16], sport: u16, dst: 
     let mut check = get16(p, check_at);
     if parsed.family == FAMILY_V4 {
         let v4 = |a: &[u8; 16]| -> [u8; 4] { a[..4].try_into().unwrap() };
-        let ip_check = replace_bytes(replace_bytes(get16(p, ETH_HLEN + ipv4::CHECK), &v4(&from.src), &v4(src)), &v4(&from.dst), &v4(dst));
+        let ip_check = replace_bytes(
+            replace_bytes(get16(p, ETH_HLEN + ipv4::CHECK), &v4(&from.src), &v4(src)),
+            &v4(&from.dst),
+            &v4(dst),
+        );
         put16(p, ETH_HLEN + ipv4::CHECK, ip_check);
         p[ETH_HLEN + ipv4::SRC..][..4].copy_from_slice(&src[..4]);
         p[ETH_HLEN + ipv4::DST..][..4].copy_from_slice(&dst[..4]);

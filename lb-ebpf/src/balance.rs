@@ -58,7 +58,13 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
 /// Reserves a source port towards `backend` by creating the reply-direction entry; the first
 /// candidate whose reply flow is not taken wins (BPF_NOEXIST makes that race-free across CPUs).
 #[inline(never)]
-fn allocate_snat_port(packet: &Packet, vip: &VipMeta, backend: &Backend, hash: u32, client_mac: &[u8; 6]) -> Result<u16, Reason> {
+fn allocate_snat_port(
+    packet: &Packet,
+    vip: &VipMeta,
+    backend: &Backend,
+    hash: u32,
+    client_mac: &[u8; 6],
+) -> Result<u16, Reason> {
     let reverse = NatReverse {
         client_addr: packet.flow.src,
         vip_addr: packet.flow.dst,

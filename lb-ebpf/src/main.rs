@@ -3,9 +3,9 @@
 #![no_main]
 
 mod balance;
+mod floor;
 mod maps;
 mod parse;
-mod pass;
 mod rewrite;
 
 use aya_ebpf::macros::xdp;
@@ -61,7 +61,8 @@ fn balance_packet(ctx: &XdpContext) -> Result<Reason, Reason> {
 /// The VIP for the packet's destination: the exact port first, then the VIP's any-port entry.
 #[inline(always)]
 fn find_vip(packet: &Packet) -> Option<&'static VipMeta> {
-    let mut key = VipKey { addr: packet.flow.dst, port: packet.flow.dport, proto: packet.flow.proto, family: packet.family };
+    let mut key =
+        VipKey { addr: packet.flow.dst, port: packet.flow.dport, proto: packet.flow.proto, family: packet.family };
     // SAFETY: a map value pointer stays valid for the program's run.
     if let Some(meta) = VIPS.get_ptr(&key) {
         return Some(unsafe { &*meta });
@@ -78,7 +79,12 @@ fn translate_nat_reply(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reas
     };
     // SAFETY: a map value pointer stays valid for the program's run.
     let reverse = unsafe { &*reverse };
-    let to = Rewrite { src: &reverse.vip_addr, sport: reverse.vip_port, dst: &reverse.client_addr, dport: reverse.client_port };
+    let to = Rewrite {
+        src: &reverse.vip_addr,
+        sport: reverse.vip_port,
+        dst: &reverse.client_addr,
+        dport: reverse.client_port,
+    };
     set_flow(ctx, packet, &to)?;
     set_macs(ctx, reverse.client_mac)?;
     Ok(Reason::TxNatReply)

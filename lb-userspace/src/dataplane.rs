@@ -62,11 +62,10 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the embedded program into the kernel (verifier included), not yet attached.
     pub fn load(sizes: DataplaneSizes) -> Result<Self> {
-        let ring_entries = sizes
-            .max_vips
-            .checked_mul(2)
-            .and_then(|n| n.checked_mul(sizes.ring_size))
-            .ok_or_else(|| anyhow!("2 x {} VIPs x ring size {} does not fit a BPF array", sizes.max_vips, sizes.ring_size))?;
+        let ring_entries =
+            sizes.max_vips.checked_mul(2).and_then(|n| n.checked_mul(sizes.ring_size)).ok_or_else(|| {
+                anyhow!("2 x {} VIPs x ring size {} does not fit a BPF array", sizes.max_vips, sizes.ring_size)
+            })?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_VIPS, sizes.max_vips)
             .map_max_entries(MAP_STATS_VIP, sizes.max_vips)
@@ -191,13 +190,36 @@ impl Dataplane {
             .context("program type")
     }
 
+    /// Runs `program` (the load balancer, or a floor program) once on `frame` without copying
+    /// the packet back, and returns the verdict and the kernel's measure of the run time.
+    /// A floor program is loaded on first use.
+    pub fn run_timed(&mut self, program: &str, frame: &[u8]) -> Result<(u32, std::time::Duration)> {
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| anyhow!("program {program} missing from the object"))?
+            .try_into()?;
+        if xdp.fd().is_err() {
+            xdp.load().with_context(|| format!("loading {program}"))?;
+        }
+        let result =
+            xdp.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() }).context("BPF_PROG_TEST_RUN")?;
+        Ok((result.return_value, result.duration))
+    }
+
+    /// Runs the load balancer `repeat` times on one buffer (BPF_PROG_TEST_RUN's own repeat).
+    pub fn run_repeated(&self, frame: &[u8], repeat: u32) -> Result<u32> {
+        let result = self
+            .program()?
+            .test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok(result.return_value)
+    }
+
     /// Packets seen per verdict reason, summed over CPUs.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>> {
         let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(&self.ebpf, MAP_STATS_REASON)?)?;
-        Reason::ALL
-            .iter()
-            .map(|&reason| Ok((reason, stats.get(&(reason as u32), 0)?.iter().sum())))
-            .collect()
+        Reason::ALL.iter().map(|&reason| Ok((reason, stats.get(&(reason as u32), 0)?.iter().sum()))).collect()
     }
 
     pub fn reason_count(&self, reason: Reason) -> Result<u64> {
@@ -227,7 +249,9 @@ impl PassThrough {
             .ok_or_else(|| anyhow!("program {PASS_PROGRAM_NAME} missing from the object"))?
             .try_into()?;
         program.load().context("loading the pass-through program")?;
-        program.attach(interface, mode.xdp_mode()).with_context(|| format!("attaching pass-through XDP to {interface}"))?;
+        program
+            .attach(interface, mode.xdp_mode())
+            .with_context(|| format!("attaching pass-through XDP to {interface}"))?;
         Ok(Self { _ebpf: ebpf })
     }
 }

@@ -34,7 +34,14 @@ pub fn vip_key(addr: SocketAddr, proto: u8) -> VipKey {
 }
 
 pub fn backend(addr: SocketAddr, mac: [u8; 6]) -> Backend {
-    Backend { addr: addr16(addr.ip()), mac, port: addr.port().to_be(), family: family(addr.ip()), flags: BACKEND_USABLE, _pad: [0; 2] }
+    Backend {
+        addr: addr16(addr.ip()),
+        mac,
+        port: addr.port().to_be(),
+        family: family(addr.ip()),
+        flags: BACKEND_USABLE,
+        _pad: [0; 2],
+    }
 }
 
 /// A stable Maglev identity for a backend slot in tests.

@@ -63,7 +63,8 @@ impl Netns {
     /// Runs `f` on a thread that has joined this namespace: sockets it opens and interfaces it
     /// names (e.g. an XDP attach) belong to the namespace. The calling thread is unaffected.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let file = File::open(format!("/run/netns/{}", self.name)).with_context(|| format!("opening netns {}", self.name))?;
+        let file =
+            File::open(format!("/run/netns/{}", self.name)).with_context(|| format!("opening netns {}", self.name))?;
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {

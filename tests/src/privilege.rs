@@ -13,5 +13,7 @@ pub fn require_root(test: &str) -> bool {
         eprintln!("SKIPPED {test}: needs root ({OPT_OUT_VAR}=1)");
         return false;
     }
-    panic!("{test} needs root (XDP, network namespaces): run `sudo cargo xtask test`, or set {OPT_OUT_VAR}=1 to skip it");
+    panic!(
+        "{test} needs root (XDP, network namespaces): run `sudo cargo xtask test`, or set {OPT_OUT_VAR}=1 to skip it"
+    );
 }

@@ -5,8 +5,8 @@
 //! by a host route; in DSR mode the backends hold the VIP on loopback.
 
 use crate::netns::{Bridge, Netns, Process};
-use lb::dataplane::PassThrough;
 use anyhow::{Context, Result, bail};
+use lb::dataplane::PassThrough;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -30,12 +30,15 @@ fn ip(s: &str) -> IpAddr {
 
 fn setup(harness: &mut Harness) -> Vec<Vip> {
     for i in 1..=4u32 {
-        harness.set_backend(i, &backend(format!("10.0.1.{i}:8080").parse().unwrap(), [2, 0xbe, 0, 0, 0, i as u8])).unwrap();
-        harness.set_backend(10 + i, &backend(format!("[fd00:1::{i}]:8080").parse().unwrap(), [2, 0xbe, 0, 0, 1, i as u8])).unwrap();
+        harness
+            .set_backend(i, &backend(format!("10.0.1.{i}:8080").parse().unwrap(), [2, 0xbe, 0, 0, 0, i as u8]))
+            .unwrap();
+        harness
+            .set_backend(10 + i, &backend(format!("[fd00:1::{i}]:8080").parse().unwrap(), [2, 0xbe, 0, 0, 1, i as u8]))
+            .unwrap();
     }
     let mut vips = Vec::new();
-    let mut slot = 0;
-    for (addr, proto, mode) in [
+    for (slot, (addr, proto, mode)) in [
         ("10.0.0.10:80", PROTO_TCP, MODE_DSR),
         ("10.0.0.10:53", PROTO_UDP, MODE_DSR),
         ("10.0.0.20:80", PROTO_TCP, MODE_NAT),
@@ -45,17 +48,26 @@ fn setup(harness: &mut Harness) -> Vec<Vip> {
         ("[fd00::20]:80", PROTO_TCP, MODE_NAT),
         ("[fd00::20]:53", PROTO_UDP, MODE_NAT),
         ("10.0.0.30:0", PROTO_TCP, MODE_DSR),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let slot = slot as u32;
         let addr: SocketAddr = addr.parse().unwrap();
         let v4 = addr.is_ipv4();
         let snat = if v4 { ip("10.0.0.2") } else { ip("fd00::2") };
         // A narrow port range so that NAT port collisions and exhaustion happen too.
-        let forwarding = VipForwarding { vip_index: slot, mode, snat_addr: addr16(snat), snat_port_min: 30000, snat_port_max: 30400 };
+        let forwarding = VipForwarding {
+            vip_index: slot,
+            mode,
+            snat_addr: addr16(snat),
+            snat_port_min: 30000,
+            snat_port_max: 30400,
+        };
         let backends: Vec<u32> = if v4 { vec![1, 2, 3] } else { vec![11, 12, 13] };
         let key = vip_key(addr, proto);
         harness.publish_vip(&key, &forwarding, &backends).unwrap();
         vips.push(Vip { addr, proto, key, forwarding, backends });
-        slot += 1;
     }
     vips
 }
@@ -159,13 +171,19 @@ fn random_packets_agree_with_the_reference_model() {
             }
         }
         // Turn NAT-forwarded packets into backend replies for later rounds.
-        if model.reason == Reason::TxForward && replies.len() < 5000 {
-            if let Some(reply) = as_backend_reply(&packet) {
-                replies.push(reply);
-            }
+        if model.reason == Reason::TxForward
+            && replies.len() < 5000
+            && let Some(reply) = as_backend_reply(&packet)
+        {
+            replies.push(reply);
         }
     }
-    assert!(mismatches.is_empty(), "{} of {PACKETS} packets differ, first ones:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} of {PACKETS} packets differ, first ones:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
 
     let kernel_reasons = harness.dataplane.reason_counters().unwrap();
     for (reason, count) in &kernel_reasons {
@@ -183,8 +201,18 @@ fn random_packets_agree_with_the_reference_model() {
     assert_eq!(kernel_nat, model_nat, "NAT tables differ");
 
     // The mix must really exercise the paths it claims to.
-    for reason in [Reason::TxForward, Reason::TxNatReply, Reason::PassTruncated, Reason::PassBadHeader, Reason::PassNotVip, Reason::DropNatPorts] {
-        assert!(by_reason.get(&(reason as u32)).copied().unwrap_or(0) > 50, "too few {reason:?} packets: {by_reason:?}");
+    for reason in [
+        Reason::TxForward,
+        Reason::TxNatReply,
+        Reason::PassTruncated,
+        Reason::PassBadHeader,
+        Reason::PassNotVip,
+        Reason::DropNatPorts,
+    ] {
+        assert!(
+            by_reason.get(&(reason as u32)).copied().unwrap_or(0) > 50,
+            "too few {reason:?} packets: {by_reason:?}"
+        );
     }
     eprintln!("differential: {PACKETS} packets, reasons {by_reason:?}, {} connections", kernel_conns.len());
 }

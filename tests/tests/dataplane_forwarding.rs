@@ -41,8 +41,20 @@ fn setups() -> Vec<Setup> {
     for (proto, port) in [(PROTO_TCP, 80), (PROTO_UDP, 53)] {
         for mode in [MODE_DSR, MODE_NAT] {
             let (v4, v6) = if mode == MODE_DSR { ("10.0.0.10", "fd00::10") } else { ("10.0.0.20", "fd00::20") };
-            setups.push(Setup { vip: SocketAddr::new(ip(v4), port), proto, mode, snat: ip("10.0.0.2"), backends: v4_backends.clone() });
-            setups.push(Setup { vip: SocketAddr::new(ip(v6), port), proto, mode, snat: ip("fd00::2"), backends: v6_backends.clone() });
+            setups.push(Setup {
+                vip: SocketAddr::new(ip(v4), port),
+                proto,
+                mode,
+                snat: ip("10.0.0.2"),
+                backends: v4_backends.clone(),
+            });
+            setups.push(Setup {
+                vip: SocketAddr::new(ip(v6), port),
+                proto,
+                mode,
+                snat: ip("fd00::2"),
+                backends: v6_backends.clone(),
+            });
         }
     }
     setups
@@ -128,7 +140,11 @@ fn every_mode_family_and_protocol_forwards_as_predicted() {
             let members: Vec<_> = setup
                 .backends
                 .iter()
-                .map(|(i, _)| lb_common::maglev::MaglevBackend { index: *i, key: lb_tests::harness::maglev_key(*i), weight: 1 })
+                .map(|(i, _)| lb_common::maglev::MaglevBackend {
+                    index: *i,
+                    key: lb_tests::harness::maglev_key(*i),
+                    weight: 1,
+                })
                 .collect();
             lb_common::maglev::build_table(&members, lb_tests::harness::TEST_RING_SIZE).unwrap()
         };
@@ -193,7 +209,11 @@ fn nat_replies_are_translated_back_to_the_client() {
             assert_eq!(kernel, model);
             assert_eq!(kernel.reason, Reason::TxNatReply);
             verify_checksums(&kernel.packet).unwrap();
-            assert_eq!(flow_of(&kernel.packet), (setup.vip.ip(), setup.vip.port(), client, sport), "reply comes from the VIP");
+            assert_eq!(
+                flow_of(&kernel.packet),
+                (setup.vip.ip(), setup.vip.port(), client, sport),
+                "reply comes from the VIP"
+            );
             assert_eq!(&kernel.packet[0..6], &CLIENT_MAC, "reply goes back to the client's MAC");
 
             // A packet to the SNAT address on a port nobody allocated is not ours: the kernel gets it.
@@ -266,7 +286,8 @@ fn vip_without_backends_drops_and_counts() {
     let setups: Vec<Setup> = setups().into_iter().take(1).collect();
     let mut harness = harness_with(&setups);
     let setup = &setups[0];
-    let forwarding = VipForwarding { vip_index: 0, mode: setup.mode, snat_addr: [0; 16], snat_port_min: 1, snat_port_max: 2 };
+    let forwarding =
+        VipForwarding { vip_index: 0, mode: setup.mode, snat_addr: [0; 16], snat_port_min: 1, snat_port_max: 2 };
     harness.publish_vip(&vip_key(setup.vip, setup.proto), &forwarding, &[]).unwrap();
     for sport in 43000..43010u16 {
         let (kernel, model) = harness.run(&client_frame(setup, client_ip(setup), sport).bytes()).unwrap();
@@ -283,7 +304,13 @@ fn any_port_vip_takes_every_port_and_exact_port_wins() {
     let mut harness = Harness::new().unwrap();
     harness.set_backend(1, &backend(sock("10.0.1.1:0"), backend_mac(1))).unwrap();
     harness.set_backend(2, &backend(sock("10.0.1.2:0"), backend_mac(2))).unwrap();
-    let dsr = |slot| VipForwarding { vip_index: slot, mode: MODE_DSR, snat_addr: [0; 16], snat_port_min: 0, snat_port_max: 0 };
+    let dsr = |slot| VipForwarding {
+        vip_index: slot,
+        mode: MODE_DSR,
+        snat_addr: [0; 16],
+        snat_port_min: 0,
+        snat_port_max: 0,
+    };
     harness.publish_vip(&vip_key(sock("10.0.0.30:0"), PROTO_TCP), &dsr(0), &[1]).unwrap();
     harness.publish_vip(&vip_key(sock("10.0.0.30:443"), PROTO_TCP), &dsr(1), &[2]).unwrap();
     for (dport, mac) in [(22u16, backend_mac(1)), (8443, backend_mac(1)), (443, backend_mac(2))] {

@@ -38,7 +38,9 @@ const L4_V6: usize = ETH_HLEN + 40;
 
 fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
     use Reason::*;
-    let v4_options = |words: usize| Frame { ipv4_options: vec![1; words * 4], ..Frame::tcp(ip("192.0.2.1"), 1234, ip("10.0.0.10"), 80) }.bytes();
+    let v4_options = |words: usize| {
+        Frame { ipv4_options: vec![1; words * 4], ..Frame::tcp(ip("192.0.2.1"), 1234, ip("10.0.0.10"), 80) }.bytes()
+    };
     vec![
         // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (no NIC delivers one).
         ("Ethernet header alone, IPv4 ethertype", v4_tcp()[..ETH_HLEN].to_vec(), PassTruncated),
@@ -51,7 +53,14 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
         ("IPv4 ethertype, version 5", with(v4_tcp(), |b| b[IP] = 0x55), PassBadHeader),
         ("IPv4 IHL 4", with(v4_tcp(), |b| b[IP] = 0x44), PassBadHeader),
         ("IPv4 IHL 0", with(v4_tcp(), |b| b[IP] = 0x40), PassBadHeader),
-        ("IPv4 IHL 15 in a short frame", with(v4_tcp(), |b| { b[IP] = 0x4f; b.truncate(IP + 50) }), PassTruncated),
+        (
+            "IPv4 IHL 15 in a short frame",
+            with(v4_tcp(), |b| {
+                b[IP] = 0x4f;
+                b.truncate(IP + 50)
+            }),
+            PassTruncated,
+        ),
         ("IPv4 with 4 bytes of options", v4_options(1), TxForward),
         ("IPv4 with 40 bytes of options (IHL 15)", v4_options(10), TxForward),
         ("IPv4 total length below IHL", with(v4_tcp(), |b| set16(b, IP + ipv4::TOTAL_LEN, 12)), PassBadHeader),
@@ -62,7 +71,14 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
         ("IPv4 don't-fragment only", with(v4_tcp(), |b| set16(b, IP + ipv4::FRAG, 0x4000)), TxForward),
         ("IPv4 ICMP", with(v4_tcp(), |b| b[IP + ipv4::PROTO] = 1), PassUnknownL4),
         ("IPv4 GRE", with(v4_tcp(), |b| b[IP + ipv4::PROTO] = 47), PassUnknownL4),
-        ("TCP header cut at 10 bytes", with(v4_tcp(), |b| { b.truncate(L4_V4 + 10); set16(b, IP + 2, 30) }), PassTruncated),
+        (
+            "TCP header cut at 10 bytes",
+            with(v4_tcp(), |b| {
+                b.truncate(L4_V4 + 10);
+                set16(b, IP + 2, 30)
+            }),
+            PassTruncated,
+        ),
         (
             "TCP shorter than 20 bytes by IP length, padded frame",
             with(v4_tcp(), |b| set16(b, IP + ipv4::TOTAL_LEN, 20 + 12)),
@@ -79,7 +95,14 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
             }),
             TxForward,
         ),
-        ("UDP header cut at 4 bytes", with(v4_udp(), |b| { b.truncate(L4_V4 + 4); set16(b, IP + 2, 24) }), PassTruncated),
+        (
+            "UDP header cut at 4 bytes",
+            with(v4_udp(), |b| {
+                b.truncate(L4_V4 + 4);
+                set16(b, IP + 2, 24)
+            }),
+            PassTruncated,
+        ),
         ("UDP length 0", with(v4_udp(), |b| set16(b, L4_V4 + 4, 0)), PassBadHeader),
         ("UDP length 7", with(v4_udp(), |b| set16(b, L4_V4 + 4, 7)), PassBadHeader),
         ("UDP length beyond the IP payload", with(v4_udp(), |b| set16(b, L4_V4 + 4, 100)), PassBadHeader),
@@ -88,7 +111,11 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
         ("Ethernet padding after the IP packet", with(v4_tcp(), |b| b.extend_from_slice(&[0; 6])), TxForward),
         ("IPv6 header cut at 30 bytes", v6_tcp()[..IP + 30].to_vec(), PassTruncated),
         ("IPv6 ethertype, version 4", with(v6_tcp(), |b| b[IP] = 0x40), PassBadHeader),
-        ("IPv6 payload length beyond the frame", with(v6_tcp(), |b| set16(b, IP + ipv6::PAYLOAD_LEN, 500)), PassTruncated),
+        (
+            "IPv6 payload length beyond the frame",
+            with(v6_tcp(), |b| set16(b, IP + ipv6::PAYLOAD_LEN, 500)),
+            PassTruncated,
+        ),
         ("IPv6 hop-by-hop options header", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 0), PassIpv6ExtHeader),
         ("IPv6 routing header", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 43), PassIpv6ExtHeader),
         ("IPv6 fragment header", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 44), PassIpv6ExtHeader),
@@ -96,7 +123,14 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
         ("IPv6 no next header (59)", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 59), PassUnknownL4),
         ("IPv6 ICMPv6", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 58), PassUnknownL4),
         ("IPv6 UDP with zero checksum", with(v6_udp(), |b| set16(b, L4_V6 + 6, 0)), PassBadHeader),
-        ("IPv6 TCP cut inside the header", with(v6_tcp(), |b| { b.truncate(L4_V6 + 12); set16(b, IP + 4, 12) }), PassTruncated),
+        (
+            "IPv6 TCP cut inside the header",
+            with(v6_tcp(), |b| {
+                b.truncate(L4_V6 + 12);
+                set16(b, IP + 4, 12)
+            }),
+            PassTruncated,
+        ),
         ("IPv6 TCP to the VIP", v6_tcp(), TxForward),
         ("IPv6 UDP to the VIP", v6_udp(), TxForward),
         ("IPv4 to another address", Frame::tcp(ip("192.0.2.1"), 1, ip("10.0.0.99"), 80).bytes(), PassNotVip),
@@ -114,7 +148,13 @@ fn malformed_and_foreign_packets_get_their_expected_verdict() {
     let mut harness = Harness::new().unwrap();
     harness.set_backend(1, &backend("10.0.1.1:0".parse().unwrap(), [2, 0xbe, 0, 0, 0, 1])).unwrap();
     harness.set_backend(2, &backend("[fd00:1::1]:0".parse().unwrap(), [2, 0xbe, 0, 0, 0, 2])).unwrap();
-    let dsr = |slot| VipForwarding { vip_index: slot, mode: MODE_DSR, snat_addr: addr16(ip("10.0.0.2")), snat_port_min: 1, snat_port_max: 2 };
+    let dsr = |slot| VipForwarding {
+        vip_index: slot,
+        mode: MODE_DSR,
+        snat_addr: addr16(ip("10.0.0.2")),
+        snat_port_min: 1,
+        snat_port_max: 2,
+    };
     harness.publish_vip(&vip_key("10.0.0.10:80".parse().unwrap(), PROTO_TCP), &dsr(0), &[1]).unwrap();
     harness.publish_vip(&vip_key("10.0.0.10:53".parse().unwrap(), PROTO_UDP), &dsr(1), &[1]).unwrap();
     harness.publish_vip(&vip_key("[fd00::10]:80".parse().unwrap(), PROTO_TCP), &dsr(2), &[2]).unwrap();
@@ -126,7 +166,8 @@ fn malformed_and_foreign_packets_get_their_expected_verdict() {
     for (name, frame, expected) in &cases {
         let (kernel, model) = harness.run(frame).unwrap();
         if kernel.reason != *expected || model.reason != *expected || kernel != model {
-            failures.push(format!("{name}: expected {expected:?}, kernel {:?}, model {:?}", kernel.reason, model.reason));
+            failures
+                .push(format!("{name}: expected {expected:?}, kernel {:?}, model {:?}", kernel.reason, model.reason));
         }
         if kernel.action == XDP_PASS {
             assert_eq!(&kernel.packet, frame, "{name}: a passed packet must leave unchanged");

@@ -58,8 +58,13 @@ impl Lab {
         let table = build_table(&members, self.dataplane.sizes().ring_size).unwrap();
         let snat: IpAddr = if self.v6 { SNAT_V6.into() } else { SNAT_V4.into() };
         for (slot, proto) in [(0, PROTO_TCP), (1, PROTO_UDP)] {
-            let forwarding =
-                VipForwarding { vip_index: slot, mode: self.mode, snat_addr: addr16(snat), snat_port_min: 20000, snat_port_max: 60000 };
+            let forwarding = VipForwarding {
+                vip_index: slot,
+                mode: self.mode,
+                snat_addr: addr16(snat),
+                snat_port_min: 20000,
+                snat_port_max: 60000,
+            };
             self.dataplane.publish_vip(&vip_key(self.vip(), proto), &forwarding, &table).unwrap();
         }
     }
@@ -163,7 +168,17 @@ e2e!(dsr_v4_spreads_connections_over_all_backends, spread_over_backends, MODE_DS
 e2e!(dsr_v6_spreads_connections_over_all_backends, spread_over_backends, MODE_DSR, true);
 e2e!(nat_v4_spreads_connections_over_all_backends, spread_over_backends, MODE_NAT, false);
 e2e!(nat_v6_spreads_connections_over_all_backends, spread_over_backends, MODE_NAT, true);
-e2e!(dsr_v4_long_lived_connection_survives_a_new_backend, long_lived_connection_survives_a_new_backend, MODE_DSR, false);
-e2e!(nat_v4_long_lived_connection_survives_a_new_backend, long_lived_connection_survives_a_new_backend, MODE_NAT, false);
+e2e!(
+    dsr_v4_long_lived_connection_survives_a_new_backend,
+    long_lived_connection_survives_a_new_backend,
+    MODE_DSR,
+    false
+);
+e2e!(
+    nat_v4_long_lived_connection_survives_a_new_backend,
+    long_lived_connection_survives_a_new_backend,
+    MODE_NAT,
+    false
+);
 e2e!(dsr_v6_long_lived_connection_survives_a_new_backend, long_lived_connection_survives_a_new_backend, MODE_DSR, true);
 e2e!(nat_v6_long_lived_connection_survives_a_new_backend, long_lived_connection_survives_a_new_backend, MODE_NAT, true);

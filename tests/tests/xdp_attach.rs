@@ -30,7 +30,11 @@ fn counts_packets_crossing_a_veth(mode: AttachMode) {
     let ping = a.exec(&["ping", "-c", &PINGS.to_string(), "-i", "0.05", "-W", "2", "192.0.2.2"]).unwrap();
     assert!(String::from_utf8_lossy(&ping.stdout).contains(&format!("{PINGS} received")), "{ping:?}");
     let total_after: u64 = dataplane.reason_counters().unwrap().iter().map(|(_, n)| n).sum();
-    assert!(total_after - total_before >= PINGS, "program counted {} packets for {PINGS} pings", total_after - total_before);
+    assert!(
+        total_after - total_before >= PINGS,
+        "program counted {} packets for {PINGS} pings",
+        total_after - total_before
+    );
 
     // Dropping the dataplane detaches the program; the link works without it.
     drop(dataplane);

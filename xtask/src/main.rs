@@ -33,6 +33,12 @@ enum Task {
     },
     /// Show the load balancer at work in network namespaces.
     Demo,
+    /// Measure the XDP program's per-packet cost (BPF_PROG_TEST_RUN) beside floor programs.
+    Bench {
+        /// Fewer iterations, for a result in seconds.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -54,6 +60,7 @@ fn main() -> Result<()> {
         }
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo => demo(&root),
+        Task::Bench { quick } => bench(&root, quick),
     }
 }
 
@@ -88,6 +95,15 @@ fn demo(root: &Path) -> Result<()> {
         bail!("lb verify failed ({status})");
     }
     Ok(())
+}
+
+fn bench(root: &Path, quick: bool) -> Result<()> {
+    setup::ensure()?;
+    if !setup::is_root() {
+        bail!("the benchmarks load XDP programs and need root: run `sudo cargo xtask bench`");
+    }
+    let iterations = if quick { "20000" } else { "1000000" };
+    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "dataplane-cost", "--", iterations, "5"])
 }
 
 /// Runs the host toolchain's cargo (the one that runs this xtask) in the workspace.

@@ -10,15 +10,8 @@ use std::process::Command;
 
 /// Debian packages: the eBPF toolchain (compiler, its std source, LLVM 22 for bpf-linker) and the
 /// tools the tests drive (namespaces, veths, offload settings, ping).
-const PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "rust-web-src",
-    "llvm-22-dev",
-    "iproute2",
-    "ethtool",
-    "iputils-ping",
-];
+const PACKAGES: &[&str] =
+    &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev", "iproute2", "ethtool", "iputils-ping"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -45,11 +38,17 @@ pub fn run() -> Result<()> {
             needed.iter().map(Piece::describe).collect::<Vec<_>>().join(", ")
         );
     }
-    let packages: Vec<&str> = needed.iter().filter_map(|p| if let Piece::Package(p) = p { Some(*p) } else { None }).collect();
+    let packages: Vec<&str> =
+        needed.iter().filter_map(|p| if let Piece::Package(p) = p { Some(*p) } else { None }).collect();
     if !packages.is_empty() {
         println!("setup: installing Debian packages: {}", packages.join(" "));
         run_cmd(Command::new("apt-get").arg("update"))?;
-        run_cmd(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&packages).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
     }
     if needed.iter().any(|p| matches!(p, Piece::BpfLinker)) {
         println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute on 2 cores)");
@@ -57,7 +56,15 @@ pub fn run() -> Result<()> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         run_cmd(
             Command::new(cargo)
-                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22")
                 .env("PATH", path),
         )?;
@@ -91,7 +98,8 @@ impl Piece {
 }
 
 fn missing() -> Vec<Piece> {
-    let mut missing: Vec<Piece> = PACKAGES.iter().filter(|p| !package_installed(p)).map(|p| Piece::Package(p)).collect();
+    let mut missing: Vec<Piece> =
+        PACKAGES.iter().filter(|p| !package_installed(p)).map(|p| Piece::Package(p)).collect();
     if !bpf_linker_installed() {
         missing.push(Piece::BpfLinker);
     }
@@ -119,7 +127,11 @@ fn bpf_linker_installed() -> bool {
 
 fn bpffs_mounted() -> bool {
     std::fs::read_to_string("/proc/mounts")
-        .map(|mounts| mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")))
+        .map(|mounts| {
+            mounts
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf"))
+        })
         .unwrap_or(false)
         && Path::new(BPFFS).is_dir()
 }

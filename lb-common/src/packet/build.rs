@@ -97,7 +97,8 @@ impl Frame {
             }
             PROTO_UDP => {
                 let mut h = vec![0u8; UDP_HLEN];
-                h[l4::UDP_LEN..l4::UDP_LEN + 2].copy_from_slice(&((UDP_HLEN + self.payload.len()) as u16).to_be_bytes());
+                h[l4::UDP_LEN..l4::UDP_LEN + 2]
+                    .copy_from_slice(&((UDP_HLEN + self.payload.len()) as u16).to_be_bytes());
                 h
             }
             _ => Vec::new(),

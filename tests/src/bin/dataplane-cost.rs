@@ -1,0 +1,256 @@
+//! Per-packet cost of the XDP program, measured with BPF_PROG_TEST_RUN (JIT), beside two floor
+//! programs (XDP_DROP, and a MAC swap with XDP_TX).
+//!
+//! Every iteration must see the original packet. BPF_PROG_TEST_RUN's own `repeat` reruns the
+//! program on the buffer as the previous run left it (and live-frames mode resets only the frame
+//! pointers of a recycled page, not its bytes), so a NAT rewrite would send later iterations down
+//! another path. Each iteration is therefore its own BPF_PROG_TEST_RUN with `repeat = 1` on a
+//! fresh copy of the packet, and the figure is the kernel's own measure of the run, averaged.
+//! The floors are measured the same way, so the timer's own overhead shows in them too.
+//!
+//! Usage: dataplane-cost [ITERATIONS] [RUNS]   (default 1,000,000 and 5)
+
+use anyhow::{Result, ensure};
+use lb::dataplane::{Dataplane, DataplaneSizes, VipForwarding};
+use lb_common::maglev::{MaglevBackend, build_table};
+use lb_common::maps::*;
+use lb_common::packet::build::{Frame, TCP_ACK};
+use lb_tests::harness::{addr16, backend, maglev_key, vip_key};
+use std::net::{IpAddr, SocketAddr};
+
+const BACKENDS: u32 = 64;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    NewFlow,
+    Established,
+    NatReply,
+    NotVip,
+    FloorDrop,
+    FloorTx,
+}
+
+struct Case {
+    name: &'static str,
+    mode: u8,
+    v6: bool,
+    proto: u8,
+    kind: Kind,
+}
+
+fn vip_addr(v6: bool) -> SocketAddr {
+    if v6 { "[fd00::10]:80".parse().unwrap() } else { "10.0.0.10:80".parse().unwrap() }
+}
+
+fn snat(v6: bool) -> IpAddr {
+    if v6 { "fd00::2".parse().unwrap() } else { "10.0.0.2".parse().unwrap() }
+}
+
+/// A data plane with one VIP over 64 backends, sized so a million new flows fit without eviction.
+fn dataplane_for(case: &Case, iterations: u32) -> Result<Dataplane> {
+    let mut dataplane = Dataplane::load(DataplaneSizes {
+        max_vips: 4,
+        ring_size: DEFAULT_RING_SIZE,
+        max_conns: (iterations + 16).next_power_of_two(),
+    })?;
+    let mut members = Vec::new();
+    for i in 0..BACKENDS {
+        let addr: IpAddr = if case.v6 {
+            format!("fd00:1::{:x}", i + 1).parse()?
+        } else {
+            format!("10.0.{}.{}", 1 + i / 200, 1 + i % 200).parse()?
+        };
+        dataplane.set_backend(i, &backend(SocketAddr::new(addr, 8080), [2, 0xbe, 0, 0, 0, i as u8]))?;
+        members.push(MaglevBackend { index: i, key: maglev_key(i), weight: 1 });
+    }
+    let table = build_table(&members, DEFAULT_RING_SIZE)?;
+    let forwarding = VipForwarding {
+        vip_index: 0,
+        mode: case.mode,
+        snat_addr: addr16(snat(case.v6)),
+        snat_port_min: 1024,
+        snat_port_max: 65535,
+    };
+    dataplane.publish_vip(&vip_key(vip_addr(case.v6), case.proto), &forwarding, &table)?;
+    Ok(dataplane)
+}
+
+/// The client packet of flow `i`: distinct source address and port per flow.
+fn client_frame(case: &Case, i: u32) -> Vec<u8> {
+    let src: IpAddr = if case.v6 {
+        IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, (i >> 16) as u16, i as u16])
+    } else {
+        IpAddr::from([198, 18, (i >> 8) as u8, i as u8])
+    };
+    let sport = 1024 + (i % 50_000) as u16;
+    let vip = vip_addr(case.v6);
+    let mut frame = if case.proto == PROTO_TCP {
+        Frame::tcp(src, sport, vip.ip(), vip.port())
+    } else {
+        Frame::udp(src, sport, vip.ip(), vip.port())
+    };
+    if case.kind != Kind::NewFlow {
+        frame.tcp_flags = TCP_ACK;
+    }
+    frame.bytes()
+}
+
+/// Average kernel-measured nanoseconds per packet over `iterations` single runs.
+fn measure(case: &Case, iterations: u32) -> Result<f64> {
+    let mut dataplane = dataplane_for(case, iterations)?;
+    let (program, expected_action) = match case.kind {
+        Kind::FloorDrop => (FLOOR_DROP_PROGRAM_NAME, XDP_DROP),
+        Kind::FloorTx => (FLOOR_TX_PROGRAM_NAME, XDP_TX),
+        Kind::NotVip => (PROGRAM_NAME, XDP_PASS),
+        _ => (PROGRAM_NAME, XDP_TX),
+    };
+    let fixed = match case.kind {
+        Kind::NewFlow => None,
+        Kind::NotVip => {
+            let (s, d): (IpAddr, IpAddr) = if case.v6 {
+                ("2001:db8::1".parse()?, "fd00::99".parse()?)
+            } else {
+                ("198.18.0.1".parse()?, "10.0.0.99".parse()?)
+            };
+            Some(Frame::tcp(s, 1234, d, 80).bytes())
+        }
+        Kind::NatReply => {
+            // Open the flow, then replay the backend's answer to the SNAT address.
+            let (_, forwarded) = dataplane.run_once(&client_frame(case, 0))?;
+            Some(reply_to(&forwarded, case.v6))
+        }
+        _ => {
+            let frame = client_frame(case, 0);
+            dataplane.run_once(&frame)?; // the flow is established from here on
+            Some(frame)
+        }
+    };
+    let mut total_ns: u128 = 0;
+    let mut frame = fixed.clone().unwrap_or_default();
+    for i in 0..iterations {
+        if fixed.is_none() {
+            frame = client_frame(case, i);
+        }
+        let (action, duration) = dataplane.run_timed(program, &frame)?;
+        ensure!(
+            action == expected_action,
+            "{}: iteration {i} returned {action}, expected {expected_action}",
+            case.name
+        );
+        total_ns += duration.as_nanos();
+    }
+    // The counters prove which path every iteration took.
+    if program == PROGRAM_NAME {
+        let traffic = dataplane.vip_traffic(0)?;
+        match case.kind {
+            Kind::NewFlow => {
+                ensure!(traffic.new_flows == iterations as u64, "{}: {} new flows", case.name, traffic.new_flows)
+            }
+            Kind::Established => ensure!(
+                traffic.new_flows == 1 && traffic.packets == iterations as u64 + 1,
+                "{}: {traffic:?}",
+                case.name
+            ),
+            Kind::NatReply => {
+                ensure!(dataplane.reason_count(Reason::TxNatReply)? == iterations as u64, "{}: replies", case.name)
+            }
+            Kind::NotVip => {
+                ensure!(dataplane.reason_count(Reason::PassNotVip)? == iterations as u64, "{}: passes", case.name)
+            }
+            _ => {}
+        }
+    }
+    Ok(total_ns as f64 / iterations as f64)
+}
+
+/// The backend's answer to a NAT-forwarded frame: addresses, ports and MACs swapped.
+fn reply_to(forwarded: &[u8], v6: bool) -> Vec<u8> {
+    let (src_at, len, l4) = if v6 { (22, 16, 54) } else { (26, 4, 34) };
+    let ip = |at: usize| -> IpAddr {
+        if v6 {
+            <[u8; 16]>::try_from(&forwarded[at..at + 16]).unwrap().into()
+        } else {
+            <[u8; 4]>::try_from(&forwarded[at..at + 4]).unwrap().into()
+        }
+    };
+    let port = |at: usize| u16::from_be_bytes([forwarded[at], forwarded[at + 1]]);
+    let mut reply = Frame::tcp(ip(src_at + len), port(l4 + 2), ip(src_at), port(l4));
+    reply.tcp_flags = TCP_ACK;
+    reply.src_mac = forwarded[0..6].try_into().unwrap();
+    reply.dst_mac = forwarded[6..12].try_into().unwrap();
+    reply.bytes()
+}
+
+/// Shows why `repeat > 1` cannot time a NAT path: the second run sees the first run's rewrite.
+fn show_repeat_semantics() -> Result<()> {
+    let case = Case { name: "probe", mode: MODE_NAT, v6: false, proto: PROTO_TCP, kind: Kind::NewFlow };
+    let dataplane = dataplane_for(&case, 16)?;
+    dataplane.run_repeated(&client_frame(&case, 0), 2)?;
+    let forwarded = dataplane.reason_count(Reason::TxForward)?;
+    let passed = dataplane.reason_count(Reason::PassNotVip)?;
+    println!(
+        "BPF_PROG_TEST_RUN repeat=2 on one NAT SYN: {forwarded} run(s) forwarded, {passed} run(s) saw the rewritten packet (no longer for the VIP)"
+    );
+    Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let iterations: u32 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1_000_000);
+    let runs: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(5);
+    let cases = [
+        Case { name: "floor: XDP_DROP", mode: MODE_DSR, v6: false, proto: PROTO_TCP, kind: Kind::FloorDrop },
+        Case { name: "floor: MAC swap + XDP_TX", mode: MODE_DSR, v6: false, proto: PROTO_TCP, kind: Kind::FloorTx },
+        Case { name: "non-VIP packet, passed", mode: MODE_DSR, v6: false, proto: PROTO_TCP, kind: Kind::NotVip },
+        Case { name: "dsr  IPv4 TCP SYN, new flow", mode: MODE_DSR, v6: false, proto: PROTO_TCP, kind: Kind::NewFlow },
+        Case {
+            name: "dsr  IPv4 TCP, established",
+            mode: MODE_DSR,
+            v6: false,
+            proto: PROTO_TCP,
+            kind: Kind::Established,
+        },
+        Case { name: "nat  IPv4 TCP SYN, new flow", mode: MODE_NAT, v6: false, proto: PROTO_TCP, kind: Kind::NewFlow },
+        Case {
+            name: "nat  IPv4 TCP, established",
+            mode: MODE_NAT,
+            v6: false,
+            proto: PROTO_TCP,
+            kind: Kind::Established,
+        },
+        Case {
+            name: "nat  IPv4 TCP, reply to client",
+            mode: MODE_NAT,
+            v6: false,
+            proto: PROTO_TCP,
+            kind: Kind::NatReply,
+        },
+        Case { name: "nat  IPv6 TCP SYN, new flow", mode: MODE_NAT, v6: true, proto: PROTO_TCP, kind: Kind::NewFlow },
+        Case {
+            name: "dsr  IPv4 UDP, established",
+            mode: MODE_DSR,
+            v6: false,
+            proto: PROTO_UDP,
+            kind: Kind::Established,
+        },
+    ];
+    println!("# XDP per-packet cost (BPF_PROG_TEST_RUN, JIT, repeat=1 per run)");
+    println!("{iterations} iterations per run, median of {runs} runs; load average before: {}", load_average());
+    show_repeat_semantics()?;
+    println!();
+    println!("| case | median ns/packet | min | max |");
+    println!("|---|---:|---:|---:|");
+    for case in &cases {
+        let mut samples = (0..runs).map(|_| measure(case, iterations)).collect::<Result<Vec<f64>>>()?;
+        samples.sort_by(f64::total_cmp);
+        println!("| {} | {:.1} | {:.1} | {:.1} |", case.name, samples[runs / 2], samples[0], samples[runs - 1]);
+    }
+    println!("\nload average after: {}", load_average());
+    Ok(())
+}
