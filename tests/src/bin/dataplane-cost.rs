@@ -8,9 +8,11 @@
 //! fresh copy of the packet, and the figure is the kernel's own measure of the run, averaged.
 //! The floors are measured the same way, so the timer's own overhead shows in them too.
 //!
-//! Usage: dataplane-cost [ITERATIONS] [RUNS]   (default 1,000,000 and 5)
+//! Usage: dataplane-cost [ITERATIONS] [RUNS]   (default 1,000,000 and 5);
+//! LB_BENCH_ONLY=TEXT runs only the cases whose name contains TEXT.
 
 use anyhow::{Result, ensure};
+
 use lb::dataplane::{Dataplane, DataplaneSizes, VipForwarding};
 use lb_common::maglev::{MaglevBackend, build_table};
 use lb_common::maps::*;
@@ -132,11 +134,16 @@ fn measure(case: &Case, iterations: u32) -> Result<f64> {
             frame = client_frame(case, i);
         }
         let (action, duration) = dataplane.run_timed(program, &frame)?;
-        ensure!(
-            action == expected_action,
-            "{}: iteration {i} returned {action}, expected {expected_action}",
-            case.name
-        );
+        if action != expected_action {
+            let reasons: Vec<_> = dataplane.reason_counters()?.into_iter().filter(|(_, n)| *n > 0).collect();
+            anyhow::bail!(
+                "{}: iteration {i} returned {action}, expected {expected_action}; reasons so far {reasons:?}; \
+                 {} connections, {} NAT entries",
+                case.name,
+                dataplane.connections()?.len(),
+                dataplane.nat_reverses()?.len()
+            );
+        }
         total_ns += duration.as_nanos();
     }
     // The counters prove which path every iteration took.
@@ -246,7 +253,8 @@ fn main() -> Result<()> {
     println!();
     println!("| case | median ns/packet | min | max |");
     println!("|---|---:|---:|---:|");
-    for case in &cases {
+    let only = std::env::var("LB_BENCH_ONLY").unwrap_or_default();
+    for case in cases.iter().filter(|c| c.name.contains(only.as_str())) {
         let mut samples = (0..runs).map(|_| measure(case, iterations)).collect::<Result<Vec<f64>>>()?;
         samples.sort_by(f64::total_cmp);
         println!("| {} | {:.1} | {:.1} | {:.1} |", case.name, samples[runs / 2], samples[0], samples[runs - 1]);
