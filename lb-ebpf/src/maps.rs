@@ -8,12 +8,15 @@ use lb_common::maps::{
     REASON_COUNT, Traffic, VipKey, VipMeta,
 };
 
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
 /// Two rings per VIP (active and the one being rewritten), each `ring_size` backend indexes.
+/// Memory-mappable, so the daemon writes a whole table with one copy instead of a syscall a slot.
 #[map(name = "RINGS")]
-pub static RINGS: Array<u32> = Array::with_max_entries(2 * DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0);
+pub static RINGS: Array<u32> = Array::with_max_entries(2 * DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, BPF_F_MMAPABLE);
 
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use lb::dataplane::{Dataplane, DataplaneSizes, EBPF_OBJECT};
+use lb::dataplane::Dataplane;
 
 #[derive(Parser)]
 #[command(name = "lb", version, about = "eBPF/XDP layer-4 load balancer")]
@@ -20,13 +20,9 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Verify => {
-            let dataplane = Dataplane::load(DataplaneSizes::default())?;
-            let info = dataplane.program()?.info()?;
+            let (object, translated, jited) = Dataplane::verify()?;
             println!(
-                "XDP program verified and loaded: {} bytes of object, {} bytes translated, {} bytes JIT-ed",
-                EBPF_OBJECT.len(),
-                info.size_translated().unwrap_or(0),
-                info.size_jitted()
+                "XDP program verified and loaded: {object} bytes of object, {translated} bytes translated, {jited} bytes JIT-ed"
             );
         }
     }

@@ -1,0 +1,436 @@
+//! The declarative TOML configuration: parsed and validated as a whole before anything is applied.
+//! Every problem is reported as `FILE:LINE: FIELD: message`.
+
+use crate::dataplane::{AttachMode, DataplaneSizes};
+use crate::model::{BackendSpec, CheckKind, CheckSpec, DEFAULT_SNAT_PORTS, DesiredState, Mode, Protocol, VipSpec};
+use lb_common::maglev::is_prime;
+use lb_common::maps::{DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE};
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::Path;
+use toml::Spanned;
+
+/// Settings of the daemon itself; changing them needs a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonSettings {
+    pub interface: String,
+    pub xdp_mode: AttachMode,
+    pub instance: String,
+    pub metrics: Option<SocketAddr>,
+    pub sizes: DataplaneSizes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub daemon: DaemonSettings,
+    pub state: DesiredState,
+}
+
+/// All the problems of one file, each with its line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.problems.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    daemon: Spanned<RawDaemon>,
+    #[serde(default)]
+    vip: Vec<Spanned<RawVip>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    interface: Spanned<String>,
+    xdp_mode: Option<Spanned<String>>,
+    instance: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
+    ring_size: Option<Spanned<u32>>,
+    max_vips: Option<Spanned<u32>>,
+    max_conns: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    protocol: Spanned<String>,
+    mode: Spanned<String>,
+    snat: Option<Spanned<String>>,
+    snat_ports: Option<Spanned<String>>,
+    check: Option<Spanned<RawCheck>>,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    kind: Spanned<String>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+    method: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    expect_status: Option<Spanned<toml::Value>>,
+    body_contains: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+    backup: Option<Spanned<bool>>,
+    mac: Option<Spanned<String>>,
+}
+
+/// Collects problems with their line numbers while converting.
+struct Report<'a> {
+    file: &'a str,
+    source: &'a str,
+    problems: Vec<String>,
+}
+
+impl Report<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.source[..span.start.min(self.source.len())].matches('\n').count() + 1
+    }
+
+    fn add(&mut self, span: &Range<usize>, field: &str, message: impl std::fmt::Display) {
+        let line = self.line(span);
+        self.problems.push(format!("{}:{line}: {field}: {message}", self.file));
+    }
+
+    /// Parses a spanned string with `parse`, reporting the error at its line.
+    fn parse<T>(
+        &mut self,
+        value: &Spanned<String>,
+        field: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        match parse(value.get_ref()) {
+            Ok(v) => Some(v),
+            Err(message) => {
+                self.add(&value.span(), field, message);
+                None
+            }
+        }
+    }
+}
+
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        problems: vec![format!("{}: cannot read the configuration: {e}", path.display())],
+    })?;
+    parse(&path.display().to_string(), &source)
+}
+
+/// Parses and validates a whole configuration. `file` names it in error messages.
+pub fn parse(file: &str, source: &str) -> Result<Config, ConfigError> {
+    let mut report = Report { file, source, problems: Vec::new() };
+    let raw: RawConfig = match toml::from_str(source) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            // toml's message starts with its own position banner; keep its first line of prose.
+            let message = e.message().lines().next().unwrap_or("invalid TOML").to_string();
+            report.add(&span, "syntax", message);
+            return Err(ConfigError { problems: report.problems });
+        }
+    };
+    let daemon = convert_daemon(&mut report, &raw.daemon);
+    let vips: Vec<Option<VipSpec>> = raw.vip.iter().map(|v| convert_vip(&mut report, v)).collect();
+    let (Some(daemon), true) = (daemon, report.problems.is_empty()) else {
+        return Err(ConfigError { problems: report.problems });
+    };
+    let state =
+        DesiredState { vips: vips.into_iter().map(|v| v.expect("no problems, so every VIP converted")).collect() };
+    for problem in state.problems(daemon.sizes.max_vips, daemon.sizes.ring_size) {
+        let vip = problem.vip.and_then(|i| raw.vip.get(i));
+        let span = match (vip, problem.backend) {
+            (Some(vip), Some(j)) => backend_field_span(&vip.get_ref().backend[j], problem.field),
+            (Some(vip), None) => vip_field_span(vip, problem.field),
+            (None, _) => raw.daemon.span(),
+        };
+        let prefix = match (problem.vip.and_then(|i| state.vips.get(i)), problem.backend) {
+            (Some(vip), Some(j)) => format!("vip {:?} backend #{}: {}", vip.name, j + 1, problem.field),
+            (Some(vip), None) => format!("vip {:?}: {}", vip.name, problem.field),
+            (None, _) => problem.field.to_string(),
+        };
+        report.add(&span, &prefix, problem.message);
+    }
+    if report.problems.is_empty() {
+        Ok(Config { daemon, state })
+    } else {
+        Err(ConfigError { problems: report.problems })
+    }
+}
+
+fn vip_field_span(vip: &Spanned<RawVip>, field: &str) -> Range<usize> {
+    let raw = vip.get_ref();
+    let span = match field {
+        "name" => Some(raw.name.span()),
+        "address" => Some(raw.address.span()),
+        "snat" => raw.snat.as_ref().map(Spanned::span),
+        "snat_ports" => raw.snat_ports.as_ref().map(Spanned::span),
+        f if f.starts_with("check") => raw.check.as_ref().map(Spanned::span),
+        _ => None,
+    };
+    span.unwrap_or_else(|| vip.span())
+}
+
+fn backend_field_span(backend: &Spanned<RawBackend>, field: &str) -> Range<usize> {
+    let raw = backend.get_ref();
+    match field {
+        "address" => raw.address.span(),
+        "weight" => raw.weight.as_ref().map_or_else(|| backend.span(), Spanned::span),
+        _ => backend.span(),
+    }
+}
+
+fn convert_daemon(report: &mut Report, daemon: &Spanned<RawDaemon>) -> Option<DaemonSettings> {
+    let raw = daemon.get_ref();
+    let before = report.problems.len();
+    let interface = raw.interface.get_ref().clone();
+    if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
+        report.add(
+            &raw.interface.span(),
+            "daemon.interface",
+            format!("{interface:?} is not an interface name (1-15 characters, no '/' or space)"),
+        );
+    }
+    let xdp_mode = match &raw.xdp_mode {
+        None => Some(AttachMode::Native),
+        Some(mode) => report.parse(mode, "daemon.xdp_mode", |m| match m {
+            "native" => Ok(AttachMode::Native),
+            "generic" => Ok(AttachMode::Generic),
+            other => Err(format!("unknown XDP mode {other:?}: expected \"native\" or \"generic\"")),
+        }),
+    };
+    let instance = raw.instance.as_ref().map_or_else(|| "lb".to_string(), |i| i.get_ref().clone());
+    if instance.is_empty()
+        || instance.len() > 32
+        || !instance.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+    {
+        let span = raw.instance.as_ref().map_or_else(|| daemon.span(), Spanned::span);
+        report.add(
+            &span,
+            "daemon.instance",
+            format!("{instance:?} must be 1-32 letters, digits, '-' or '_' (it names paths)"),
+        );
+    }
+    let metrics = raw.metrics.as_ref().and_then(|m| report.parse(m, "daemon.metrics", parse_socket_addr));
+    let ring_size = raw.ring_size.as_ref().map_or(DEFAULT_RING_SIZE, |r| *r.get_ref());
+    if !is_prime(ring_size) || ring_size < 7 {
+        let span = raw.ring_size.as_ref().map_or_else(|| daemon.span(), Spanned::span);
+        report.add(
+            &span,
+            "daemon.ring_size",
+            format!("{ring_size} is not a prime of at least 7 (Maglev needs a prime table size; 65537 is usual)"),
+        );
+    }
+    let max_vips = raw.max_vips.as_ref().map_or(DEFAULT_MAX_VIPS, |m| *m.get_ref());
+    let max_conns = raw.max_conns.as_ref().map_or(DEFAULT_MAX_CONNS, |m| *m.get_ref());
+    for (value, field, span) in [
+        (max_vips, "daemon.max_vips", raw.max_vips.as_ref().map(Spanned::span)),
+        (max_conns, "daemon.max_conns", raw.max_conns.as_ref().map(Spanned::span)),
+    ] {
+        if value == 0 {
+            report.add(&span.unwrap_or_else(|| daemon.span()), field, "must be at least 1");
+        }
+    }
+    if (max_vips as u64) * 2 * (ring_size as u64) > u32::MAX as u64 {
+        let span = raw.max_vips.as_ref().map_or_else(|| daemon.span(), Spanned::span);
+        report.add(
+            &span,
+            "daemon.max_vips",
+            format!("2 x {max_vips} VIPs x ring_size {ring_size} entries do not fit one BPF array"),
+        );
+    }
+    if report.problems.len() > before {
+        return None;
+    }
+    Some(DaemonSettings {
+        interface,
+        xdp_mode: xdp_mode?,
+        instance,
+        metrics,
+        sizes: DataplaneSizes { max_vips, ring_size, max_conns },
+    })
+}
+
+fn convert_vip(report: &mut Report, vip: &Spanned<RawVip>) -> Option<VipSpec> {
+    let raw = vip.get_ref();
+    let before = report.problems.len();
+    let name = raw.name.get_ref().clone();
+    let field = |f: &str| format!("vip {name:?}: {f}");
+    let address = report.parse(&raw.address, &field("address"), parse_socket_addr);
+    let protocol = report.parse(&raw.protocol, &field("protocol"), Protocol::parse);
+    let mode = report.parse(&raw.mode, &field("mode"), Mode::parse);
+    let snat = raw.snat.as_ref().and_then(|s| report.parse(s, &field("snat"), parse_ip));
+    let snat_ports = match &raw.snat_ports {
+        None => Some(DEFAULT_SNAT_PORTS),
+        Some(range) => report.parse(range, &field("snat_ports"), parse_port_range),
+    };
+    let check = raw.check.as_ref().and_then(|c| convert_check(report, c, &name));
+    let backends: Vec<Option<BackendSpec>> = raw
+        .backend
+        .iter()
+        .enumerate()
+        .map(|(j, b)| {
+            let raw = b.get_ref();
+            let field = |f: &str| format!("vip {name:?} backend #{}: {f}", j + 1);
+            let address = report.parse(&raw.address, &field("address"), parse_socket_addr);
+            let mac = raw.mac.as_ref().and_then(|m| report.parse(m, &field("mac"), parse_mac)).map(Some);
+            Some(BackendSpec {
+                address: address?,
+                weight: raw.weight.as_ref().map_or(1, |w| *w.get_ref()),
+                backup: raw.backup.as_ref().is_some_and(|b| *b.get_ref()),
+                drained: false,
+                mac: if raw.mac.is_some() { mac? } else { None },
+            })
+        })
+        .collect();
+    if report.problems.len() > before {
+        return None;
+    }
+    Some(VipSpec {
+        name,
+        address: address?,
+        protocol: protocol?,
+        mode: mode?,
+        snat,
+        snat_ports: snat_ports?,
+        check,
+        backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
+    })
+}
+
+fn convert_check(report: &mut Report, check: &Spanned<RawCheck>, vip: &str) -> Option<CheckSpec> {
+    let raw = check.get_ref();
+    let before = report.problems.len();
+    let field = |f: &str| format!("vip {vip:?}: check.{f}");
+    let duration = |report: &mut Report, value: &Option<Spanned<String>>, name: &str, default: &str| {
+        let text = value.as_ref().map_or(default, |v| v.get_ref().as_str());
+        match humantime::parse_duration(text) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                report.add(
+                    &value.as_ref().map_or_else(|| check.span(), Spanned::span),
+                    &field(name),
+                    format!("{text:?} is not a duration ({e}); write e.g. \"1s\" or \"500ms\""),
+                );
+                None
+            }
+        }
+    };
+    let interval = duration(report, &raw.interval, "interval", "1s");
+    let timeout = duration(report, &raw.timeout, "timeout", "500ms");
+    let kind = match raw.kind.get_ref().as_str() {
+        "icmp" => Some(CheckKind::Icmp),
+        "tcp" => Some(CheckKind::Tcp),
+        "http" => {
+            let expect_status = match &raw.expect_status {
+                None => Some((200, 299)),
+                Some(v) => match v.get_ref() {
+                    toml::Value::Integer(code) => u16::try_from(*code).ok().map(|c| (c, c)),
+                    toml::Value::String(range) => parse_status_range(range),
+                    _ => None,
+                }
+                .or_else(|| {
+                    report.add(
+                        &v.span(),
+                        &field("expect_status"),
+                        "expected a status code (200) or a range (\"200-399\")",
+                    );
+                    None
+                }),
+            };
+            Some(CheckKind::Http {
+                method: raw.method.as_ref().map_or_else(|| "GET".to_string(), |m| m.get_ref().clone()),
+                path: raw.path.as_ref().map_or_else(|| "/".to_string(), |p| p.get_ref().clone()),
+                host: raw.host.as_ref().map(|h| h.get_ref().clone()),
+                expect_status: expect_status?,
+                body_contains: raw.body_contains.as_ref().map(|b| b.get_ref().clone()),
+            })
+        }
+        other => {
+            report.add(
+                &raw.kind.span(),
+                &field("kind"),
+                format!("unknown check kind {other:?}: expected \"icmp\", \"tcp\" or \"http\""),
+            );
+            None
+        }
+    };
+    if !matches!(kind, Some(CheckKind::Http { .. })) {
+        for (present, name) in [
+            (raw.method.as_ref().map(Spanned::span), "method"),
+            (raw.path.as_ref().map(Spanned::span), "path"),
+            (raw.host.as_ref().map(Spanned::span), "host"),
+            (raw.expect_status.as_ref().map(Spanned::span), "expect_status"),
+            (raw.body_contains.as_ref().map(Spanned::span), "body_contains"),
+        ] {
+            if let Some(span) = present {
+                report.add(&span, &field(name), "applies to http checks only");
+            }
+        }
+    }
+    if report.problems.len() > before {
+        return None;
+    }
+    Some(CheckSpec {
+        kind: kind?,
+        interval: interval?,
+        timeout: timeout?,
+        rise: raw.rise.as_ref().map_or(2, |r| *r.get_ref()),
+        fall: raw.fall.as_ref().map_or(3, |f| *f.get_ref()),
+    })
+}
+
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| format!("{text:?} is not an address with a port (\"10.0.0.10:80\", \"[fd00::10]:80\")"))
+}
+
+pub fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    text.parse().map_err(|_| format!("{text:?} is not an IP address"))
+}
+
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{text:?} is not a port range like \"1024-65535\"");
+    let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
+    Ok((lo.trim().parse().map_err(|_| bad())?, hi.trim().parse().map_err(|_| bad())?))
+}
+
+fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = text.split_once('-')?;
+    Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))
+}
+
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{text:?} is not a MAC address like \"02:00:00:00:00:01\"");
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
+}

@@ -1,0 +1,361 @@
+//! The only owner of the XDP program and its maps, exposing domain verbs: load (pinned or not),
+//! attach or take over, write backends, publish a VIP's table, forget connections, read counters.
+
+mod pins;
+mod probe;
+mod ring;
+
+pub use pins::{BPFFS_ROOT, PinDir};
+pub use probe::PassThrough;
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{Xdp, XdpMode, xdp::XdpLink};
+use aya::{Ebpf, EbpfLoader, Pod};
+use lb_common::hash::flow_hash;
+use lb_common::maps::*;
+use ring::RingMemory;
+use std::os::fd::AsFd;
+
+/// The XDP object, built by `build.rs` from `lb-ebpf` and embedded so `lb` is self-contained.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+/// How the program is attached to the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (XDP native): the fast path.
+    Native,
+    /// In the generic network stack (XDP SKB): works on any interface.
+    Generic,
+}
+
+impl AttachMode {
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+/// Map sizes chosen at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataplaneSizes {
+    pub max_vips: u32,
+    /// Maglev table size M (prime).
+    pub ring_size: u32,
+    /// Connection-table and NAT-table entries.
+    pub max_conns: u32,
+}
+
+impl Default for DataplaneSizes {
+    fn default() -> Self {
+        Self { max_vips: DEFAULT_MAX_VIPS, ring_size: DEFAULT_RING_SIZE, max_conns: DEFAULT_MAX_CONNS }
+    }
+}
+
+/// How a VIP forwards, as published to the data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipForwarding {
+    /// Slot of the VIP: index of its counters and of its pair of rings.
+    pub vip_index: u32,
+    pub mode: u8,
+    pub snat_addr: [u8; 16],
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+/// How the program came to be on the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// Attached now, link pinned.
+    Fresh,
+    /// A pinned link existed: its program was replaced atomically, no packet saw no program.
+    TookOver,
+}
+
+/// Why a flow goes where it goes (`lb explain`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlowRoute {
+    NotAVip,
+    ConnectionTable { backend: u32 },
+    Maglev { hash: u32, slot: u32, ring_size: u32, backend: Option<u32> },
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    sizes: DataplaneSizes,
+    rings: RingMemory,
+}
+
+impl Dataplane {
+    /// Loads the embedded program with fresh, unpinned maps (tests, benchmarks).
+    pub fn load(sizes: DataplaneSizes) -> Result<Self> {
+        Self::load_with(sizes, None)
+    }
+
+    /// Loads the program with its maps pinned in `pins`, reusing maps a previous daemon left
+    /// there after checking their layout. Returns whether maps were reused.
+    pub fn load_pinned(sizes: DataplaneSizes, pins: &PinDir) -> Result<(Self, bool)> {
+        pins.create()?;
+        let reused = pins.check_reusable(&sizes)?;
+        Ok((Self::load_with(sizes, Some(pins))?, reused))
+    }
+
+    fn load_with(sizes: DataplaneSizes, pins: Option<&PinDir>) -> Result<Self> {
+        let ring_entries =
+            sizes.max_vips.checked_mul(2).and_then(|n| n.checked_mul(sizes.ring_size)).ok_or_else(|| {
+                anyhow!("2 x {} VIPs x ring size {} does not fit a BPF array", sizes.max_vips, sizes.ring_size)
+            })?;
+        let paths: Vec<(&str, std::path::PathBuf)> = match pins {
+            Some(pins) => pins::PINNED_MAPS.iter().map(|name| (*name, pins.map(name))).collect(),
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAP_VIPS, sizes.max_vips)
+            .map_max_entries(MAP_STATS_VIP, sizes.max_vips)
+            .map_max_entries(MAP_RINGS, ring_entries)
+            .map_max_entries(MAP_CONNS, sizes.max_conns)
+            .map_max_entries(MAP_NAT_REV, sizes.max_conns);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the XDP object")?;
+        program_mut(&mut ebpf)?.load().context("verifying and loading the XDP program")?;
+        let rings = {
+            let map = map(&ebpf, MAP_RINGS)?;
+            let data: &MapData = match map {
+                Map::Array(data) => data,
+                _ => bail!("map {MAP_RINGS} is not an array"),
+            };
+            RingMemory::map(data.fd().as_fd(), ring_entries)?
+        };
+        Ok(Self { ebpf, sizes, rings })
+    }
+
+    pub fn sizes(&self) -> DataplaneSizes {
+        self.sizes
+    }
+
+    /// Attaches to `interface` in the current network namespace; detached when dropped (tests).
+    pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<()> {
+        let program = program_mut(&mut self.ebpf)?;
+        program
+            .attach(interface, mode.xdp_mode())
+            .with_context(|| format!("attaching XDP ({mode:?}) to {interface}"))?;
+        Ok(())
+    }
+
+    /// Puts this program on `interface` for good: if a previous daemon's link is pinned, swap
+    /// the program inside that link atomically; otherwise attach and pin the new link. Either
+    /// way the program stays attached when this process exits.
+    pub fn attach_pinned(&mut self, pins: &PinDir, interface: &str, mode: AttachMode) -> Result<Attachment> {
+        let link_path = pins.link();
+        let program = program_mut(&mut self.ebpf)?;
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path)
+                .with_context(|| format!("opening pinned link {}", link_path.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
+            program.attach_to_link(link).context("replacing the program in the pinned XDP link")?;
+            return Ok(Attachment::TookOver);
+        }
+        let id = program
+            .attach(interface, mode.xdp_mode())
+            .with_context(|| format!("attaching XDP ({mode:?}) to {interface}"))?;
+        let link = program.take_link(id)?;
+        let fd_link = FdLink::try_from(link).context("XDP attach did not give a BPF link (kernel older than 5.9?)")?;
+        fd_link.pin(&link_path).with_context(|| format!("pinning the XDP link at {}", link_path.display()))?;
+        Ok(Attachment::Fresh)
+    }
+
+    /// Writes a backend's slot. Rings must only name slots written here.
+    pub fn set_backend(&mut self, index: u32, backend: &Backend) -> Result<()> {
+        let mut backends: Array<&mut MapData, Backend> = Array::try_from(map_mut(&mut self.ebpf, MAP_BACKENDS)?)?;
+        backends.set(index, backend, 0).with_context(|| format!("writing backend {index}"))?;
+        Ok(())
+    }
+
+    pub fn backend(&self, index: u32) -> Result<Backend> {
+        let backends: Array<&MapData, Backend> = Array::try_from(map(&self.ebpf, MAP_BACKENDS)?)?;
+        Ok(backends.get(&index, 0)?)
+    }
+
+    /// Publishes a VIP with a new Maglev table: the table goes into the VIP's inactive ring, then
+    /// one update of the VIP's entry switches packets to it, so no packet sees a half-written table.
+    pub fn publish_vip(&mut self, key: &VipKey, forwarding: &VipForwarding, table: &[u32]) -> Result<()> {
+        let ring_size = self.sizes.ring_size;
+        if table.len() != ring_size as usize {
+            bail!("Maglev table has {} entries, the data plane expects {ring_size}", table.len());
+        }
+        if forwarding.vip_index >= self.sizes.max_vips {
+            bail!("VIP slot {} is beyond the {} VIP slots", forwarding.vip_index, self.sizes.max_vips);
+        }
+        let base = forwarding.vip_index * 2 * ring_size;
+        let active = self.vip(key)?.map(|meta| meta.ring_offset);
+        let inactive = if active == Some(base) { base + ring_size } else { base };
+        self.rings.write(inactive, table)?;
+        let meta = VipMeta {
+            vip_index: forwarding.vip_index,
+            ring_offset: inactive,
+            ring_size,
+            mode: forwarding.mode,
+            flags: 0,
+            _pad: [0; 2],
+            snat_addr: forwarding.snat_addr,
+            snat_port_min: forwarding.snat_port_min,
+            snat_port_max: forwarding.snat_port_max,
+        };
+        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> = HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIPS)?)?;
+        vips.insert(key, meta, 0).context("publishing the VIP")?;
+        Ok(())
+    }
+
+    /// The table a VIP currently uses.
+    pub fn active_table(&self, key: &VipKey) -> Result<Option<Vec<u32>>> {
+        let Some(meta) = self.vip(key)? else { return Ok(None) };
+        Ok(Some((0..meta.ring_size).map(|i| self.rings.read(meta.ring_offset + i).unwrap_or(NO_BACKEND)).collect()))
+    }
+
+    pub fn vip(&self, key: &VipKey) -> Result<Option<VipMeta>> {
+        let vips: HashMap<&MapData, VipKey, VipMeta> = HashMap::try_from(map(&self.ebpf, MAP_VIPS)?)?;
+        not_found_is_none(vips.get(key, 0))
+    }
+
+    pub fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>> {
+        let vips: HashMap<&MapData, VipKey, VipMeta> = HashMap::try_from(map(&self.ebpf, MAP_VIPS)?)?;
+        Ok(vips.iter().collect::<Result<_, _>>()?)
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> = HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIPS)?)?;
+        match vips.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(anyhow::Error::from(e).context("removing the VIP")),
+        }
+    }
+
+    /// Drops the connection-table and NAT entries of a backend (NAT flows cannot move to
+    /// another backend, so their state is useless once the backend is gone). Returns how many.
+    pub fn forget_backend_connections(&mut self, index: u32, backend: &Backend) -> Result<usize> {
+        let mut forgotten = 0;
+        {
+            let mut conns: HashMap<&mut MapData, FlowKey, ConnState> =
+                HashMap::try_from(map_mut(&mut self.ebpf, MAP_CONNS)?)?;
+            let doomed: Vec<FlowKey> =
+                conns.iter().filter_map(Result::ok).filter(|(_, c)| c.backend == index).map(|(k, _)| k).collect();
+            for key in doomed {
+                forgotten += conns.remove(&key).is_ok() as usize;
+            }
+        }
+        let mut nat: HashMap<&mut MapData, FlowKey, NatReverse> =
+            HashMap::try_from(map_mut(&mut self.ebpf, MAP_NAT_REV)?)?;
+        let doomed: Vec<FlowKey> =
+            nat.keys().filter_map(Result::ok).filter(|k| k.src == backend.addr && k.sport == backend.port).collect();
+        for key in doomed {
+            let _ = nat.remove(&key);
+        }
+        Ok(forgotten)
+    }
+
+    /// The backend a client flow is pinned to, if any.
+    pub fn connection(&self, flow: &FlowKey) -> Result<Option<ConnState>> {
+        let conns: HashMap<&MapData, FlowKey, ConnState> = HashMap::try_from(map(&self.ebpf, MAP_CONNS)?)?;
+        not_found_is_none(conns.get(flow, 0))
+    }
+
+    pub fn connections(&self) -> Result<Vec<(FlowKey, ConnState)>> {
+        let conns: HashMap<&MapData, FlowKey, ConnState> = HashMap::try_from(map(&self.ebpf, MAP_CONNS)?)?;
+        Ok(conns.iter().collect::<Result<_, _>>()?)
+    }
+
+    pub fn nat_reverses(&self) -> Result<Vec<(FlowKey, NatReverse)>> {
+        let nat: HashMap<&MapData, FlowKey, NatReverse> = HashMap::try_from(map(&self.ebpf, MAP_NAT_REV)?)?;
+        Ok(nat.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Where the program sends `flow` (a client flow towards a VIP), and why, following the
+    /// program's own rules: connection table first, then the VIP's ring.
+    pub fn route(&self, flow: &FlowKey) -> Result<FlowRoute> {
+        let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
+        let meta = match self.vip(&key)? {
+            Some(meta) => meta,
+            None => {
+                key.port = 0;
+                match self.vip(&key)? {
+                    Some(meta) => meta,
+                    None => return Ok(FlowRoute::NotAVip),
+                }
+            }
+        };
+        if let Some(conn) = self.connection(flow)?
+            && self.backend(conn.backend)?.flags & BACKEND_USABLE != 0
+        {
+            return Ok(FlowRoute::ConnectionTable { backend: conn.backend });
+        }
+        let hash = flow_hash(flow);
+        let slot = hash % meta.ring_size.max(1);
+        let backend = self.rings.read(meta.ring_offset + slot).filter(|&b| b != NO_BACKEND);
+        Ok(FlowRoute::Maglev { hash, slot, ring_size: meta.ring_size, backend })
+    }
+
+    pub fn vip_traffic(&self, vip_index: u32) -> Result<Traffic> {
+        sum_traffic(&self.ebpf, MAP_STATS_VIP, vip_index)
+    }
+
+    pub fn backend_traffic(&self, index: u32) -> Result<Traffic> {
+        sum_traffic(&self.ebpf, MAP_STATS_BACKEND, index)
+    }
+
+    /// Packets seen per verdict reason, summed over CPUs.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>> {
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(&self.ebpf, MAP_STATS_REASON)?)?;
+        Reason::ALL.iter().map(|&reason| Ok((reason, stats.get(&(reason as u32), 0)?.iter().sum()))).collect()
+    }
+
+    pub fn reason_count(&self, reason: Reason) -> Result<u64> {
+        Ok(self.reason_counters()?.into_iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| n))
+    }
+
+    /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&self) -> Result<&Xdp> {
+        self.ebpf
+            .program(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?
+            .try_into()
+            .context("program type")
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?
+        .try_into()
+        .context("program type")
+}
+
+fn map<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Map> {
+    ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
+    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+}
+
+fn not_found_is_none<V: Pod>(result: Result<V, MapError>) -> Result<Option<V>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn sum_traffic(ebpf: &Ebpf, name: &str, index: u32) -> Result<Traffic> {
+    let stats: PerCpuArray<&MapData, Traffic> = PerCpuArray::try_from(map(ebpf, name)?)?;
+    Ok(stats.get(&index, 0)?.iter().fold(Traffic::default(), |sum, cpu| Traffic {
+        packets: sum.packets + cpu.packets,
+        bytes: sum.bytes + cpu.bytes,
+        new_flows: sum.new_flows + cpu.new_flows,
+    }))
+}

@@ -1,0 +1,91 @@
+//! Running the program without an interface (BPF_PROG_TEST_RUN), and the pass-through helper
+//! program that test topologies attach to veth peers.
+
+use super::{AttachMode, Dataplane, EBPF_OBJECT, program_mut};
+use anyhow::{Context, Result, anyhow};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::maps::{MAP_CONNS, MAP_NAT_REV, MAP_RINGS, PASS_PROGRAM_NAME};
+use std::time::Duration;
+
+impl Dataplane {
+    /// Runs the program once on `frame` and returns the verdict and the packet as the program
+    /// left it.
+    pub fn run_once(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .program()?
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs `program` (the load balancer, or a floor program) once on `frame` without copying
+    /// the packet back; returns the verdict and the kernel's measure of the run. A floor program
+    /// is loaded on first use.
+    pub fn run_timed(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Duration)> {
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| anyhow!("program {program} missing from the object"))?
+            .try_into()?;
+        if xdp.fd().is_err() {
+            xdp.load().with_context(|| format!("loading {program}"))?;
+        }
+        let result =
+            xdp.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() }).context("BPF_PROG_TEST_RUN")?;
+        Ok((result.return_value, result.duration))
+    }
+
+    /// Runs the load balancer `repeat` times on one buffer (BPF_PROG_TEST_RUN's own repeat).
+    pub fn run_repeated(&self, frame: &[u8], repeat: u32) -> Result<u32> {
+        let result = self
+            .program()?
+            .test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok(result.return_value)
+    }
+
+    /// Loads the program only (for `lb verify`): the verifier's verdict and the sizes.
+    pub fn verify() -> Result<(usize, u32, u32)> {
+        let mut ebpf = small_object()?;
+        let program = program_mut(&mut ebpf)?;
+        program.load().context("verifying and loading the XDP program")?;
+        let info = program.info()?;
+        Ok((EBPF_OBJECT.len(), info.size_translated().unwrap_or(0), info.size_jitted()))
+    }
+}
+
+/// The object with tiny maps, for programs that use none of them.
+fn small_object() -> Result<Ebpf> {
+    EbpfLoader::new()
+        .map_max_entries(MAP_RINGS, 2)
+        .map_max_entries(MAP_CONNS, 2)
+        .map_max_entries(MAP_NAT_REV, 2)
+        .load(EBPF_OBJECT)
+        .context("loading the XDP object")
+}
+
+/// An XDP program that passes every frame, attached for as long as this value lives.
+///
+/// On a veth it lets the device receive the frames its peer sends with XDP_TX: the kernel needs
+/// an XDP program (or GRO) on the receiving side, and GRO alone was seen to hold frames back.
+pub struct PassThrough {
+    _ebpf: Ebpf,
+}
+
+impl PassThrough {
+    pub fn attach(interface: &str, mode: AttachMode) -> Result<Self> {
+        let mut ebpf = small_object()?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PASS_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PASS_PROGRAM_NAME} missing from the object"))?
+            .try_into()?;
+        program.load().context("loading the pass-through program")?;
+        program
+            .attach(interface, mode.xdp_mode())
+            .with_context(|| format!("attaching pass-through XDP to {interface}"))?;
+        Ok(Self { _ebpf: ebpf })
+    }
+}
