@@ -1,6 +1,13 @@
 //! The `lb` control plane as a library: the binary and the integration tests share it.
 
+pub mod api;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
+pub mod metrics;
 pub mod model;
+pub mod neighbor;
 pub mod planner;
+pub mod report;
+pub mod store;

@@ -1,30 +1,50 @@
 //! `lb`: the load balancer's daemon and command-line client.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
-use lb::dataplane::Dataplane;
-
-#[derive(Parser)]
-#[command(name = "lb", version, about = "eBPF/XDP layer-4 load balancer")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Load the embedded XDP program into the kernel (verifier check) and report its size, without attaching it.
-    Verify,
-}
+use anyhow::{Result, bail};
+use clap::Parser;
+use lb::cli::{Cli, Command, run_client};
+use lb::dataplane::{Dataplane, PinDir};
+use lb::store::StateStore;
+use lb::{api, daemon};
+use tracing_subscriber::EnvFilter;
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Daemon { config } => {
+            tracing_subscriber::fmt().with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))).init();
+            runtime.block_on(daemon::run::run(&config))
+        }
+        Command::Detach => runtime.block_on(detach(&cli.instance)),
         Command::Verify => {
             let (object, translated, jited) = Dataplane::verify()?;
-            println!(
-                "XDP program verified and loaded: {object} bytes of object, {translated} bytes translated, {jited} bytes JIT-ed"
-            );
+            println!("XDP program verified and loaded: {object} bytes of object, {translated} bytes translated, {jited} bytes JIT-ed");
+            Ok(())
         }
+        _ => runtime.block_on(run_client(cli)),
+    }
+}
+
+/// Stops a running daemon of the instance with detach, or removes what a stopped one left.
+async fn detach(instance: &str) -> Result<()> {
+    if api::socket_path(instance).exists() && api::call(instance, &api::Request::Shutdown { detach: true }).await.is_ok() {
+        // The daemon removes everything as it exits; wait for it to finish.
+        for _ in 0..50 {
+            if !PinDir::for_instance(instance).path().exists() {
+                println!("instance {instance}: daemon stopped, data plane removed");
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        bail!("instance {instance}: the daemon did not remove its data plane within 5 s");
+    }
+    let pins = PinDir::for_instance(instance).remove()?;
+    let state = StateStore::for_instance(instance).remove()?;
+    if pins || state {
+        println!("instance {instance}: data plane removed (program, pins{})", if state { ", saved state" } else { "" });
+    } else {
+        println!("instance {instance}: nothing to remove");
     }
     Ok(())
 }

@@ -73,6 +73,8 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
              to run only the unprivileged tests, set LB_SKIP_PRIVILEGED=1 (they will be reported as skipped)"
         );
     }
+    // The daemon tests run the `lb` binary itself: build it first so it is never stale.
+    cargo(root, &["build", "--workspace", "--bins"])?;
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     if !cargo_args.is_empty() {
         args.push("--");

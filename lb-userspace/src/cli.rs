@@ -1,0 +1,284 @@
+//! The command line: clap definitions, one API request per command, output as aligned tables
+//! or, with `--json`, as the daemon's data.
+
+use crate::api::{self, Request};
+use crate::config::{parse_mac, parse_port_range};
+use crate::model::{BackendSpec, DEFAULT_SNAT_PORTS, Mode, Protocol, VipSpec};
+use crate::report::*;
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{Table, presets::NOTHING};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "lb", version, about = "eBPF/XDP layer-4 load balancer")]
+pub struct Cli {
+    /// The daemon instance to talk to (socket /run/lb/INSTANCE.sock).
+    #[arg(long, global = true, default_value = "lb")]
+    pub instance: String,
+    /// Print the daemon's data as JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon: load or take over the data plane, apply the configuration, serve the API.
+    Daemon {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Manage VIPs.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Manage backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Apply a configuration file: validated whole, diffed against the running state, applied at once.
+    Apply {
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// Show what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The daemon and its data plane.
+    Status,
+    /// Traffic per VIP and backend, and packets per verdict reason.
+    Stats,
+    /// Which backend a flow goes to, and why.
+    Explain {
+        #[arg(long)]
+        src: SocketAddr,
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long, default_value = "tcp", value_parser = Protocol::parse)]
+        proto: Protocol,
+    },
+    /// Remove the data plane of an instance: program, pins and saved state (stops its daemon).
+    Detach,
+    /// Load the embedded XDP program through the verifier, without attaching it.
+    Verify,
+}
+
+#[derive(Subcommand)]
+pub enum VipCommand {
+    List,
+    Add(VipArgs),
+    Del { name: String },
+}
+
+#[derive(Args)]
+pub struct VipArgs {
+    #[arg(long)]
+    name: String,
+    /// Address and port, e.g. 10.0.0.10:80 or [fd00::10]:80 (port 0: every port).
+    #[arg(long)]
+    address: SocketAddr,
+    #[arg(long, default_value = "tcp", value_parser = Protocol::parse)]
+    protocol: Protocol,
+    #[arg(long, value_parser = Mode::parse)]
+    mode: Mode,
+    /// NAT mode: the load balancer's source address towards backends.
+    #[arg(long)]
+    snat: Option<IpAddr>,
+    /// NAT mode: source ports, e.g. 1024-65535.
+    #[arg(long, value_parser = parse_port_range)]
+    snat_ports: Option<(u16, u16)>,
+}
+
+#[derive(Subcommand)]
+pub enum BackendCommand {
+    List {
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    Add {
+        #[arg(long)]
+        vip: String,
+        #[arg(long)]
+        address: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Cold standby: traffic only while every primary is down.
+        #[arg(long)]
+        backup: bool,
+        /// Next-hop MAC (resolved from the neighbour table when omitted).
+        #[arg(long, value_parser = parse_mac)]
+        mac: Option<[u8; 6]>,
+    },
+    Del {
+        #[arg(long)]
+        vip: String,
+        #[arg(long)]
+        address: SocketAddr,
+    },
+    /// Keep existing connections, send no new ones.
+    Drain {
+        #[arg(long)]
+        vip: String,
+        #[arg(long)]
+        address: SocketAddr,
+    },
+    Undrain {
+        #[arg(long)]
+        vip: String,
+        #[arg(long)]
+        address: SocketAddr,
+    },
+}
+
+/// Runs a client command against the daemon and prints the answer.
+pub async fn run_client(cli: Cli) -> Result<()> {
+    let request = match cli.command {
+        Command::Vip(VipCommand::List) => Request::VipList,
+        Command::Vip(VipCommand::Add(a)) => Request::VipAdd {
+            vip: VipSpec {
+                name: a.name,
+                address: a.address,
+                protocol: a.protocol,
+                mode: a.mode,
+                snat: a.snat,
+                snat_ports: a.snat_ports.unwrap_or(DEFAULT_SNAT_PORTS),
+                check: None,
+                backends: Vec::new(),
+            },
+        },
+        Command::Vip(VipCommand::Del { name }) => Request::VipDel { name },
+        Command::Backend(BackendCommand::List { vip }) => Request::BackendList { vip },
+        Command::Backend(BackendCommand::Add { vip, address, weight, backup, mac }) => {
+            Request::BackendAdd { vip, backend: BackendSpec { address, weight, backup, drained: false, mac } }
+        }
+        Command::Backend(BackendCommand::Del { vip, address }) => Request::BackendDel { vip, address },
+        Command::Backend(BackendCommand::Drain { vip, address }) => Request::BackendDrain { vip, address, drained: true },
+        Command::Backend(BackendCommand::Undrain { vip, address }) => Request::BackendDrain { vip, address, drained: false },
+        Command::Apply { file, dry_run } => {
+            let source = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            Request::Apply { file: file.display().to_string(), source, dry_run }
+        }
+        Command::Status => Request::Status,
+        Command::Stats => Request::Stats,
+        Command::Explain { src, dst, proto } => Request::Explain { src, dst, protocol: proto },
+        Command::Daemon { .. } | Command::Detach | Command::Verify => unreachable!("handled by main"),
+    };
+    let data = api::call(&cli.instance, &request).await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let typed = |what: &str| anyhow!("the daemon's answer is not a {what}");
+    match request {
+        Request::VipList => print_vips(&serde_json::from_value::<Vec<VipRow>>(data).map_err(|_| typed("VIP list"))?),
+        Request::BackendList { .. } => print_backends(&serde_json::from_value::<Vec<BackendRow>>(data).map_err(|_| typed("backend list"))?),
+        Request::Status => print_status(&serde_json::from_value(data).map_err(|_| typed("status"))?),
+        Request::Stats => print_stats(&serde_json::from_value(data).map_err(|_| typed("stats report"))?),
+        Request::Explain { .. } => {
+            let e: Explanation = serde_json::from_value(data).map_err(|_| typed("explanation"))?;
+            println!("vip:        {}", e.vip.as_deref().unwrap_or("-"));
+            println!("backend:    {}", e.backend.as_deref().unwrap_or("-"));
+            println!("decided by: {}", e.decided_by);
+            println!("why:        {}", e.detail);
+        }
+        _ => {
+            let report: ApplyReport = serde_json::from_value(data).map_err(|_| typed("change report"))?;
+            if report.changes.is_empty() {
+                println!("no change");
+            }
+            for change in &report.changes {
+                println!("{change}");
+            }
+            if report.dry_run {
+                println!("(dry run: nothing was changed)");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(header.iter().map(|h| h.to_uppercase()));
+    table
+}
+
+fn print_vips(rows: &[VipRow]) {
+    let mut t = table(&["name", "address", "proto", "mode", "snat", "backends", "serving"]);
+    for r in rows {
+        t.add_row(vec![
+            r.name.clone(),
+            r.address.clone(),
+            r.protocol.clone(),
+            r.mode.clone(),
+            r.snat.clone().unwrap_or_else(|| "-".into()),
+            r.backends.to_string(),
+            r.serving.to_string(),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn print_backends(rows: &[BackendRow]) {
+    let mut t = table(&["vip", "backend", "weight", "backup", "state", "share", "mac"]);
+    for r in rows {
+        t.add_row(vec![
+            r.vip.clone(),
+            r.address.clone(),
+            r.weight.to_string(),
+            if r.backup { "yes".into() } else { "no".into() },
+            r.state.clone(),
+            format!("{:.1}%", r.table_share * 100.0),
+            r.mac.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn print_status(s: &StatusReport) {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    for (k, v) in [
+        ("instance", s.instance.clone()),
+        ("interface", format!("{} ({})", s.interface, s.xdp_mode)),
+        ("data plane", s.attachment.clone()),
+        ("vips / backends", format!("{} / {}", s.vips, s.backends)),
+        ("ring size", s.ring_size.to_string()),
+        ("uptime", format!("{} s", s.uptime_seconds)),
+        ("config", s.config_file.clone()),
+        ("state", s.state_file.clone()),
+        ("pins", s.pin_dir.clone()),
+    ] {
+        t.add_row(vec![k.to_string(), v]);
+    }
+    println!("{t}");
+}
+
+fn print_stats(s: &StatsReport) {
+    let mut t = table(&["vip", "backend", "packets", "bytes", "new flows", "pps", "bit/s", "flows/s"]);
+    let row = |vip: &str, backend: &str, r: &TrafficRow| {
+        vec![
+            vip.to_string(),
+            backend.to_string(),
+            r.packets.to_string(),
+            r.bytes.to_string(),
+            r.new_flows.to_string(),
+            format!("{:.0}", r.packets_per_second),
+            format!("{:.0}", r.bits_per_second),
+            format!("{:.0}", r.new_flows_per_second),
+        ]
+    };
+    for vip in &s.vips {
+        t.add_row(row(&vip.name, "(all)", &vip.traffic));
+        for (backend, traffic) in &vip.backends {
+            t.add_row(row("", backend, traffic));
+        }
+    }
+    println!("{t}");
+    let mut reasons = table(&["verdict reason", "packets"]);
+    for (reason, count) in s.reasons.iter().filter(|(_, n)| *n > 0) {
+        reasons.add_row(vec![reason.clone(), count.to_string()]);
+    }
+    println!("\n{reasons}");
+}

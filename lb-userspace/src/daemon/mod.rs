@@ -1,0 +1,221 @@
+//! The daemon's state and the one way it changes: a whole desired state is validated and
+//! planned without side effects, then written to the data plane, then persisted.
+
+mod diff;
+mod requests;
+pub mod run;
+
+use crate::config::DaemonSettings;
+use crate::dataplane::{Attachment, Dataplane, PinDir, VipForwarding};
+use crate::model::{DesiredState, VipSpec};
+use crate::neighbor::resolve_next_hop_mac;
+use crate::planner::{Slots, addr16, backend_entry, table_members, vip_id, vip_key};
+use crate::store::{SavedState, StateStore};
+use anyhow::{Context, Result, bail};
+use lb_common::maglev::{build_table, slots_changed};
+use lb_common::maps::Traffic;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Counters at one moment, for rates.
+#[derive(Clone, Debug)]
+struct Sample {
+    at: Instant,
+    vips: HashMap<String, Traffic>,
+    backends: HashMap<String, Traffic>,
+}
+
+pub struct Daemon {
+    settings: DaemonSettings,
+    config_file: PathBuf,
+    config_digest: String,
+    dataplane: Dataplane,
+    pins: PinDir,
+    store: StateStore,
+    state: DesiredState,
+    slots: Slots,
+    macs: HashMap<IpAddr, [u8; 6]>,
+    /// The table each VIP was last published with (to publish only what changed, and log how
+    /// many slots moved).
+    published: HashMap<String, Vec<u32>>,
+    attachment: Option<Attachment>,
+    started: Instant,
+    samples: (Option<Sample>, Option<Sample>),
+    /// Set by a shutdown request: `Some(true)` also detaches the data plane.
+    pub stop: Option<bool>,
+}
+
+/// Everything a desired state needs, computed before anything is written.
+struct Plan {
+    state: DesiredState,
+    slots: Slots,
+    macs: HashMap<IpAddr, [u8; 6]>,
+}
+
+impl Daemon {
+    /// Applies `state` whole, or changes nothing and says why. Returns the changes made.
+    pub fn apply(&mut self, state: DesiredState, cause: &str) -> Result<Vec<String>> {
+        let plan = self.plan(state)?;
+        let changes = diff::changes(&self.state, &plan.state);
+        let previous = Plan { state: self.state.clone(), slots: self.slots.clone(), macs: self.macs.clone() };
+        if let Err(error) = self.write(&plan) {
+            tracing::error!(%error, "writing the data plane failed; restoring the previous state");
+            if let Err(rollback) = self.write(&previous) {
+                tracing::error!(%rollback, "restoring the previous state failed too");
+            }
+            return Err(error.context("the data plane refused the change; the previous state was restored"));
+        }
+        self.state = plan.state;
+        self.slots = plan.slots;
+        self.macs = plan.macs;
+        for change in &changes {
+            tracing::info!(cause, "{change}");
+        }
+        self.persist().context("the change is live but could not be saved; it will be lost on restart")?;
+        Ok(changes)
+    }
+
+    fn plan(&self, state: DesiredState) -> Result<Plan> {
+        let sizes = self.settings.sizes;
+        let problems = state.problems(sizes.max_vips, sizes.ring_size);
+        if !problems.is_empty() {
+            let lines: Vec<String> = problems
+                .iter()
+                .map(|p| {
+                    let vip = p.vip.and_then(|i| state.vips.get(i)).map(|v| format!("vip {:?}", v.name));
+                    let backend = p.backend.map(|j| format!("backend #{}", j + 1));
+                    let at: Vec<String> = [vip, backend].into_iter().flatten().collect();
+                    format!("{}: {}: {}", at.join(" "), p.field, p.message)
+                })
+                .collect();
+            bail!("{}", lines.join("\n"));
+        }
+        let mut slots = self.slots.clone();
+        slots.assign(&state, sizes.max_vips)?;
+        let mut macs = self.macs.clone();
+        for backend in state.vips.iter().flat_map(|v| &v.backends) {
+            let ip = backend.address.ip();
+            let mac = match backend.mac {
+                Some(mac) => mac,
+                None => match macs.get(&ip) {
+                    Some(mac) => *mac,
+                    None => resolve_next_hop_mac(ip)?,
+                },
+            };
+            macs.insert(ip, mac);
+        }
+        Ok(Plan { state, slots, macs })
+    }
+
+    /// Writes a plan to the data plane: backends first, then whole tables, then VIP removals, so
+    /// no packet is ever sent to a slot that is not written yet.
+    ///
+    /// A removed backend leaves every table, but its entry stays usable: connections established
+    /// to it finish there (as with IPVS), new ones go elsewhere. Its slot's connection entries
+    /// are purged only if the slot is later given to another backend.
+    fn write(&mut self, plan: &Plan) -> Result<()> {
+        let ring_size = self.settings.sizes.ring_size;
+        let held_before: std::collections::HashSet<u32> = self.slots.backends.values().copied().collect();
+        for vip in &plan.state.vips {
+            for backend in &vip.backends {
+                let index = plan.slots.backend(vip, backend.address).context("backend without a slot")?;
+                let entry = backend_entry(backend, plan.macs[&backend.address.ip()], true);
+                let old = self.dataplane.backend(index)?;
+                if old == entry {
+                    continue;
+                }
+                if !held_before.contains(&index) && old != Default::default() {
+                    let forgotten = self.dataplane.forget_backend_connections(index, &old)?;
+                    tracing::info!(index, forgotten, "slot reused: connection entries of its former backend dropped");
+                }
+                self.dataplane.set_backend(index, &entry)?;
+            }
+        }
+        for vip in &plan.state.vips {
+            let members = table_members(vip, &plan.slots, &|_| true);
+            let table = build_table(&members, ring_size)?;
+            let key = vip_key(vip);
+            let forwarding = forwarding(vip, plan.slots.vip(vip).context("VIP without a slot")?);
+            let id = vip_id(vip);
+            let meta = self.dataplane.vip(&key)?;
+            let same_forwarding = meta.is_some_and(|m| {
+                m.vip_index == forwarding.vip_index
+                    && m.mode == forwarding.mode
+                    && m.snat_addr == forwarding.snat_addr
+                    && (m.snat_port_min, m.snat_port_max) == (forwarding.snat_port_min, forwarding.snat_port_max)
+            });
+            if same_forwarding && self.published.get(&id) == Some(&table) {
+                continue;
+            }
+            let started = Instant::now();
+            self.dataplane.publish_vip(&key, &forwarding, &table)?;
+            let moved = self.published.get(&id).map_or(table.len(), |old| slots_changed(old, &table));
+            tracing::info!(
+                vip = %vip.name,
+                backends = members.len(),
+                moved,
+                ring_size,
+                micros = started.elapsed().as_micros() as u64,
+                "table published"
+            );
+            self.published.insert(id, table);
+        }
+        // Entries made under another mode would be misused (a DSR entry carries no NAT port).
+        for vip in &plan.state.vips {
+            let Some(before) = self.state.vips.iter().find(|o| vip_id(o) == vip_id(vip)) else { continue };
+            if before.mode == vip.mode {
+                continue;
+            }
+            for backend in &vip.backends {
+                if let Some(index) = plan.slots.backend(vip, backend.address) {
+                    let entry = self.dataplane.backend(index)?;
+                    self.dataplane.forget_backend_connections(index, &entry)?;
+                }
+            }
+        }
+        let wanted: Vec<String> = plan.state.vips.iter().map(vip_id).collect();
+        for vip in self.state.vips.iter().filter(|v| !wanted.contains(&vip_id(v))) {
+            self.dataplane.remove_vip(&vip_key(vip))?;
+            self.published.remove(&vip_id(vip));
+        }
+        Ok(())
+    }
+
+    fn persist(&self) -> Result<()> {
+        self.store.save(&SavedState::new(self.config_digest.clone(), self.state.clone(), self.slots.clone()))
+    }
+
+    /// Takes counters for rates (called every second).
+    pub fn sample(&mut self) {
+        let mut vips = HashMap::new();
+        let mut backends = HashMap::new();
+        for vip in &self.state.vips {
+            if let Some(slot) = self.slots.vip(vip)
+                && let Ok(traffic) = self.dataplane.vip_traffic(slot)
+            {
+                vips.insert(vip.name.clone(), traffic);
+            }
+            for backend in &vip.backends {
+                if let Some(index) = self.slots.backend(vip, backend.address)
+                    && let Ok(traffic) = self.dataplane.backend_traffic(index)
+                {
+                    backends.insert(crate::planner::backend_id(vip, backend.address), traffic);
+                }
+            }
+        }
+        let sample = Sample { at: Instant::now(), vips, backends };
+        self.samples = (self.samples.1.take(), Some(sample));
+    }
+}
+
+fn forwarding(vip: &VipSpec, vip_index: u32) -> VipForwarding {
+    VipForwarding {
+        vip_index,
+        mode: vip.mode.number(),
+        snat_addr: vip.snat.map(addr16).unwrap_or([0; 16]),
+        snat_port_min: vip.snat_ports.0,
+        snat_port_max: vip.snat_ports.1,
+    }
+}

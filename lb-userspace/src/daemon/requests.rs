@@ -1,0 +1,284 @@
+//! Answers to API requests: edits become a new desired state applied whole; reads become reports.
+
+use super::{Daemon, Sample};
+use crate::api::{Request, Response};
+use crate::config;
+use crate::dataplane::{Attachment, FlowRoute};
+use crate::model::{DesiredState, Protocol};
+use crate::planner::{addr16, backend_id, family, table_members};
+use crate::report::*;
+use anyhow::{Result, anyhow, bail};
+use lb_common::maps::{FlowKey, Traffic};
+use std::net::SocketAddr;
+
+impl Daemon {
+    pub fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => self.status().map(Response::success),
+            Request::VipList => Ok(Response::success(self.vip_rows())),
+            Request::BackendList { vip } => self.backend_rows(vip.as_deref()).map(Response::success),
+            Request::Stats => Ok(Response::success(self.stats_report())),
+            Request::Explain { src, dst, protocol } => self.explain(src, dst, protocol).map(Response::success),
+            Request::Apply { file, source, dry_run } => self.apply_file(&file, &source, dry_run).map(Response::success),
+            Request::Shutdown { detach } => {
+                self.stop = Some(detach);
+                Ok(Response::success("stopping"))
+            }
+            edit => self.edit(edit).map(|changes| Response::success(ApplyReport { changes, dry_run: false })),
+        };
+        result.unwrap_or_else(|error| {
+            tracing::warn!("request refused: {error:#}");
+            Response::failure(format!("{error:#}"))
+        })
+    }
+
+    /// A CLI edit: the current state with one change, applied whole.
+    fn edit(&mut self, request: Request) -> Result<Vec<String>> {
+        let mut state = self.state.clone();
+        let cause = match request {
+            Request::VipAdd { vip } => {
+                if state.vip(&vip.name).is_some() {
+                    bail!("VIP {:?} exists already", vip.name);
+                }
+                state.vips.push(vip);
+                "vip add"
+            }
+            Request::VipDel { name } => {
+                let before = state.vips.len();
+                state.vips.retain(|v| v.name != name);
+                if state.vips.len() == before {
+                    bail!("no VIP named {name:?}");
+                }
+                "vip del"
+            }
+            Request::BackendAdd { vip, backend } => {
+                let target = state.vip_mut(&vip).ok_or_else(|| anyhow!("no VIP named {vip:?}"))?;
+                if target.backend(backend.address).is_some() {
+                    bail!("VIP {vip:?} has backend {} already", backend.address);
+                }
+                target.backends.push(backend);
+                "backend add"
+            }
+            Request::BackendDel { vip, address } => {
+                let target = state.vip_mut(&vip).ok_or_else(|| anyhow!("no VIP named {vip:?}"))?;
+                let before = target.backends.len();
+                target.backends.retain(|b| b.address != address);
+                if target.backends.len() == before {
+                    bail!("VIP {vip:?} has no backend {address}");
+                }
+                "backend del"
+            }
+            Request::BackendDrain { vip, address, drained } => {
+                let target = state.vip_mut(&vip).ok_or_else(|| anyhow!("no VIP named {vip:?}"))?;
+                let backend = target.backends.iter_mut().find(|b| b.address == address).ok_or_else(|| anyhow!("VIP {vip:?} has no backend {address}"))?;
+                backend.drained = drained;
+                if drained { "backend drain" } else { "backend undrain" }
+            }
+            other => bail!("not an edit: {other:?}"),
+        };
+        self.apply(state, cause)
+    }
+
+    fn apply_file(&mut self, file: &str, source: &str, dry_run: bool) -> Result<ApplyReport> {
+        let config = config::parse(file, source).map_err(|e| anyhow!("{e}"))?;
+        let ours = &self.settings;
+        let theirs = &config.daemon;
+        let mut differing = Vec::new();
+        if ours.interface != theirs.interface {
+            differing.push("interface");
+        }
+        if ours.xdp_mode != theirs.xdp_mode {
+            differing.push("xdp_mode");
+        }
+        if ours.instance != theirs.instance {
+            differing.push("instance");
+        }
+        if ours.metrics != theirs.metrics {
+            differing.push("metrics");
+        }
+        if ours.sizes != theirs.sizes {
+            differing.push("ring_size/max_vips/max_conns");
+        }
+        if !differing.is_empty() {
+            bail!("{file}: [daemon] settings differ from the running daemon ({}): restart the daemon to change them", differing.join(", "));
+        }
+        // Drain flags are runtime state the file does not carry: keep them.
+        let mut state: DesiredState = config.state;
+        for vip in &mut state.vips {
+            for backend in &mut vip.backends {
+                backend.drained = self.state.vip(&vip.name).and_then(|v| v.backend(backend.address)).is_some_and(|b| b.drained);
+            }
+        }
+        if dry_run {
+            self.plan(state.clone())?;
+            return Ok(ApplyReport { changes: super::diff::changes(&self.state, &state), dry_run });
+        }
+        Ok(ApplyReport { changes: self.apply(state, "apply")?, dry_run })
+    }
+
+    fn status(&self) -> Result<StatusReport> {
+        Ok(StatusReport {
+            instance: self.settings.instance.clone(),
+            interface: self.settings.interface.clone(),
+            xdp_mode: format!("{:?}", self.settings.xdp_mode).to_lowercase(),
+            attachment: match self.attachment {
+                Some(Attachment::Fresh) => "attached".into(),
+                Some(Attachment::TookOver) => "took over the running data plane".into(),
+                None => "not attached".into(),
+            },
+            pin_dir: self.pins.path().display().to_string(),
+            state_file: self.store.path().display().to_string(),
+            config_file: self.config_file.display().to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            vips: self.state.vips.len(),
+            backends: self.state.vips.iter().map(|v| v.backends.len()).sum(),
+            ring_size: self.settings.sizes.ring_size,
+            max_vips: self.settings.sizes.max_vips,
+            max_conns: self.settings.sizes.max_conns,
+        })
+    }
+
+    fn vip_rows(&self) -> Vec<VipRow> {
+        self.state
+            .vips
+            .iter()
+            .map(|vip| VipRow {
+                name: vip.name.clone(),
+                address: vip.address.to_string(),
+                protocol: vip.protocol.to_string(),
+                mode: vip.mode.to_string(),
+                snat: vip.snat.map(|s| s.to_string()),
+                backends: vip.backends.len(),
+                serving: table_members(vip, &self.slots, &|_| true).len(),
+                slot: self.slots.vip(vip),
+            })
+            .collect()
+    }
+
+    fn backend_rows(&self, only: Option<&str>) -> Result<Vec<BackendRow>> {
+        if let Some(name) = only
+            && self.state.vip(name).is_none()
+        {
+            bail!("no VIP named {name:?}");
+        }
+        let mut rows = Vec::new();
+        for vip in self.state.vips.iter().filter(|v| only.is_none_or(|n| n == v.name)) {
+            let members = table_members(vip, &self.slots, &|_| true);
+            let table = self.published.get(&crate::planner::vip_id(vip));
+            for backend in &vip.backends {
+                let index = self.slots.backend(vip, backend.address);
+                let serving = members.iter().any(|m| Some(m.index) == index);
+                let state = if backend.drained {
+                    "drained"
+                } else if backend.weight == 0 {
+                    "weight 0"
+                } else if serving {
+                    "serving"
+                } else if backend.backup {
+                    "standby"
+                } else {
+                    "out"
+                };
+                let share = match (table, index) {
+                    (Some(table), Some(index)) => table.iter().filter(|&&b| b == index).count() as f64 / table.len() as f64,
+                    _ => 0.0,
+                };
+                rows.push(BackendRow {
+                    vip: vip.name.clone(),
+                    address: backend.address.to_string(),
+                    weight: backend.weight,
+                    backup: backend.backup,
+                    state: state.into(),
+                    index,
+                    mac: self.macs.get(&backend.address.ip()).map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                    table_share: share,
+                });
+            }
+        }
+        Ok(rows)
+    }
+
+    pub(crate) fn stats_report(&self) -> StatsReport {
+        let (previous, last) = (&self.samples.0, &self.samples.1);
+        let interval = match (previous, last) {
+            (Some(p), Some(l)) => l.at.duration_since(p.at).as_secs_f64(),
+            _ => 0.0,
+        };
+        let row = |pick: &dyn Fn(&Sample) -> Option<Traffic>| -> TrafficRow {
+            let now = last.as_ref().and_then(pick).unwrap_or_default();
+            let before = previous.as_ref().and_then(pick);
+            let rate = |n: u64, b: u64| if interval > 0.0 { n.saturating_sub(b) as f64 / interval } else { 0.0 };
+            let (pps, bps, fps) = match before {
+                Some(b) => (rate(now.packets, b.packets), rate(now.bytes, b.bytes) * 8.0, rate(now.new_flows, b.new_flows)),
+                None => (0.0, 0.0, 0.0),
+            };
+            TrafficRow {
+                packets: now.packets,
+                bytes: now.bytes,
+                new_flows: now.new_flows,
+                packets_per_second: pps,
+                bits_per_second: bps,
+                new_flows_per_second: fps,
+            }
+        };
+        let vips = self
+            .state
+            .vips
+            .iter()
+            .map(|vip| VipStats {
+                name: vip.name.clone(),
+                traffic: row(&|s: &Sample| s.vips.get(&vip.name).copied()),
+                backends: vip
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let id = backend_id(vip, b.address);
+                        (b.address.to_string(), row(&|s: &Sample| s.backends.get(&id).copied()))
+                    })
+                    .collect(),
+            })
+            .collect();
+        let reasons = self.dataplane.reason_counters().unwrap_or_default().into_iter().map(|(r, n)| (r.name().to_string(), n)).collect();
+        StatsReport { vips, reasons, rate_interval_seconds: interval }
+    }
+
+    fn explain(&self, src: SocketAddr, dst: SocketAddr, protocol: Protocol) -> Result<Explanation> {
+        if src.is_ipv4() != dst.is_ipv4() {
+            bail!("source {src} and destination {dst} are of different address families");
+        }
+        let flow = FlowKey {
+            src: addr16(src.ip()),
+            dst: addr16(dst.ip()),
+            sport: src.port().to_be(),
+            dport: dst.port().to_be(),
+            proto: protocol.number(),
+            family: family(src.ip()),
+            _pad: [0; 2],
+        };
+        let vip = self
+            .state
+            .vips
+            .iter()
+            .find(|v| v.protocol == protocol && v.address == dst)
+            .or_else(|| self.state.vips.iter().find(|v| v.protocol == protocol && v.address.ip() == dst.ip() && v.address.port() == 0));
+        let backend_at = |index: u32| -> Option<String> {
+            let vip = vip?;
+            vip.backends.iter().find(|b| self.slots.backend(vip, b.address) == Some(index)).map(|b| b.address.to_string())
+        };
+        let (decided_by, backend, detail) = match self.dataplane.route(&flow)? {
+            FlowRoute::NotAVip => ("not a VIP".to_string(), None, format!("no VIP is {protocol} {dst}: the kernel gets the packet")),
+            FlowRoute::ConnectionTable { backend } => {
+                ("connection table".to_string(), backend_at(backend), format!("an established flow, pinned to backend slot {backend}"))
+            }
+            FlowRoute::Maglev { hash, slot, ring_size, backend: Some(index) } => (
+                "maglev".to_string(),
+                backend_at(index),
+                format!("a new flow: hash {hash:#010x}, Maglev slot {slot} of {ring_size}, backend slot {index}"),
+            ),
+            FlowRoute::Maglev { hash, slot, ring_size, backend: None } => {
+                ("no backend".to_string(), None, format!("hash {hash:#010x}, Maglev slot {slot} of {ring_size} is empty: the VIP has no usable backend, packets are dropped"))
+            }
+        };
+        Ok(Explanation { vip: vip.map(|v| v.name.clone()), backend, decided_by, detail })
+    }
+}

@@ -1,0 +1,171 @@
+//! `lb daemon`: load or take over the data plane, apply the state, serve the API and metrics, and
+//! leave the data plane running on exit.
+
+use super::Daemon;
+use crate::api;
+use crate::config::{self, Config};
+use crate::dataplane::{Dataplane, PinDir};
+use crate::planner::{Slots, vip_id, vip_key};
+use crate::store::{StateStore, digest};
+use anyhow::{Context, Result, anyhow};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{SignalKind, signal};
+
+pub async fn run(config_file: &Path) -> Result<()> {
+    let Config { daemon: settings, state: config_state } = config::load(config_file).map_err(|e| anyhow!("{e}"))?;
+    let instance = settings.instance.clone();
+    let listener = api::bind(&instance).await?;
+    let pins = PinDir::for_instance(&instance);
+    let store = StateStore::for_instance(&instance);
+
+    let (dataplane, reused) = Dataplane::load_pinned(settings.sizes, &pins)?;
+    tracing::info!(pin_dir = %pins.path().display(), reused, "data plane loaded");
+
+    // The saved state carries runtime edits; it wins unless the configuration file changed.
+    let config_digest = digest(&config_state);
+    let saved = store.load()?;
+    let (state, slots) = match saved {
+        Some(saved) if saved.config_digest == config_digest => {
+            tracing::info!(file = %store.path().display(), "resuming the saved state (with its runtime edits)");
+            (saved.state, saved.slots)
+        }
+        Some(saved) => {
+            tracing::warn!(file = %config_file.display(), "the configuration file changed since the last run: applying it (runtime edits are replaced)");
+            (config_state, if reused { saved.slots } else { Slots::default() })
+        }
+        None => (config_state, Slots::default()),
+    };
+
+    let mut daemon = Daemon {
+        settings: settings.clone(),
+        config_file: config_file.to_path_buf(),
+        config_digest,
+        dataplane,
+        pins: pins.clone(),
+        store,
+        state: Default::default(),
+        slots: if reused { slots.clone() } else { Slots::default() },
+        macs: HashMap::new(),
+        published: HashMap::new(),
+        attachment: None,
+        started: Instant::now(),
+        samples: (None, None),
+        stop: None,
+    };
+    if reused {
+        // Start from what the running data plane holds, so unchanged tables are not rewritten
+        // and the diff logged is the real one.
+        for vip in &state.vips {
+            if let Some(table) = daemon.dataplane.active_table(&vip_key(vip))? {
+                daemon.published.insert(vip_id(vip), table);
+            }
+        }
+    }
+    let changes = daemon.apply(state, "startup")?;
+    // VIPs a previous run published that the state no longer has.
+    let wanted: Vec<_> = daemon.state.vips.iter().map(vip_key).collect();
+    for (key, _) in daemon.dataplane.vips()? {
+        if !wanted.contains(&key) {
+            daemon.dataplane.remove_vip(&key)?;
+            tracing::info!(?key, "stale VIP removed from the data plane");
+        }
+    }
+    let attachment = daemon.dataplane.attach_pinned(&pins, &settings.interface, settings.xdp_mode)?;
+    daemon.attachment = Some(attachment);
+    tracing::info!(interface = %settings.interface, ?attachment, changes = changes.len(), "data plane attached; serving");
+
+    let daemon = Arc::new(Mutex::new(daemon));
+    if let Some(address) = settings.metrics {
+        tokio::spawn(serve_metrics(address, daemon.clone(), instance.clone()));
+    }
+    tokio::spawn(sample_counters(daemon.clone()));
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = stopped.notified() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                tokio::spawn(serve_connection(stream, daemon.clone(), stopped.clone()));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(api::socket_path(&instance));
+    let detach = daemon.lock().map(|d| d.stop == Some(true)).unwrap_or(false);
+    if detach {
+        let daemon = daemon.lock().map_err(|_| anyhow!("daemon state poisoned"))?;
+        daemon.pins.remove()?;
+        daemon.store.remove()?;
+        tracing::info!("data plane detached: program, pins and saved state removed");
+    } else {
+        tracing::info!("exiting; the data plane keeps forwarding (`lb detach` removes it)");
+    }
+    Ok(())
+}
+
+async fn serve_connection(mut stream: tokio::net::UnixStream, daemon: Arc<Mutex<Daemon>>, stopped: Arc<tokio::sync::Notify>) {
+    let Some(request) = api::read_request(&mut stream).await else { return };
+    // Requests may resolve MAC addresses (a subprocess): keep them off the async threads.
+    let handled = tokio::task::spawn_blocking({
+        let daemon = daemon.clone();
+        move || {
+            let mut daemon = daemon.lock().expect("daemon state poisoned by a panic");
+            let response = daemon.handle(request);
+            (response, daemon.stop.is_some())
+        }
+    })
+    .await;
+    let (response, stop) = handled.unwrap_or_else(|e| (api::Response::failure(format!("internal error: {e}")), false));
+    let _ = api::reply(&mut stream, &response).await;
+    if stop {
+        stopped.notify_one();
+    }
+}
+
+async fn sample_counters(daemon: Arc<Mutex<Daemon>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let daemon = daemon.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut daemon) = daemon.lock() {
+                daemon.sample();
+            }
+        })
+        .await;
+    }
+}
+
+async fn serve_metrics(address: std::net::SocketAddr, daemon: Arc<Mutex<Daemon>>, instance: String) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let daemon = daemon.clone();
+            let instance = instance.clone();
+            async move {
+                let body = tokio::task::spawn_blocking(move || {
+                    let stats = daemon.lock().map(|d| d.stats_report()).ok();
+                    stats.map(|s| crate::metrics::render(&s, &instance)).unwrap_or_default()
+                })
+                .await
+                .unwrap_or_default();
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+            }
+        }),
+    );
+    match tokio::net::TcpListener::bind(address).await.context("binding the metrics address") {
+        Ok(listener) => {
+            tracing::info!(%address, "metrics served at /metrics");
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("metrics server stopped: {e}");
+            }
+        }
+        Err(e) => tracing::error!("{e:#}"),
+    }
+}

@@ -1,0 +1,137 @@
+//! A real `lb daemon` inside a test namespace, driven through the real `lb` CLI.
+//!
+//! The daemon runs under `nsenter --net=…`, which changes only the network namespace: `ip netns
+//! exec` would also remount /sys and hide the host's bpffs, where the daemon pins its data plane.
+//! Every daemon gets its own instance name (socket, pins, saved state), removed on drop.
+
+use crate::netns::Netns;
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The `lb` binary cargo built beside the test executables.
+pub fn lb_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    let path = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join("lb");
+    assert!(path.exists(), "{} is missing: build it with `cargo build -p lb-userspace` (cargo xtask test does)", path.display());
+    path
+}
+
+/// A fresh instance name for one test daemon.
+pub fn unique_instance() -> String {
+    format!("t{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+pub struct LbDaemon {
+    pub instance: String,
+    pub config: PathBuf,
+    netns: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl LbDaemon {
+    /// Writes `config` (with `{instance}` replaced) and starts the daemon in `ns`; returns once
+    /// it answers `lb status`.
+    pub fn start(ns: &Netns, instance: &str, config: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("lb-test-{instance}"));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("lb.toml");
+        std::fs::write(&path, config.replace("{instance}", instance))?;
+        let mut daemon =
+            Self { instance: instance.to_string(), config: path, netns: ns.name().to_string(), child: None, log: dir.join("daemon.log") };
+        daemon.spawn()?;
+        Ok(daemon)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(lb_binary())
+            .arg("daemon")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lb daemon")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.cli(&["status"]).is_ok_and(|o| o.status.success()) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("lb daemon exited ({status}) while starting:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("lb daemon did not answer within 20 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `lb --instance <instance> ARGS` (the CLI talks to the socket; no namespace needed).
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(lb_binary()).arg("--instance").arg(&self.instance).args(args).output()?)
+    }
+
+    /// Like `cli`, but fails with stderr unless the command succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let output = self.cli(args)?;
+        if !output.status.success() {
+            bail!("lb {args:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        }
+        Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// Kills the daemon with SIGKILL (no chance to clean anything up).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    pub fn terminate(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait()?;
+            if !status.success() {
+                bail!("lb daemon exited with {status} on SIGTERM:\n{}", self.log());
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the daemon again with the same configuration (after `kill` or `terminate`).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for LbDaemon {
+    fn drop(&mut self) {
+        // Stops a running daemon with detach, or removes what a dead one left pinned.
+        let _ = self.cli(&["detach"]);
+        self.kill();
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

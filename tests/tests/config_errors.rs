@@ -1,0 +1,40 @@
+//! Invalid configurations: each is refused as a whole with an error naming file, line and field.
+
+use lb::config::parse;
+use lb_tests::invalid_configs::{cases, expected_for, good};
+
+const B1: &str = "10.0.1.1:8080";
+const B2: &str = "10.0.1.2:8080";
+
+#[test]
+fn the_reference_config_is_valid() {
+    let config = parse("lb.toml", &good("lb", B1, B2)).unwrap();
+    assert_eq!(config.daemon.interface, "eth0");
+    assert_eq!(config.state.vips.len(), 1);
+    assert_eq!(config.state.vips[0].backends.len(), 2);
+}
+
+#[test]
+fn invalid_configs_are_refused_with_file_line_and_field() {
+    let cases = cases("lb", B1, B2);
+    assert!(cases.len() >= 20);
+    let mut wrong = Vec::new();
+    for (name, source, expected) in &cases {
+        let expected = expected_for(expected, "lb.toml");
+        match parse("lb.toml", source) {
+            Ok(_) => wrong.push(format!("{name}: accepted")),
+            Err(error) if !error.to_string().contains(&expected) => {
+                wrong.push(format!("{name}:\n  expected to contain: {expected}\n  got: {error}"))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(wrong.is_empty(), "{} of {} cases wrong:\n{}", wrong.len(), cases.len(), wrong.join("\n"));
+}
+
+#[test]
+fn every_problem_of_a_file_is_reported_at_once() {
+    let source = good("lb", B1, B2).replace(r#"protocol = "tcp""#, r#"protocol = "sctp""#).replace(B2, "nonsense");
+    let error = parse("lb.toml", &source).unwrap_err().to_string();
+    assert_eq!(error.lines().count(), 2, "{error}");
+}
