@@ -23,18 +23,44 @@ pub fn socket_path(instance: &str) -> PathBuf {
 pub enum Request {
     Status,
     VipList,
-    VipAdd { vip: VipSpec },
-    VipDel { name: String },
-    BackendList { vip: Option<String> },
-    BackendAdd { vip: String, backend: BackendSpec },
-    BackendDel { vip: String, address: SocketAddr },
-    BackendDrain { vip: String, address: SocketAddr, drained: bool },
+    VipAdd {
+        vip: VipSpec,
+    },
+    VipDel {
+        name: String,
+    },
+    BackendList {
+        vip: Option<String>,
+    },
+    BackendAdd {
+        vip: String,
+        backend: BackendSpec,
+    },
+    BackendDel {
+        vip: String,
+        address: SocketAddr,
+    },
+    BackendDrain {
+        vip: String,
+        address: SocketAddr,
+        drained: bool,
+    },
     /// A whole configuration file: validated, diffed against the running state, applied atomically.
-    Apply { file: String, source: String, dry_run: bool },
+    Apply {
+        file: String,
+        source: String,
+        dry_run: bool,
+    },
     Stats,
-    Explain { src: SocketAddr, dst: SocketAddr, protocol: Protocol },
+    Explain {
+        src: SocketAddr,
+        dst: SocketAddr,
+        protocol: Protocol,
+    },
     /// Stop the daemon; with `detach`, also remove the program, pins and saved state.
-    Shutdown { detach: bool },
+    Shutdown {
+        detach: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -59,9 +85,9 @@ impl Response {
 /// Sends one request to the daemon of `instance` and returns its data, or its error.
 pub async fn call(instance: &str, request: &Request) -> Result<serde_json::Value> {
     let path = socket_path(instance);
-    let stream = UnixStream::connect(&path)
-        .await
-        .with_context(|| format!("cannot reach the lb daemon of instance {instance:?} at {} (is `lb daemon` running?)", path.display()))?;
+    let stream = UnixStream::connect(&path).await.with_context(|| {
+        format!("cannot reach the lb daemon of instance {instance:?} at {} (is `lb daemon` running?)", path.display())
+    })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
@@ -116,7 +142,11 @@ pub async fn read_request(stream: &mut UnixStream) -> Option<Request> {
     };
     if uid != 0 {
         tracing::warn!(uid, "API request from a non-root user refused");
-        let _ = reply(stream, &Response::failure(format!("permission denied: the lb API serves root only (you are uid {uid})"))).await;
+        let _ = reply(
+            stream,
+            &Response::failure(format!("permission denied: the lb API serves root only (you are uid {uid})")),
+        )
+        .await;
         return None;
     }
     let mut line = String::new();

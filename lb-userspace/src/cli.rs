@@ -153,8 +153,12 @@ pub async fn run_client(cli: Cli) -> Result<()> {
             Request::BackendAdd { vip, backend: BackendSpec { address, weight, backup, drained: false, mac } }
         }
         Command::Backend(BackendCommand::Del { vip, address }) => Request::BackendDel { vip, address },
-        Command::Backend(BackendCommand::Drain { vip, address }) => Request::BackendDrain { vip, address, drained: true },
-        Command::Backend(BackendCommand::Undrain { vip, address }) => Request::BackendDrain { vip, address, drained: false },
+        Command::Backend(BackendCommand::Drain { vip, address }) => {
+            Request::BackendDrain { vip, address, drained: true }
+        }
+        Command::Backend(BackendCommand::Undrain { vip, address }) => {
+            Request::BackendDrain { vip, address, drained: false }
+        }
         Command::Apply { file, dry_run } => {
             let source = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             Request::Apply { file: file.display().to_string(), source, dry_run }
@@ -172,7 +176,9 @@ pub async fn run_client(cli: Cli) -> Result<()> {
     let typed = |what: &str| anyhow!("the daemon's answer is not a {what}");
     match request {
         Request::VipList => print_vips(&serde_json::from_value::<Vec<VipRow>>(data).map_err(|_| typed("VIP list"))?),
-        Request::BackendList { .. } => print_backends(&serde_json::from_value::<Vec<BackendRow>>(data).map_err(|_| typed("backend list"))?),
+        Request::BackendList { .. } => {
+            print_backends(&serde_json::from_value::<Vec<BackendRow>>(data).map_err(|_| typed("backend list"))?)
+        }
         Request::Status => print_status(&serde_json::from_value(data).map_err(|_| typed("status"))?),
         Request::Stats => print_stats(&serde_json::from_value(data).map_err(|_| typed("stats report"))?),
         Request::Explain { .. } => {

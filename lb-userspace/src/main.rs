@@ -13,13 +13,17 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Daemon { config } => {
-            tracing_subscriber::fmt().with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))).init();
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+                .init();
             runtime.block_on(daemon::run::run(&config))
         }
         Command::Detach => runtime.block_on(detach(&cli.instance)),
         Command::Verify => {
             let (object, translated, jited) = Dataplane::verify()?;
-            println!("XDP program verified and loaded: {object} bytes of object, {translated} bytes translated, {jited} bytes JIT-ed");
+            println!(
+                "XDP program verified and loaded: {object} bytes of object, {translated} bytes translated, {jited} bytes JIT-ed"
+            );
             Ok(())
         }
         _ => runtime.block_on(run_client(cli)),
@@ -28,7 +32,9 @@ fn main() -> Result<()> {
 
 /// Stops a running daemon of the instance with detach, or removes what a stopped one left.
 async fn detach(instance: &str) -> Result<()> {
-    if api::socket_path(instance).exists() && api::call(instance, &api::Request::Shutdown { detach: true }).await.is_ok() {
+    if api::socket_path(instance).exists()
+        && api::call(instance, &api::Request::Shutdown { detach: true }).await.is_ok()
+    {
         // The daemon removes everything as it exits; wait for it to finish.
         for _ in 0..50 {
             if !PinDir::for_instance(instance).path().exists() {

@@ -15,9 +15,18 @@ pub fn render(stats: &StatsReport, instance: &str) -> String {
     for (name, help, value) in families {
         let _ = writeln!(out, "# HELP lb_vip_{name}_total {help} to a VIP.\n# TYPE lb_vip_{name}_total counter");
         for vip in &stats.vips {
-            let _ = writeln!(out, "lb_vip_{name}_total{{instance=\"{}\",vip=\"{}\"}} {}", label(instance), label(&vip.name), value(&vip.traffic));
+            let _ = writeln!(
+                out,
+                "lb_vip_{name}_total{{instance=\"{}\",vip=\"{}\"}} {}",
+                label(instance),
+                label(&vip.name),
+                value(&vip.traffic)
+            );
         }
-        let _ = writeln!(out, "# HELP lb_backend_{name}_total {help} to a backend.\n# TYPE lb_backend_{name}_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP lb_backend_{name}_total {help} to a backend.\n# TYPE lb_backend_{name}_total counter"
+        );
         for vip in &stats.vips {
             for (backend, traffic) in &vip.backends {
                 let _ = writeln!(
@@ -31,7 +40,10 @@ pub fn render(stats: &StatsReport, instance: &str) -> String {
             }
         }
     }
-    let _ = writeln!(out, "# HELP lb_packets_total Packets seen by the XDP program, by verdict reason.\n# TYPE lb_packets_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP lb_packets_total Packets seen by the XDP program, by verdict reason.\n# TYPE lb_packets_total counter"
+    );
     for (reason, count) in &stats.reasons {
         let _ = writeln!(out, "lb_packets_total{{instance=\"{}\",reason=\"{reason}\"}} {count}", label(instance));
     }

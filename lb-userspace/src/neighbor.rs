@@ -22,7 +22,9 @@ pub fn resolve_next_hop_mac(backend: IpAddr) -> Result<[u8; 6]> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    bail!("cannot resolve the MAC address of next hop {next_hop} on {dev} for backend {backend}: no neighbour entry after probing (set `mac` for this backend)")
+    bail!(
+        "cannot resolve the MAC address of next hop {next_hop} on {dev} for backend {backend}: no neighbour entry after probing (set `mac` for this backend)"
+    )
 }
 
 fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
@@ -34,7 +36,8 @@ fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
 }
 
 fn next_hop(backend: IpAddr) -> Result<(IpAddr, String)> {
-    let routes = ip_json(&["route", "get", &backend.to_string()]).with_context(|| format!("no route to backend {backend}"))?;
+    let routes =
+        ip_json(&["route", "get", &backend.to_string()]).with_context(|| format!("no route to backend {backend}"))?;
     let route = routes.get(0).context("empty route")?;
     let dev = route.get("dev").and_then(|d| d.as_str()).context("route without device")?.to_string();
     let next_hop = match route.get("gateway").and_then(|g| g.as_str()) {
@@ -47,7 +50,8 @@ fn next_hop(backend: IpAddr) -> Result<(IpAddr, String)> {
 fn neighbour_mac(next_hop: IpAddr, dev: &str) -> Result<Option<[u8; 6]>> {
     let entries = ip_json(&["neigh", "show", "to", &next_hop.to_string(), "dev", dev])?;
     for entry in entries.as_array().into_iter().flatten() {
-        let states: Vec<&str> = entry.get("state").and_then(|s| s.as_array()).into_iter().flatten().filter_map(|s| s.as_str()).collect();
+        let states: Vec<&str> =
+            entry.get("state").and_then(|s| s.as_array()).into_iter().flatten().filter_map(|s| s.as_str()).collect();
         if states.iter().any(|s| matches!(*s, "FAILED" | "INCOMPLETE")) {
             continue;
         }

@@ -53,7 +53,8 @@ impl StateStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
         };
-        let saved: SavedState = serde_json::from_str(&text).with_context(|| format!("{} is not a valid state file", self.path.display()))?;
+        let saved: SavedState = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid state file", self.path.display()))?;
         if saved.version != FORMAT_VERSION {
             bail!("{} has state format {}, this daemon reads {FORMAT_VERSION}", self.path.display(), saved.version);
         }

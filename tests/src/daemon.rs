@@ -17,7 +17,11 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub fn lb_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
     let path = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join("lb");
-    assert!(path.exists(), "{} is missing: build it with `cargo build -p lb-userspace` (cargo xtask test does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p lb-userspace` (cargo xtask test does)",
+        path.display()
+    );
     path
 }
 
@@ -42,8 +46,13 @@ impl LbDaemon {
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("lb.toml");
         std::fs::write(&path, config.replace("{instance}", instance))?;
-        let mut daemon =
-            Self { instance: instance.to_string(), config: path, netns: ns.name().to_string(), child: None, log: dir.join("daemon.log") };
+        let mut daemon = Self {
+            instance: instance.to_string(),
+            config: path,
+            netns: ns.name().to_string(),
+            child: None,
+            log: dir.join("daemon.log"),
+        };
         daemon.spawn()?;
         Ok(daemon)
     }

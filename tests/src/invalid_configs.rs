@@ -62,7 +62,11 @@ pub fn cases(instance: &str, b1: &str, b2: &str) -> Vec<(&'static str, String, S
             edit(r#"ring_size = 65537"#, "ring_size = 65537\nthreads = 4"),
             format!("{FILE}:8: syntax: unknown field `threads`"),
         ),
-        ("missing [daemon]", good.replace("[daemon]\n", "[demon]\n"), format!("{FILE}:2: syntax: unknown field `demon`")),
+        (
+            "missing [daemon]",
+            good.replace("[daemon]\n", "[demon]\n"),
+            format!("{FILE}:2: syntax: unknown field `demon`"),
+        ),
         ("missing interface", edit("interface = \"eth0\"\n", ""), "missing field `interface`".to_string()),
         (
             "bad VIP address",
@@ -178,7 +182,11 @@ pub fn cases(instance: &str, b1: &str, b2: &str) -> Vec<(&'static str, String, S
             edit(r#"timeout = "500ms""#, r#"timeout = "2s""#),
             format!("{FILE}:15: vip \"web\": check.timeout: timeout 2s must be above 0 and at most the interval 1s"),
         ),
-        ("check rise 0", edit("rise = 2", "rise = 0"), format!("{FILE}:15: vip \"web\": check.rise: rise must be at least 1")),
+        (
+            "check rise 0",
+            edit("rise = 2", "rise = 0"),
+            format!("{FILE}:15: vip \"web\": check.rise: rise must be at least 1"),
+        ),
         (
             "check status out of range",
             edit("expect_status = 200", "expect_status = 999"),

@@ -5,4 +5,5 @@ pub mod harness;
 pub mod invalid_configs;
 pub mod netns;
 pub mod privilege;
+pub mod service;
 pub mod topology;

@@ -67,7 +67,22 @@ fn cli_edits_are_applied_and_survive_a_restart() {
     assert!(added.contains(&format!("+ vip web: backend {b3} weight 2")), "{added}");
     let drained = daemon.ok(&["backend", "drain", "--vip", "web", "--address", &b3]).unwrap();
     assert!(drained.contains("drained"), "{drained}");
-    daemon.ok(&["vip", "add", "--name", "dns", "--address", "10.0.0.53:53", "--protocol", "udp", "--mode", "nat", "--snat", "10.0.0.3"]).unwrap();
+    daemon
+        .ok(&[
+            "vip",
+            "add",
+            "--name",
+            "dns",
+            "--address",
+            "10.0.0.53:53",
+            "--protocol",
+            "udp",
+            "--mode",
+            "nat",
+            "--snat",
+            "10.0.0.3",
+        ])
+        .unwrap();
     let duplicate = daemon.cli(&["vip", "add", "--name", "dns", "--address", "10.0.0.54:53", "--mode", "dsr"]).unwrap();
     assert!(String::from_utf8_lossy(&duplicate.stderr).contains("VIP \"dns\" exists already"));
 

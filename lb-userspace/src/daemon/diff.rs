@@ -13,7 +13,14 @@ pub fn changes(old: &DesiredState, new: &DesiredState) -> Vec<String> {
     for vip in &new.vips {
         match old.vips.iter().find(|o| o.name == vip.name) {
             None => {
-                out.push(format!("+ vip {} ({} {}, {}, {} backends)", vip.name, vip.protocol, vip.address, vip.mode, vip.backends.len()));
+                out.push(format!(
+                    "+ vip {} ({} {}, {}, {} backends)",
+                    vip.name,
+                    vip.protocol,
+                    vip.address,
+                    vip.mode,
+                    vip.backends.len()
+                ));
             }
             Some(before) => vip_changes(before, vip, &mut out),
         }
@@ -30,7 +37,10 @@ fn vip_changes(old: &VipSpec, new: &VipSpec, out: &mut Vec<String>) {
         out.push(format!("~ vip {name}: mode {} -> {}", old.mode, new.mode));
     }
     if old.snat != new.snat || old.snat_ports != new.snat_ports {
-        out.push(format!("~ vip {name}: snat {:?} {:?} -> {:?} {:?}", old.snat, old.snat_ports, new.snat, new.snat_ports));
+        out.push(format!(
+            "~ vip {name}: snat {:?} {:?} -> {:?} {:?}",
+            old.snat, old.snat_ports, new.snat, new.snat_ports
+        ));
     }
     if old.check != new.check {
         out.push(format!("~ vip {name}: health check changed"));

@@ -70,7 +70,11 @@ impl Daemon {
             }
             Request::BackendDrain { vip, address, drained } => {
                 let target = state.vip_mut(&vip).ok_or_else(|| anyhow!("no VIP named {vip:?}"))?;
-                let backend = target.backends.iter_mut().find(|b| b.address == address).ok_or_else(|| anyhow!("VIP {vip:?} has no backend {address}"))?;
+                let backend = target
+                    .backends
+                    .iter_mut()
+                    .find(|b| b.address == address)
+                    .ok_or_else(|| anyhow!("VIP {vip:?} has no backend {address}"))?;
                 backend.drained = drained;
                 if drained { "backend drain" } else { "backend undrain" }
             }
@@ -100,13 +104,17 @@ impl Daemon {
             differing.push("ring_size/max_vips/max_conns");
         }
         if !differing.is_empty() {
-            bail!("{file}: [daemon] settings differ from the running daemon ({}): restart the daemon to change them", differing.join(", "));
+            bail!(
+                "{file}: [daemon] settings differ from the running daemon ({}): restart the daemon to change them",
+                differing.join(", ")
+            );
         }
         // Drain flags are runtime state the file does not carry: keep them.
         let mut state: DesiredState = config.state;
         for vip in &mut state.vips {
             for backend in &mut vip.backends {
-                backend.drained = self.state.vip(&vip.name).and_then(|v| v.backend(backend.address)).is_some_and(|b| b.drained);
+                backend.drained =
+                    self.state.vip(&vip.name).and_then(|v| v.backend(backend.address)).is_some_and(|b| b.drained);
             }
         }
         if dry_run {
@@ -180,7 +188,9 @@ impl Daemon {
                     "out"
                 };
                 let share = match (table, index) {
-                    (Some(table), Some(index)) => table.iter().filter(|&&b| b == index).count() as f64 / table.len() as f64,
+                    (Some(table), Some(index)) => {
+                        table.iter().filter(|&&b| b == index).count() as f64 / table.len() as f64
+                    }
                     _ => 0.0,
                 };
                 rows.push(BackendRow {
@@ -190,7 +200,10 @@ impl Daemon {
                     backup: backend.backup,
                     state: state.into(),
                     index,
-                    mac: self.macs.get(&backend.address.ip()).map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                    mac: self
+                        .macs
+                        .get(&backend.address.ip())
+                        .map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
                     table_share: share,
                 });
             }
@@ -209,7 +222,9 @@ impl Daemon {
             let before = previous.as_ref().and_then(pick);
             let rate = |n: u64, b: u64| if interval > 0.0 { n.saturating_sub(b) as f64 / interval } else { 0.0 };
             let (pps, bps, fps) = match before {
-                Some(b) => (rate(now.packets, b.packets), rate(now.bytes, b.bytes) * 8.0, rate(now.new_flows, b.new_flows)),
+                Some(b) => {
+                    (rate(now.packets, b.packets), rate(now.bytes, b.bytes) * 8.0, rate(now.new_flows, b.new_flows))
+                }
                 None => (0.0, 0.0, 0.0),
             };
             TrafficRow {
@@ -238,7 +253,13 @@ impl Daemon {
                     .collect(),
             })
             .collect();
-        let reasons = self.dataplane.reason_counters().unwrap_or_default().into_iter().map(|(r, n)| (r.name().to_string(), n)).collect();
+        let reasons = self
+            .dataplane
+            .reason_counters()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(r, n)| (r.name().to_string(), n))
+            .collect();
         StatsReport { vips, reasons, rate_interval_seconds: interval }
     }
 
@@ -255,29 +276,40 @@ impl Daemon {
             family: family(src.ip()),
             _pad: [0; 2],
         };
-        let vip = self
-            .state
-            .vips
-            .iter()
-            .find(|v| v.protocol == protocol && v.address == dst)
-            .or_else(|| self.state.vips.iter().find(|v| v.protocol == protocol && v.address.ip() == dst.ip() && v.address.port() == 0));
+        let vip = self.state.vips.iter().find(|v| v.protocol == protocol && v.address == dst).or_else(|| {
+            self.state
+                .vips
+                .iter()
+                .find(|v| v.protocol == protocol && v.address.ip() == dst.ip() && v.address.port() == 0)
+        });
         let backend_at = |index: u32| -> Option<String> {
             let vip = vip?;
-            vip.backends.iter().find(|b| self.slots.backend(vip, b.address) == Some(index)).map(|b| b.address.to_string())
+            vip.backends
+                .iter()
+                .find(|b| self.slots.backend(vip, b.address) == Some(index))
+                .map(|b| b.address.to_string())
         };
         let (decided_by, backend, detail) = match self.dataplane.route(&flow)? {
-            FlowRoute::NotAVip => ("not a VIP".to_string(), None, format!("no VIP is {protocol} {dst}: the kernel gets the packet")),
-            FlowRoute::ConnectionTable { backend } => {
-                ("connection table".to_string(), backend_at(backend), format!("an established flow, pinned to backend slot {backend}"))
+            FlowRoute::NotAVip => {
+                ("not a VIP".to_string(), None, format!("no VIP is {protocol} {dst}: the kernel gets the packet"))
             }
+            FlowRoute::ConnectionTable { backend } => (
+                "connection table".to_string(),
+                backend_at(backend),
+                format!("an established flow, pinned to backend slot {backend}"),
+            ),
             FlowRoute::Maglev { hash, slot, ring_size, backend: Some(index) } => (
                 "maglev".to_string(),
                 backend_at(index),
                 format!("a new flow: hash {hash:#010x}, Maglev slot {slot} of {ring_size}, backend slot {index}"),
             ),
-            FlowRoute::Maglev { hash, slot, ring_size, backend: None } => {
-                ("no backend".to_string(), None, format!("hash {hash:#010x}, Maglev slot {slot} of {ring_size} is empty: the VIP has no usable backend, packets are dropped"))
-            }
+            FlowRoute::Maglev { hash, slot, ring_size, backend: None } => (
+                "no backend".to_string(),
+                None,
+                format!(
+                    "hash {hash:#010x}, Maglev slot {slot} of {ring_size} is empty: the VIP has no usable backend, packets are dropped"
+                ),
+            ),
         };
         Ok(Explanation { vip: vip.map(|v| v.name.clone()), backend, decided_by, detail })
     }

@@ -109,7 +109,11 @@ pub async fn run(config_file: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn serve_connection(mut stream: tokio::net::UnixStream, daemon: Arc<Mutex<Daemon>>, stopped: Arc<tokio::sync::Notify>) {
+async fn serve_connection(
+    mut stream: tokio::net::UnixStream,
+    daemon: Arc<Mutex<Daemon>>,
+    stopped: Arc<tokio::sync::Notify>,
+) {
     let Some(request) = api::read_request(&mut stream).await else { return };
     // Requests may resolve MAC addresses (a subprocess): keep them off the async threads.
     let handled = tokio::task::spawn_blocking({

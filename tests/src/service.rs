@@ -1,0 +1,84 @@
+//! A daemon configuration for the standard topology, and client traffic to measure through it.
+
+use crate::topology::{SERVICE_PORT, SNAT_V4, Topology, VIP_V4};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+pub const TCP_VIP_PORT: u16 = 80;
+pub const UDP_VIP_PORT: u16 = 53;
+
+pub fn tcp_vip() -> SocketAddr {
+    SocketAddr::new(VIP_V4.into(), TCP_VIP_PORT)
+}
+
+pub fn udp_vip() -> SocketAddr {
+    SocketAddr::new(VIP_V4.into(), UDP_VIP_PORT)
+}
+
+/// NAT VIPs "web" (TCP) and "dns" (UDP) over the first `backends` backends of the topology.
+/// `{instance}` is left for the daemon helper to fill in.
+pub fn nat_config(topology: &Topology, backends: usize) -> String {
+    let mut config = format!(
+        "[daemon]\ninterface = \"eth0\"\nxdp_mode = \"native\"\ninstance = \"{{instance}}\"\nring_size = 65537\nmax_vips = 8\nmax_conns = 262144\n"
+    );
+    for (name, proto, port) in [("web", "tcp", TCP_VIP_PORT), ("dns", "udp", UDP_VIP_PORT)] {
+        config.push_str(&format!(
+            "\n[[vip]]\nname = \"{name}\"\naddress = \"{VIP_V4}:{port}\"\nprotocol = \"{proto}\"\nmode = \"nat\"\nsnat = \"{SNAT_V4}\"\n"
+        ));
+        for host in topology.backends.iter().take(backends) {
+            config.push_str(&format!("\n[[vip.backend]]\naddress = \"{}:{SERVICE_PORT}\"\n", host.v4));
+        }
+    }
+    config
+}
+
+/// One short TCP exchange: connect, send a line, read the backend's name.
+pub fn tcp_request(vip: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let stream = TcpStream::connect_timeout(&vip, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    (&stream).write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed without an answer"));
+    }
+    Ok(line.trim().to_string())
+}
+
+/// Sends `count` datagrams, one every `gap`, from `sockets` sockets in turn, and counts the
+/// answers. Returns (sent, answered).
+pub fn udp_stream(vip: SocketAddr, count: usize, gap: Duration, sockets: usize) -> (usize, usize) {
+    let sockets: Vec<UdpSocket> = (0..sockets)
+        .map(|_| {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind UDP");
+            s.set_nonblocking(true).expect("non-blocking");
+            s
+        })
+        .collect();
+    let mut answered = 0;
+    let mut buf = [0u8; 64];
+    let drain = |answered: &mut usize, buf: &mut [u8]| {
+        for s in &sockets {
+            while s.recv(buf).is_ok() {
+                *answered += 1;
+            }
+        }
+    };
+    let start = Instant::now();
+    for i in 0..count {
+        let _ = sockets[i % sockets.len()].send_to(format!("datagram {i}").as_bytes(), vip);
+        drain(&mut answered, &mut buf);
+        let next = start + gap * (i as u32 + 1);
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    // Late answers.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while answered < count && Instant::now() < deadline {
+        drain(&mut answered, &mut buf);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (count, answered)
+}
