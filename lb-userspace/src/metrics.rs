@@ -7,7 +7,8 @@ use std::fmt::Write;
 pub fn render(stats: &StatsReport, instance: &str) -> String {
     let mut out = String::new();
     let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    let families: [(&str, &str, fn(&crate::report::TrafficRow) -> u64); 3] = [
+    type Field = fn(&crate::report::TrafficRow) -> u64;
+    let families: [(&str, &str, Field); 3] = [
         ("packets", "Packets forwarded", |t| t.packets),
         ("bytes", "Bytes forwarded", |t| t.bytes),
         ("new_flows", "New flows balanced", |t| t.new_flows),

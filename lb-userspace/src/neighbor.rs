@@ -32,7 +32,7 @@ fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
     if !output.status.success() {
         bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
     }
-    Ok(serde_json::from_slice(&output.stdout).with_context(|| format!("parsing `ip -j {}`", args.join(" ")))?)
+    serde_json::from_slice(&output.stdout).with_context(|| format!("parsing `ip -j {}`", args.join(" ")))
 }
 
 fn next_hop(backend: IpAddr) -> Result<(IpAddr, String)> {

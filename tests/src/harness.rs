@@ -2,10 +2,11 @@
 
 use anyhow::Result;
 use lb::dataplane::{Dataplane, DataplaneSizes, VipForwarding};
+pub use lb::planner::{addr16, family};
 use lb_common::maglev::{MaglevBackend, build_table};
 use lb_common::maps::*;
 use lb_common::model::{ModelMaps, Outcome};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 /// A small ring keeps publishing fast; the logic does not depend on M.
 pub const TEST_RING_SIZE: u32 = 1021;
@@ -13,20 +14,6 @@ pub const TEST_RING_SIZE: u32 = 1021;
 pub struct Harness {
     pub dataplane: Dataplane,
     pub model: ModelMaps,
-}
-
-/// The 16-byte address form used in keys.
-pub fn addr16(ip: IpAddr) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    match ip {
-        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => out = v6.octets(),
-    }
-    out
-}
-
-pub fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
 }
 
 pub fn vip_key(addr: SocketAddr, proto: u8) -> VipKey {

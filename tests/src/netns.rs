@@ -96,7 +96,7 @@ impl Netns {
     pub fn mac(&self, dev: &str) -> Result<[u8; 6]> {
         // /sys/class/net shows the reader's namespace, so read it from inside.
         let text = String::from_utf8(self.exec(&["cat", &format!("/sys/class/net/{dev}/address")])?.stdout)?;
-        parse_mac(text.trim())
+        lb::config::parse_mac(text.trim()).map_err(anyhow::Error::msg)
     }
 }
 
@@ -172,18 +172,6 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = text.split(':').collect();
-    if parts.len() != 6 {
-        bail!("not a MAC address: {text:?}");
-    }
-    for (byte, part) in mac.iter_mut().zip(parts) {
-        *byte = u8::from_str_radix(part, 16).with_context(|| format!("not a MAC address: {text:?}"))?;
-    }
-    Ok(mac)
 }
 
 fn run(cmd: &mut Command) -> Result<Output> {

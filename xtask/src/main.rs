@@ -33,7 +33,8 @@ enum Task {
     },
     /// Show the load balancer at work in network namespaces.
     Demo,
-    /// Measure the XDP program's per-packet cost (BPF_PROG_TEST_RUN) beside floor programs.
+    /// Measure the XDP program's per-packet cost (BPF_PROG_TEST_RUN) beside floor programs,
+    /// and the control plane's table build and publish times.
     Bench {
         /// Fewer iterations, for a result in seconds.
         #[arg(long)]
@@ -105,7 +106,9 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
         bail!("the benchmarks load XDP programs and need root: run `sudo cargo xtask bench`");
     }
     let iterations = if quick { "20000" } else { "1000000" };
-    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "dataplane-cost", "--", iterations, "5"])
+    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "dataplane-cost", "--", iterations, "5"])?;
+    println!();
+    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "control-plane-cost", "--", "5"])
 }
 
 /// Runs the host toolchain's cargo (the one that runs this xtask) in the workspace.
