@@ -8,13 +8,27 @@ use lb::store::StateStore;
 use lb::{api, daemon};
 use tracing_subscriber::EnvFilter;
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // Errors are for operators: one clear message, never a backtrace.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Daemon { config } => {
+            use std::io::IsTerminal;
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .init();
             runtime.block_on(daemon::run::run(&config))
         }

@@ -101,6 +101,16 @@ fn cli_edits_are_applied_and_survive_a_restart() {
     assert!(status.contains("took over the running data plane"), "{status}");
     assert!(daemon.log().contains("resuming the saved state"));
     drop(topology.backends.pop());
+
+    // `lb detach` stops the daemon and removes everything: program, pins, saved state.
+    let detached = daemon.ok(&["detach"]).unwrap();
+    assert!(detached.contains("daemon stopped, data plane removed"), "{detached}");
+    let link = topology.lb.ip(&["link", "show", "eth0"]).unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "program still attached: {link:?}");
+    assert!(!lb::dataplane::PinDir::for_instance(&daemon.instance).path().exists());
+    assert!(!lb::store::StateStore::for_instance(&daemon.instance).path().exists());
+    let again = daemon.ok(&["detach"]).unwrap();
+    assert!(again.contains("nothing to remove"), "{again}");
 }
 
 #[test]

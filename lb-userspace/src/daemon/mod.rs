@@ -40,6 +40,9 @@ pub struct Daemon {
     /// The table each VIP was last published with (to publish only what changed, and log how
     /// many slots moved).
     published: HashMap<String, Vec<u32>>,
+    /// The table members each table was built from: a VIP whose members did not change keeps
+    /// its table without a rebuild.
+    built_from: HashMap<String, Vec<lb_common::maglev::MaglevBackend>>,
     attachment: Option<Attachment>,
     started: Instant,
     samples: (Option<Sample>, Option<Sample>),
@@ -135,10 +138,13 @@ impl Daemon {
         }
         for vip in &plan.state.vips {
             let members = table_members(vip, &plan.slots, &|_| true);
-            let table = build_table(&members, ring_size)?;
+            let id = vip_id(vip);
+            let table = match (self.built_from.get(&id), self.published.get(&id)) {
+                (Some(before), Some(table)) if *before == members => table.clone(),
+                _ => build_table(&members, ring_size)?,
+            };
             let key = vip_key(vip);
             let forwarding = forwarding(vip, plan.slots.vip(vip).context("VIP without a slot")?);
-            let id = vip_id(vip);
             let meta = self.dataplane.vip(&key)?;
             let same_forwarding = meta.is_some_and(|m| {
                 m.vip_index == forwarding.vip_index
@@ -147,6 +153,7 @@ impl Daemon {
                     && (m.snat_port_min, m.snat_port_max) == (forwarding.snat_port_min, forwarding.snat_port_max)
             });
             if same_forwarding && self.published.get(&id) == Some(&table) {
+                self.built_from.insert(id, members);
                 continue;
             }
             let started = Instant::now();
@@ -160,7 +167,8 @@ impl Daemon {
                 micros = started.elapsed().as_micros() as u64,
                 "table published"
             );
-            self.published.insert(id, table);
+            self.published.insert(id.clone(), table);
+            self.built_from.insert(id, members);
         }
         // Entries made under another mode would be misused (a DSR entry carries no NAT port).
         for vip in &plan.state.vips {
@@ -179,6 +187,7 @@ impl Daemon {
         for vip in self.state.vips.iter().filter(|v| !wanted.contains(&vip_id(v))) {
             self.dataplane.remove_vip(&vip_key(vip))?;
             self.published.remove(&vip_id(vip));
+            self.built_from.remove(&vip_id(vip));
         }
         Ok(())
     }

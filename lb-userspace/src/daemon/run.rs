@@ -50,6 +50,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
         slots: if reused { slots.clone() } else { Slots::default() },
         macs: HashMap::new(),
         published: HashMap::new(),
+        built_from: HashMap::new(),
         attachment: None,
         started: Instant::now(),
         samples: (None, None),
