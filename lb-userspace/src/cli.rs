@@ -149,9 +149,10 @@ pub async fn run_client(cli: Cli) -> Result<()> {
         },
         Command::Vip(VipCommand::Del { name }) => Request::VipDel { name },
         Command::Backend(BackendCommand::List { vip }) => Request::BackendList { vip },
-        Command::Backend(BackendCommand::Add { vip, address, weight, backup, mac }) => {
-            Request::BackendAdd { vip, backend: BackendSpec { address, weight, backup, drained: false, mac } }
-        }
+        Command::Backend(BackendCommand::Add { vip, address, weight, backup, mac }) => Request::BackendAdd {
+            vip,
+            backend: BackendSpec { address, weight, backup, drained: false, mac, check: None },
+        },
         Command::Backend(BackendCommand::Del { vip, address }) => Request::BackendDel { vip, address },
         Command::Backend(BackendCommand::Drain { vip, address }) => {
             Request::BackendDrain { vip, address, drained: true }
@@ -227,7 +228,8 @@ fn print_vips(rows: &[VipRow]) {
 }
 
 fn print_backends(rows: &[BackendRow]) {
-    let mut t = table(&["vip", "backend", "weight", "backup", "state", "share", "mac"]);
+    let mut t =
+        table(&["vip", "backend", "weight", "backup", "state", "share", "health", "since", "last check", "mac"]);
     for r in rows {
         t.add_row(vec![
             r.vip.clone(),
@@ -236,6 +238,9 @@ fn print_backends(rows: &[BackendRow]) {
             if r.backup { "yes".into() } else { "no".into() },
             r.state.clone(),
             format!("{:.1}%", r.table_share * 100.0),
+            r.health.clone().unwrap_or_else(|| "-".into()),
+            r.since_seconds.map_or_else(|| "-".into(), |s| format!("{s} s")),
+            r.last_check.clone().unwrap_or_else(|| "-".into()),
             r.mac.clone().unwrap_or_else(|| "-".into()),
         ]);
     }

@@ -88,6 +88,8 @@ struct RawCheck {
     host: Option<Spanned<String>>,
     expect_status: Option<Spanned<toml::Value>>,
     body_contains: Option<Spanned<String>>,
+    port: Option<Spanned<u16>>,
+    initial: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +99,7 @@ struct RawBackend {
     weight: Option<Spanned<u32>>,
     backup: Option<Spanned<bool>>,
     mac: Option<Spanned<String>>,
+    check: Option<Spanned<RawCheck>>,
 }
 
 /// Collects problems with their line numbers while converting.
@@ -287,7 +290,7 @@ fn convert_vip(report: &mut Report, vip: &Spanned<RawVip>) -> Option<VipSpec> {
         None => Some(DEFAULT_SNAT_PORTS),
         Some(range) => report.parse(range, &field("snat_ports"), parse_port_range),
     };
-    let check = raw.check.as_ref().and_then(|c| convert_check(report, c, &name));
+    let check = raw.check.as_ref().and_then(|c| convert_check(report, c, &format!("vip {name:?}")));
     let backends: Vec<Option<BackendSpec>> = raw
         .backend
         .iter()
@@ -297,12 +300,18 @@ fn convert_vip(report: &mut Report, vip: &Spanned<RawVip>) -> Option<VipSpec> {
             let field = |f: &str| format!("vip {name:?} backend #{}: {f}", j + 1);
             let address = report.parse(&raw.address, &field("address"), parse_socket_addr);
             let mac = raw.mac.as_ref().and_then(|m| report.parse(m, &field("mac"), parse_mac)).map(Some);
+            let check =
+                raw.check.as_ref().map(|c| convert_check(report, c, &format!("vip {name:?} backend #{}", j + 1)));
             Some(BackendSpec {
                 address: address?,
                 weight: raw.weight.as_ref().map_or(1, |w| *w.get_ref()),
                 backup: raw.backup.as_ref().is_some_and(|b| *b.get_ref()),
                 drained: false,
                 mac: if raw.mac.is_some() { mac? } else { None },
+                check: match check {
+                    Some(converted) => Some(converted?),
+                    None => None,
+                },
             })
         })
         .collect();
@@ -321,10 +330,11 @@ fn convert_vip(report: &mut Report, vip: &Spanned<RawVip>) -> Option<VipSpec> {
     })
 }
 
-fn convert_check(report: &mut Report, check: &Spanned<RawCheck>, vip: &str) -> Option<CheckSpec> {
+/// `owner` names where the check sits in messages: `vip "web"` or `vip "web" backend #2`.
+fn convert_check(report: &mut Report, check: &Spanned<RawCheck>, owner: &str) -> Option<CheckSpec> {
     let raw = check.get_ref();
     let before = report.problems.len();
-    let field = |f: &str| format!("vip {vip:?}: check.{f}");
+    let field = |f: &str| format!("{owner}: check.{f}");
     let duration = |report: &mut Report, value: &Option<Spanned<String>>, name: &str, default: &str| {
         let text = value.as_ref().map_or(default, |v| v.get_ref().as_str());
         match humantime::parse_duration(text) {
@@ -391,10 +401,20 @@ fn convert_check(report: &mut Report, check: &Spanned<RawCheck>, vip: &str) -> O
             }
         }
     }
+    let initial_up = match &raw.initial {
+        None => Some(false),
+        Some(initial) => report.parse(initial, &field("initial"), |i| match i {
+            "down" => Ok(false),
+            "up" => Ok(true),
+            other => Err(format!("{other:?} is not a state: expected \"down\" (the default) or \"up\"")),
+        }),
+    };
     if report.problems.len() > before {
         return None;
     }
     Some(CheckSpec {
+        port: raw.port.as_ref().map(|p| *p.get_ref()),
+        initial_up: initial_up?,
         kind: kind?,
         interval: interval?,
         timeout: timeout?,

@@ -78,6 +78,13 @@ impl std::fmt::Display for Mode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckSpec {
     pub kind: CheckKind,
+    /// Port to check instead of the backend's own (TCP and HTTP).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// A backend seen for the first time starts up (traffic at once) or down (the default:
+    /// traffic after `rise` good checks).
+    #[serde(default)]
+    pub initial_up: bool,
     #[serde(with = "humantime_serde_compat")]
     pub interval: Duration,
     #[serde(with = "humantime_serde_compat")]
@@ -129,6 +136,9 @@ pub struct BackendSpec {
     /// Next-hop MAC; resolved from the neighbour table when absent.
     #[serde(default)]
     pub mac: Option<[u8; 6]>,
+    /// Overrides the VIP's health check for this backend.
+    #[serde(default)]
+    pub check: Option<CheckSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +237,24 @@ impl DesiredState {
             }
             if let Some(check) = &vip.check {
                 check_problems(check, &mut |field, message| at(i, None, field, message));
+            }
+            for (j, backend) in vip.backends.iter().enumerate() {
+                if let Some(check) = &backend.check {
+                    check_problems(check, &mut |field, message| at(i, Some(j), field, message));
+                }
+                let check = backend.check.as_ref().or(vip.check.as_ref());
+                if let Some(check) = check
+                    && !matches!(check.kind, CheckKind::Icmp)
+                    && check.port.is_none()
+                    && backend.address.port() == 0
+                {
+                    at(
+                        i,
+                        Some(j),
+                        "check.port",
+                        "a TCP or HTTP check of a backend without a port needs `check.port`".into(),
+                    );
+                }
             }
             for (j, backend) in vip.backends.iter().enumerate() {
                 if backend.address.is_ipv4() != vip.address.is_ipv4() {

@@ -145,7 +145,7 @@ mod tests {
     use crate::model::{DEFAULT_SNAT_PORTS, Mode, Protocol};
 
     fn backend(addr: &str, backup: bool) -> BackendSpec {
-        BackendSpec { address: addr.parse().unwrap(), weight: 1, backup, drained: false, mac: None }
+        BackendSpec { address: addr.parse().unwrap(), weight: 1, backup, drained: false, mac: None, check: None }
     }
 
     fn vip(name: &str, addr: &str, backends: Vec<BackendSpec>) -> VipSpec {

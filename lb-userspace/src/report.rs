@@ -39,8 +39,14 @@ pub struct BackendRow {
     pub address: String,
     pub weight: u32,
     pub backup: bool,
-    /// "serving", "standby" (backup not in use), "drained", "weight 0".
+    /// "serving", "down", "standby" (backup not in use), "drained", "weight 0", "out".
     pub state: String,
+    /// Health check view: "up", "down", or None without a check.
+    pub health: Option<String>,
+    /// The last check's result ("ok in 0.4 ms", "status 503", "timeout after 500ms").
+    pub last_check: Option<String>,
+    /// Seconds since the last health transition.
+    pub since_seconds: Option<u64>,
     pub index: Option<u32>,
     pub mac: Option<String>,
     /// Share of the VIP's Maglev table.
@@ -65,7 +71,19 @@ pub struct VipStats {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HealthRow {
+    pub vip: String,
+    pub backend: String,
+    pub up: bool,
+    pub checks: u64,
+    pub transitions: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatsReport {
+    /// Checked backends' health.
+    #[serde(default)]
+    pub health: Vec<HealthRow>,
     pub vips: Vec<VipStats>,
     /// Packets per verdict reason since the data plane was created.
     pub reasons: Vec<(String, u64)>,

@@ -29,16 +29,23 @@ pub struct BackendHost {
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
     pub mac: [u8; 6],
+    /// The HTTP status the server answers, read from this file on every request.
+    status_file: std::path::PathBuf,
 }
 
 impl BackendHost {
+    /// Makes the server answer HTTP requests with `status` (e.g. 503).
+    pub fn set_http_status(&self, status: u16) {
+        std::fs::write(&self.status_file, status.to_string()).expect("writing the status file");
+    }
     pub fn addr(&self, v6: bool) -> IpAddr {
         if v6 { self.v6.into() } else { self.v4.into() }
     }
 
     /// Starts `name-server` answering with this backend's name and waits until it listens.
     pub fn start_server(&mut self) -> Result<()> {
-        let mut process = self.ns.spawn(&[&name_server_path(), &self.name, &SERVICE_PORT.to_string()])?;
+        let status_file = self.status_file.to_string_lossy().into_owned();
+        let mut process = self.ns.spawn(&[&name_server_path(), &self.name, &SERVICE_PORT.to_string(), &status_file])?;
         let stdout = process.child().stdout.take().context("name-server stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
@@ -51,6 +58,16 @@ impl BackendHost {
 
     pub fn stop_server(&mut self) {
         self.server = None;
+    }
+
+    pub fn server_running(&self) -> bool {
+        self.server.is_some()
+    }
+}
+
+impl Drop for BackendHost {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.status_file);
     }
 }
 
@@ -111,7 +128,9 @@ impl Topology {
             ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"])?;
         }
         let mac = ns.mac("eth0")?;
-        let mut host = BackendHost { server: None, ns, name, v4, v6, mac };
+        let status_file = std::env::temp_dir().join(format!("{}-status", ns.name()));
+        let _ = std::fs::remove_file(&status_file);
+        let mut host = BackendHost { server: None, ns, name, v4, v6, mac, status_file };
         host.start_server()?;
         self.backends.push(host);
         Ok(self.backends.last_mut().expect("just pushed"))

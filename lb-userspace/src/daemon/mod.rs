@@ -7,14 +7,15 @@ pub mod run;
 
 use crate::config::DaemonSettings;
 use crate::dataplane::{Attachment, Dataplane, PinDir, VipForwarding};
-use crate::model::{DesiredState, VipSpec};
+use crate::health::{Health, HealthEngine, Transition, effective_check};
+use crate::model::{DesiredState, Mode, VipSpec};
 use crate::neighbor::resolve_next_hop_mac;
-use crate::planner::{Slots, addr16, backend_entry, table_members, vip_id, vip_key};
+use crate::planner::{Slots, addr16, backend_entry, backend_id, table_members, vip_id, vip_key};
 use crate::store::{SavedState, StateStore};
 use anyhow::{Context, Result, bail};
 use lb_common::maglev::{build_table, slots_changed};
-use lb_common::maps::Traffic;
-use std::collections::HashMap;
+use lb_common::maps::{BACKEND_USABLE, Traffic};
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,6 +45,7 @@ pub struct Daemon {
     /// its table without a rebuild.
     built_from: HashMap<String, Vec<lb_common::maglev::MaglevBackend>>,
     attachment: Option<Attachment>,
+    health: HealthEngine,
     started: Instant,
     samples: (Option<Sample>, Option<Sample>),
     /// Set by a shutdown request: `Some(true)` also detaches the data plane.
@@ -63,8 +65,10 @@ impl Daemon {
         let plan = self.plan(state)?;
         let changes = diff::changes(&self.state, &plan.state);
         let previous = Plan { state: self.state.clone(), slots: self.slots.clone(), macs: self.macs.clone() };
+        self.sync_health(&plan.state);
         if let Err(error) = self.write(&plan) {
             tracing::error!(%error, "writing the data plane failed; restoring the previous state");
+            self.sync_health(&previous.state);
             if let Err(rollback) = self.write(&previous) {
                 tracing::error!(%rollback, "restoring the previous state failed too");
             }
@@ -120,11 +124,13 @@ impl Daemon {
     /// are purged only if the slot is later given to another backend.
     fn write(&mut self, plan: &Plan) -> Result<()> {
         let ring_size = self.settings.sizes.ring_size;
-        let held_before: std::collections::HashSet<u32> = self.slots.backends.values().copied().collect();
+        let held_before: HashSet<u32> = self.slots.backends.values().copied().collect();
+        let down = self.down_backends(&plan.state);
         for vip in &plan.state.vips {
             for backend in &vip.backends {
                 let index = plan.slots.backend(vip, backend.address).context("backend without a slot")?;
-                let entry = backend_entry(backend, plan.macs[&backend.address.ip()], true);
+                let healthy = !down.contains(&backend_id(vip, backend.address));
+                let entry = backend_entry(backend, plan.macs[&backend.address.ip()], healthy);
                 let old = self.dataplane.backend(index)?;
                 if old == entry {
                     continue;
@@ -137,7 +143,7 @@ impl Daemon {
             }
         }
         for vip in &plan.state.vips {
-            let members = table_members(vip, &plan.slots, &|_| true);
+            let members = table_members(vip, &plan.slots, &|b| !down.contains(&backend_id(vip, b.address)));
             let id = vip_id(vip);
             let table = match (self.built_from.get(&id), self.published.get(&id)) {
                 (Some(before), Some(table)) if *before == members => table.clone(),
@@ -192,6 +198,66 @@ impl Daemon {
         Ok(())
     }
 
+    /// Starts or stops health checks to match `state`. A backend seen for the first time starts
+    /// as its check says, except one the running data plane already serves (a restarted daemon
+    /// taking over), which starts up: a restart must not take healthy backends out.
+    fn sync_health(&mut self, state: &DesiredState) {
+        let mut initial: HashMap<String, Health> = HashMap::new();
+        for vip in &state.vips {
+            for backend in &vip.backends {
+                let Some(check) = effective_check(vip, backend) else { continue };
+                let serving = self
+                    .slots
+                    .backend(vip, backend.address)
+                    .and_then(|index| self.dataplane.backend(index).ok())
+                    .is_some_and(|entry| {
+                        entry.flags & BACKEND_USABLE != 0 && entry.addr == addr16(backend.address.ip())
+                    });
+                let up = check.initial_up || serving;
+                initial.insert(backend_id(vip, backend.address), if up { Health::Up } else { Health::Down });
+            }
+        }
+        self.health.sync(state, &|vip, backend| {
+            initial.get(&backend_id(vip, backend.address)).copied().unwrap_or(Health::Down)
+        });
+    }
+
+    /// Backends whose health check says down.
+    fn down_backends(&self, state: &DesiredState) -> HashSet<String> {
+        state
+            .vips
+            .iter()
+            .flat_map(|vip| vip.backends.iter().map(move |b| backend_id(vip, b.address)))
+            .filter(|id| self.health.is_up(id) == Some(false))
+            .collect()
+    }
+
+    /// A health check changed a backend's state: republish its VIP; a NAT backend that went
+    /// down also loses its connection state (its flows cannot move elsewhere).
+    pub fn on_transition(&mut self, transition: Transition) {
+        let Transition { vip, backend, health, reason } = transition;
+        match health {
+            Health::Down => tracing::warn!(%vip, %backend, %reason, "backend down"),
+            Health::Up => tracing::info!(%vip, %backend, %reason, "backend up"),
+        }
+        let plan = Plan { state: self.state.clone(), slots: self.slots.clone(), macs: self.macs.clone() };
+        if let Err(error) = self.write(&plan) {
+            tracing::error!(%vip, %backend, "publishing after a health transition failed: {error:#}");
+            return;
+        }
+        let Some(spec) = self.state.vip(&vip) else { return };
+        if health == Health::Down
+            && spec.mode == Mode::Nat
+            && let Some(index) = self.slots.backend(spec, backend)
+            && let Ok(entry) = self.dataplane.backend(index)
+        {
+            match self.dataplane.forget_backend_connections(index, &entry) {
+                Ok(forgotten) => tracing::info!(%vip, %backend, forgotten, "NAT connections of a down backend cleared"),
+                Err(error) => tracing::error!(%vip, %backend, "clearing NAT connections failed: {error:#}"),
+            }
+        }
+    }
+
     fn persist(&self) -> Result<()> {
         self.store.save(&SavedState::new(self.config_digest.clone(), self.state.clone(), self.slots.clone()))
     }
@@ -210,7 +276,7 @@ impl Daemon {
                 if let Some(index) = self.slots.backend(vip, backend.address)
                     && let Ok(traffic) = self.dataplane.backend_traffic(index)
                 {
-                    backends.insert(crate::planner::backend_id(vip, backend.address), traffic);
+                    backends.insert(backend_id(vip, backend.address), traffic);
                 }
             }
         }

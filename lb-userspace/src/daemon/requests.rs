@@ -157,7 +157,10 @@ impl Daemon {
                 mode: vip.mode.to_string(),
                 snat: vip.snat.map(|s| s.to_string()),
                 backends: vip.backends.len(),
-                serving: table_members(vip, &self.slots, &|_| true).len(),
+                serving: table_members(vip, &self.slots, &|b| {
+                    self.health.is_up(&backend_id(vip, b.address)) != Some(false)
+                })
+                .len(),
                 slot: self.slots.vip(vip),
             })
             .collect()
@@ -171,12 +174,17 @@ impl Daemon {
         }
         let mut rows = Vec::new();
         for vip in self.state.vips.iter().filter(|v| only.is_none_or(|n| n == v.name)) {
-            let members = table_members(vip, &self.slots, &|_| true);
+            let members =
+                table_members(vip, &self.slots, &|b| self.health.is_up(&backend_id(vip, b.address)) != Some(false));
             let table = self.published.get(&crate::planner::vip_id(vip));
             for backend in &vip.backends {
                 let index = self.slots.backend(vip, backend.address);
                 let serving = members.iter().any(|m| Some(m.index) == index);
-                let state = if backend.drained {
+                let status = self.health.status(&backend_id(vip, backend.address));
+                let down = status.as_ref().is_some_and(|s| s.health == crate::health::Health::Down);
+                let state = if down {
+                    "down"
+                } else if backend.drained {
                     "drained"
                 } else if backend.weight == 0 {
                     "weight 0"
@@ -205,6 +213,16 @@ impl Daemon {
                         .get(&backend.address.ip())
                         .map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
                     table_share: share,
+                    health: status
+                        .as_ref()
+                        .map(|s| if s.health == crate::health::Health::Up { "up".into() } else { "down".into() }),
+                    last_check: status.as_ref().map(|s| s.last_detail.clone()),
+                    since_seconds: status.as_ref().map(|s| {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64);
+                        now.saturating_sub(s.since_unix_ms) / 1000
+                    }),
                 });
             }
         }
@@ -260,7 +278,24 @@ impl Daemon {
             .into_iter()
             .map(|(r, n)| (r.name().to_string(), n))
             .collect();
-        StatsReport { vips, reasons, rate_interval_seconds: interval }
+        let health = self
+            .state
+            .vips
+            .iter()
+            .flat_map(|vip| {
+                vip.backends.iter().filter_map(move |b| {
+                    let status = self.health.status(&backend_id(vip, b.address))?;
+                    Some(HealthRow {
+                        vip: vip.name.clone(),
+                        backend: b.address.to_string(),
+                        up: status.health == crate::health::Health::Up,
+                        checks: status.checks,
+                        transitions: status.transitions,
+                    })
+                })
+            })
+            .collect();
+        StatsReport { health, vips, reasons, rate_interval_seconds: interval }
     }
 
     fn explain(&self, src: SocketAddr, dst: SocketAddr, protocol: Protocol) -> Result<Explanation> {

@@ -39,6 +39,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
         None => (config_state, Slots::default()),
     };
 
+    let (transitions, mut transition_events) = tokio::sync::mpsc::unbounded_channel();
     let mut daemon = Daemon {
         settings: settings.clone(),
         config_file: config_file.to_path_buf(),
@@ -52,6 +53,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
         published: HashMap::new(),
         built_from: HashMap::new(),
         attachment: None,
+        health: crate::health::HealthEngine::new(tokio::runtime::Handle::current(), transitions),
         started: Instant::now(),
         samples: (None, None),
         stop: None,
@@ -83,6 +85,20 @@ pub async fn run(config_file: &Path) -> Result<()> {
         tokio::spawn(serve_metrics(address, daemon.clone(), instance.clone()));
     }
     tokio::spawn(sample_counters(daemon.clone()));
+    {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            while let Some(transition) = transition_events.recv().await {
+                let daemon = daemon.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Ok(mut daemon) = daemon.lock() {
+                        daemon.on_transition(transition);
+                    }
+                })
+                .await;
+            }
+        });
+    }
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let stopped = Arc::new(tokio::sync::Notify::new());

@@ -1,6 +1,7 @@
-//! Test backend: answers every TCP line and every UDP datagram with its own name.
+//! Test backend: answers every TCP line and every UDP datagram with its own name, and an HTTP
+//! request with its name and the status found in STATUS_FILE (200 when the file is absent).
 //!
-//! Usage: name-server NAME PORT. Listens on [::]:PORT (IPv4 too) for TCP and UDP.
+//! Usage: name-server NAME PORT [STATUS_FILE]. Listens on [::]:PORT (IPv4 too), TCP and UDP.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, UdpSocket};
@@ -8,9 +9,10 @@ use std::net::{TcpListener, UdpSocket};
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(name), Some(port)) = (args.next(), args.next()) else {
-        eprintln!("usage: name-server NAME PORT");
+        eprintln!("usage: name-server NAME PORT [STATUS_FILE]");
         std::process::exit(2);
     };
+    let status_file = args.next();
     let addr = format!("[::]:{port}");
     let udp = UdpSocket::bind(&addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
     let listener = TcpListener::bind(&addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
@@ -24,13 +26,37 @@ fn main() {
     println!("ready");
     for stream in listener.incoming().flatten() {
         let name = name.clone();
+        let status_file = status_file.clone();
         std::thread::spawn(move || {
             let mut writer = match stream.try_clone() {
                 Ok(w) => w,
                 Err(_) => return,
             };
-            for line in BufReader::new(stream).lines() {
-                if line.is_err() || writer.write_all(format!("{name}\n").as_bytes()).is_err() {
+            let mut lines = BufReader::new(stream).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if line.starts_with("GET ") || line.starts_with("HEAD ") {
+                    // Skip the headers, answer, close.
+                    for header in lines.by_ref() {
+                        if header.map_or(true, |h| h.is_empty()) {
+                            break;
+                        }
+                    }
+                    let status: u16 = status_file
+                        .as_ref()
+                        .and_then(|f| std::fs::read_to_string(f).ok())
+                        .and_then(|s| s.trim().parse().ok())
+                        .unwrap_or(200);
+                    let body = format!("{name}\n");
+                    let _ = writer.write_all(
+                        format!(
+                            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                    return;
+                }
+                if writer.write_all(format!("{name}\n").as_bytes()).is_err() {
                     break;
                 }
             }
