@@ -16,14 +16,18 @@ pub fn udp_vip() -> SocketAddr {
     SocketAddr::new(VIP_V4.into(), UDP_VIP_PORT)
 }
 
-/// NAT VIPs "web" (TCP) and "dns" (UDP) over the first `backends` backends of the topology.
-/// `{instance}` is left for the daemon helper to fill in.
-pub fn nat_config(topology: &Topology, backends: usize) -> String {
+/// NAT VIPs "web" (TCP) and "dns" (UDP) over the first `backends` backends of the topology,
+/// with `check` (a TOML inline table) on both when given. `{instance}` is left for the daemon
+/// helper to fill in.
+pub fn nat_config(topology: &Topology, backends: usize, check: Option<&str>) -> String {
     let mut config = "[daemon]\ninterface = \"eth0\"\nxdp_mode = \"native\"\ninstance = \"{instance}\"\nring_size = 65537\nmax_vips = 8\nmax_conns = 262144\n".to_string();
     for (name, proto, port) in [("web", "tcp", TCP_VIP_PORT), ("dns", "udp", UDP_VIP_PORT)] {
         config.push_str(&format!(
             "\n[[vip]]\nname = \"{name}\"\naddress = \"{VIP_V4}:{port}\"\nprotocol = \"{proto}\"\nmode = \"nat\"\nsnat = \"{SNAT_V4}\"\n"
         ));
+        if let Some(check) = check {
+            config.push_str(&format!("check = {check}\n"));
+        }
         for host in topology.backends.iter().take(backends) {
             config.push_str(&format!("\n[[vip.backend]]\naddress = \"{}:{SERVICE_PORT}\"\n", host.v4));
         }

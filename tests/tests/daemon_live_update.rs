@@ -22,7 +22,7 @@ fn backends_change_50_times_under_load_without_a_failed_connection() {
         return;
     }
     let topology = Topology::new(5, false).unwrap();
-    let daemon = LbDaemon::start(&topology.lb, &unique_instance(), &nat_config(&topology, 3)).unwrap();
+    let daemon = LbDaemon::start(&topology.lb, &unique_instance(), &nat_config(&topology, 3, None)).unwrap();
     let extra: Vec<(String, String)> =
         topology.backends[3..].iter().map(|b| (b.name.clone(), format!("{}:{SERVICE_PORT}", b.v4))).collect();
     let stop = AtomicBool::new(false);

@@ -15,8 +15,8 @@ fn stats_explain_and_metrics_describe_real_traffic() {
         return;
     }
     let topology = Topology::new(3, false).unwrap();
-    let config =
-        nat_config(&topology, 3).replace("max_conns = 262144\n", "max_conns = 262144\nmetrics = \"127.0.0.1:9900\"\n");
+    let config = nat_config(&topology, 3, None)
+        .replace("max_conns = 262144\n", "max_conns = 262144\nmetrics = \"127.0.0.1:9900\"\n");
     let daemon = LbDaemon::start(&topology.lb, &unique_instance(), &config).unwrap();
 
     // A long-lived connection whose backend we know, and 60 short ones.

@@ -11,6 +11,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 const DATAGRAMS: usize = 3000;
+/// Checked backends start down on a fresh start; after a takeover they must start as the
+/// running data plane serves them, or the restart itself would take them out.
+const RESTART_CHECK: &str = "{ kind = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 3, fall = 2 }";
 
 #[test]
 fn sigkill_and_restart_lose_no_packet_and_keep_connections() {
@@ -18,8 +21,15 @@ fn sigkill_and_restart_lose_no_packet_and_keep_connections() {
         return;
     }
     let topology = Topology::new(3, false).unwrap();
-    let mut daemon = LbDaemon::start(&topology.lb, &unique_instance(), &nat_config(&topology, 3)).unwrap();
+    let mut daemon =
+        LbDaemon::start(&topology.lb, &unique_instance(), &nat_config(&topology, 3, Some(RESTART_CHECK))).unwrap();
     let client = &topology.client;
+    // Wait until the checks have brought every backend up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.ok(&["--json", "backend", "list"]).unwrap().contains("\"health\": \"down\"") {
+        assert!(Instant::now() < deadline, "backends did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let ((sent, answered), exchanges, restart_took) = std::thread::scope(|scope| {
         let udp =

@@ -115,6 +115,10 @@ fn failure_and_recovery(kind: &str, fail: impl FnOnce(&mut Topology), repair: im
     assert!(spread(&topology, 60).contains_key("be1"), "{kind}: be1 gets traffic again");
     let log = daemon.log();
     assert!(log.contains("backend down") && log.contains("backend up"), "transitions are logged:\n{log}");
+    let stats: serde_json::Value = serde_json::from_str(&daemon.ok(&["--json", "stats"]).unwrap()).unwrap();
+    let victim_health =
+        stats["health"].as_array().unwrap().iter().find(|h| h["backend"] == victim.as_str()).unwrap().clone();
+    assert_eq!(victim_health["transitions"], 3, "up at start, down, up again: {victim_health}");
 }
 
 #[test]

@@ -65,14 +65,12 @@ pub fn effective_check<'a>(vip: &'a VipSpec, backend: &'a BackendSpec) -> Option
 
 impl HealthEngine {
     pub fn new(runtime: tokio::runtime::Handle, events: UnboundedSender<Transition>) -> Self {
-        Self {
-            runtime,
-            icmp: IcmpClients::open(),
-            status: Default::default(),
-            checkers: HashMap::new(),
-            events,
-            next_ident: 1,
-        }
+        // The ICMP sockets register with the runtime's reactor.
+        let icmp = {
+            let _context = runtime.enter();
+            IcmpClients::open()
+        };
+        Self { runtime, icmp, status: Default::default(), checkers: HashMap::new(), events, next_ident: 1 }
     }
 
     /// Checks exactly the backends of `state` that have a check: starts new checkers, restarts
