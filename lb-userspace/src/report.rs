@@ -39,6 +39,8 @@ pub struct BackendRow {
     pub address: String,
     pub weight: u32,
     pub backup: bool,
+    /// Drained by the operator (shown as the state unless the backend is also down).
+    pub drained: bool,
     /// "serving", "down", "standby" (backup not in use), "drained", "weight 0", "out".
     pub state: String,
     /// Health check view: "up", "down", or None without a check.

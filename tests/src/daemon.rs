@@ -106,6 +106,23 @@ impl LbDaemon {
         Ok(String::from_utf8(output.stdout)?)
     }
 
+    /// The configured VIPs and backends as the CLI reports them, without runtime fields
+    /// (health, last check, table share, serving counts), for "nothing changed" comparisons.
+    pub fn configuration(&self) -> Result<serde_json::Value> {
+        let keep = |text: String, fields: &[&str]| -> Result<serde_json::Value> {
+            let rows: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(&text)?;
+            let kept: Vec<serde_json::Map<String, serde_json::Value>> = rows
+                .into_iter()
+                .map(|row| row.into_iter().filter(|(k, _)| fields.contains(&k.as_str())).collect())
+                .collect();
+            Ok(serde_json::Value::from(kept.into_iter().map(serde_json::Value::Object).collect::<Vec<_>>()))
+        };
+        Ok(serde_json::json!({
+            "vips": keep(self.ok(&["--json", "vip", "list"])?, &["name", "address", "protocol", "mode", "snat", "backends", "slot"])?,
+            "backends": keep(self.ok(&["--json", "backend", "list"])?, &["vip", "address", "weight", "backup", "drained", "index", "mac"])?,
+        }))
+    }
+
     /// Kills the daemon with SIGKILL (no chance to clean anything up).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -34,7 +34,7 @@ enum Task {
     /// Show the load balancer at work in network namespaces.
     Demo,
     /// Measure the XDP program's per-packet cost (BPF_PROG_TEST_RUN) beside floor programs,
-    /// and the control plane's table build and publish times.
+    /// the control plane's table build and publish times, and the health checks' CPU.
     Bench {
         /// Fewer iterations, for a result in seconds.
         #[arg(long)]
@@ -108,7 +108,16 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
     let iterations = if quick { "20000" } else { "1000000" };
     cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "dataplane-cost", "--", iterations, "5"])?;
     println!();
-    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "control-plane-cost", "--", "5"])
+    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "control-plane-cost", "--", "5"])?;
+    println!("\n# Health-check engine CPU (checks on loopback servers)\n");
+    let (backends, seconds) = if quick { ("1000", "5") } else { ("5000", "20") };
+    for kind in ["tcp", "http", "icmp"] {
+        cargo(
+            root,
+            &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "health-cost", "--", backends, seconds, kind],
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs the host toolchain's cargo (the one that runs this xtask) in the workspace.

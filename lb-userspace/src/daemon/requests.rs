@@ -13,6 +13,10 @@ use std::net::SocketAddr;
 
 impl Daemon {
     pub fn handle(&mut self, request: Request) -> Response {
+        // Once stopping (a detach may already have removed the saved state), change nothing.
+        if self.stop.is_some() {
+            return Response::failure("the daemon is stopping");
+        }
         let result = match request {
             Request::Status => self.status().map(Response::success),
             Request::VipList => Ok(Response::success(self.vip_rows())),
@@ -206,6 +210,7 @@ impl Daemon {
                     address: backend.address.to_string(),
                     weight: backend.weight,
                     backup: backend.backup,
+                    drained: backend.drained,
                     state: state.into(),
                     index,
                     mac: self
