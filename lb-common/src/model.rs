@@ -10,7 +10,7 @@ use crate::hash::flow_hash;
 use crate::maps::*;
 use crate::packet::{
     ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, ipv4, ipv6, is_ipv4_fragment,
-    is_ipv6_extension, l4,
+    is_ipv6_extension, l4, opens_connection,
 };
 use std::collections::HashMap;
 
@@ -41,6 +41,7 @@ struct Parsed {
     l4_off: usize,
     flow: FlowKey,
     no_l4_checksum: bool,
+    opens_connection: bool,
 }
 
 impl ModelMaps {
@@ -93,7 +94,8 @@ impl ModelMaps {
     }
 
     fn choose(&mut self, parsed: &Parsed, vip: &VipMeta, client_mac: [u8; 6]) -> Result<(Backend, u16), Reason> {
-        if let Some(conn) = self.conns.get(&parsed.flow)
+        if !parsed.opens_connection
+            && let Some(conn) = self.conns.get(&parsed.flow)
             && let Some(backend) = self.usable(conn.backend)
         {
             return Ok((backend, conn.snat_port));
@@ -192,6 +194,7 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
     };
     flow.family = family;
     let mut no_l4_checksum = false;
+    let mut opens = false;
     match flow.proto {
         PROTO_TCP => {
             need(l4_off + TCP_MIN_HLEN)?;
@@ -202,6 +205,7 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
             if doff < TCP_MIN_HLEN || doff > l4_len {
                 return Err(Reason::PassBadHeader);
             }
+            opens = opens_connection(p[l4_off + l4::TCP_FLAGS]);
         }
         PROTO_UDP => {
             need(l4_off + UDP_HLEN)?;
@@ -223,7 +227,7 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
     }
     flow.sport = u16::from_ne_bytes([p[l4_off], p[l4_off + 1]]);
     flow.dport = u16::from_ne_bytes([p[l4_off + 2], p[l4_off + 3]]);
-    Ok(Parsed { family, l4_off, flow, no_l4_checksum })
+    Ok(Parsed { family, l4_off, flow, no_l4_checksum, opens_connection: opens })
 }
 
 fn set_macs(p: &mut [u8], next_hop: [u8; 6]) {

@@ -53,6 +53,16 @@ pub const fn is_ipv6_extension(next_header: u8) -> bool {
     matches!(next_header, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
 }
 
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_ACK: u8 = 0x10;
+
+/// A TCP segment that opens a connection (SYN without ACK). It is placed by the current table,
+/// never by a connection-table entry: a client reusing a port must not be sent to the backend of
+/// an old connection (which may be drained, or a backup no longer in use).
+pub const fn opens_connection(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+}
+
 /// True for any fragment of a fragmented IPv4 datagram (first, middle or last).
 /// `frag_field` is the flags/offset word in host order.
 pub const fn is_ipv4_fragment(frag_field: u16) -> bool {

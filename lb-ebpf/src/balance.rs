@@ -31,7 +31,8 @@ fn usable_backend(index: u32) -> Option<&'static Backend> {
 
 #[inline(always)]
 pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Chosen, Reason> {
-    if let Some(conn) = CONNS.get_ptr(&packet.flow) {
+    let remembered = if packet.opens_connection { None } else { CONNS.get_ptr(&packet.flow) };
+    if let Some(conn) = remembered {
         // SAFETY: a map value pointer stays valid for the program's run.
         let (index, snat_port) = unsafe { ((*conn).backend, (*conn).snat_port) };
         // An established flow stays on its backend unless that backend is gone or down.

@@ -8,7 +8,7 @@ use core::mem::size_of;
 use lb_common::maps::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 use lb_common::packet::{
     ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, ipv4, ipv6, is_ipv4_fragment,
-    is_ipv6_extension, l4,
+    is_ipv6_extension, l4, opens_connection,
 };
 
 /// A parsed packet: where its headers are and the flow it belongs to.
@@ -24,6 +24,8 @@ pub struct Packet {
     pub flow: FlowKey,
     /// IPv4 UDP with a zero checksum: there is no L4 checksum to update.
     pub no_l4_checksum: bool,
+    /// A TCP SYN without ACK: a new connection, whatever the connection table remembers.
+    pub opens_connection: bool,
 }
 
 /// Pointer to a `T` at `offset` in the packet, after the one bounds check the verifier needs.
@@ -73,6 +75,7 @@ impl Packet {
             l4_check: core::ptr::null_mut(),
             flow: FlowKey { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0, family: 0, _pad: [0; 2] },
             no_l4_checksum: false,
+            opens_connection: false,
         }
     }
 }
@@ -146,7 +149,8 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Reason> {
             if doff < TCP_MIN_HLEN || doff > l4_len {
                 return Err(Reason::PassBadHeader);
             }
-            // SAFETY: the checksum (offset 16) is inside the 20 checked bytes.
+            // SAFETY: the flags (offset 13) and the checksum (offset 16) are inside the 20 checked bytes.
+            packet.opens_connection = opens_connection(unsafe { field::<u8>(l4, l4::TCP_FLAGS) });
             (l4, unsafe { l4.add(l4::TCP_CHECK) })
         }
         PROTO_UDP => {

@@ -15,8 +15,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// The `lb` binary cargo built beside the test executables.
 pub fn lb_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current test executable");
-    let path = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join("lb");
+    let path = crate::sibling_binary("lb");
     assert!(
         path.exists(),
         "{} is missing: build it with `cargo build -p lb-userspace` (cargo xtask test does)",

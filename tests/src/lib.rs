@@ -7,3 +7,14 @@ pub mod netns;
 pub mod privilege;
 pub mod service;
 pub mod topology;
+
+/// A binary cargo built into `target/<profile>/`, found from the running executable (a test in
+/// `target/<profile>/deps/` or a binary beside the one wanted).
+pub fn sibling_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current executable");
+    let mut dir = exe.parent().expect("executable directory").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}

@@ -80,11 +80,9 @@ pub struct Topology {
     dsr: bool,
 }
 
-/// The test server binary: cargo builds it beside the test executables' `deps/` folder.
+/// The test server binary, built by cargo with the tests.
 fn name_server_path() -> String {
-    let exe = std::env::current_exe().expect("current test executable");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
-    dir.join("name-server").to_string_lossy().into_owned()
+    crate::sibling_binary("name-server").to_string_lossy().into_owned()
 }
 
 impl Topology {

@@ -86,6 +86,8 @@ fn random_valid(rng: &mut StdRng, vips: &[Vip]) -> Frame {
     } else {
         Frame::udp(client, sport, vip.addr.ip(), dport)
     };
+    // SYNs open connections (placed by the table), the rest follow the connection table.
+    frame.tcp_flags = *[0x02u8, 0x10, 0x12, 0x18, 0x11].choose(rng).unwrap();
     frame.payload = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
     if rng.random_bool(0.1) {
         frame.ipv4_options = vec![1; 4 * rng.random_range(1..=10)];

@@ -96,6 +96,12 @@ fn client_frame(setup: &Setup, client: IpAddr, sport: u16) -> Frame {
     frame
 }
 
+/// The same flow's later packets (ACK set): they follow the connection table.
+fn established(mut frame: Frame) -> Frame {
+    frame.tcp_flags = TCP_ACK;
+    frame
+}
+
 fn client_ip(setup: &Setup) -> IpAddr {
     if setup.vip.is_ipv4() { ip("192.0.2.7") } else { ip("2001:db8::7") }
 }
@@ -253,7 +259,7 @@ fn established_flows_keep_their_backend_until_it_goes_away() {
         harness.set_backend(7, &backend(sock("10.0.1.4:8080"), backend_mac(7))).unwrap();
         harness.publish_vip(&key, &forwarding, &[1, 2, 3, 7]).unwrap();
         for sport in 42000..42200u16 {
-            let (out, model) = harness.run(&client_frame(setup, client, sport).bytes()).unwrap();
+            let (out, model) = harness.run(&established(client_frame(setup, client, sport)).bytes()).unwrap();
             assert_eq!(out, model);
             assert_eq!(out.packet[0..6].to_vec(), first_backend[&sport], "mode {mode}: flow {sport} moved");
         }
@@ -264,7 +270,7 @@ fn established_flows_keep_their_backend_until_it_goes_away() {
         harness.publish_vip(&key, &forwarding, &[1, 3, 7]).unwrap();
         let mut moved = 0;
         for sport in 42000..42200u16 {
-            let (out, model) = harness.run(&client_frame(setup, client, sport).bytes()).unwrap();
+            let (out, model) = harness.run(&established(client_frame(setup, client, sport)).bytes()).unwrap();
             assert_eq!(out, model);
             let was = &first_backend[&sport];
             if was.as_slice() == backend_mac(2) {
@@ -323,4 +329,41 @@ fn any_port_vip_takes_every_port_and_exact_port_wins() {
     // UDP to the same address is another VIP (none): passed.
     let frame = Frame::udp(ip("192.0.2.9"), 5555, ip("10.0.0.30"), 22).bytes();
     assert_eq!(harness.run(&frame).unwrap().0.reason, Reason::PassNotVip);
+}
+
+#[test]
+fn a_syn_reusing_a_remembered_tuple_is_placed_by_the_current_table() {
+    if !require_root("a_syn_reusing_a_remembered_tuple_is_placed_by_the_current_table") {
+        return;
+    }
+    for mode in [MODE_DSR, MODE_NAT] {
+        let setups: Vec<Setup> =
+            setups().into_iter().filter(|s| s.mode == mode && s.proto == PROTO_TCP && s.vip.is_ipv4()).collect();
+        let setup = &setups[0];
+        let mut harness = harness_with(&setups);
+        let forwarding = VipForwarding {
+            vip_index: 0,
+            mode,
+            snat_addr: addr16(setup.snat),
+            snat_port_min: 20000,
+            snat_port_max: 60000,
+        };
+        let client = client_ip(setup);
+        // A flow on backend 1 (its first packet is a SYN).
+        let sport = (43000..44000u16)
+            .find(|&p| harness.run(&client_frame(setup, client, p).bytes()).unwrap().0.packet[0..6] == backend_mac(1))
+            .expect("some port lands on backend 1");
+        // Backend 1 leaves the table but stays usable (as when drained): the connection goes on...
+        harness.publish_vip(&vip_key(setup.vip, setup.proto), &forwarding, &[2, 3]).unwrap();
+        let (ack, model) = harness.run(&established(client_frame(setup, client, sport)).bytes()).unwrap();
+        assert_eq!(ack, model);
+        assert_eq!(&ack.packet[0..6], &backend_mac(1), "mode {mode}: the established connection stays");
+        // ...but a new connection from the same port (a reused tuple) is placed by the table.
+        let (syn, model) = harness.run(&client_frame(setup, client, sport).bytes()).unwrap();
+        assert_eq!(syn, model);
+        assert_ne!(&syn.packet[0..6], &backend_mac(1), "mode {mode}: a new SYN followed a stale entry");
+        let (next, model) = harness.run(&established(client_frame(setup, client, sport)).bytes()).unwrap();
+        assert_eq!(next, model);
+        assert_eq!(&next.packet[0..6], &syn.packet[0..6], "mode {mode}: the new connection's packets follow its SYN");
+    }
 }

@@ -31,8 +31,13 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
-    /// Show the load balancer at work in network namespaces.
-    Demo,
+    /// Show the load balancer at work in network namespaces: balancing, health checks,
+    /// failover to a backup, a restart under load.
+    Demo {
+        /// Leave the network and the daemon running afterwards, to explore.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Measure the XDP program's per-packet cost (BPF_PROG_TEST_RUN) beside floor programs,
     /// the control plane's table build and publish times, and the health checks' CPU.
     Bench {
@@ -60,7 +65,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Test { cargo_args } => test(&root, &cargo_args),
-        Task::Demo => demo(&root),
+        Task::Demo { keep } => demo(&root, keep),
         Task::Bench { quick } => bench(&root, quick),
     }
 }
@@ -82,20 +87,32 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
         args.extend(cargo_args.iter().map(String::as_str));
     }
     cargo(root, &args)?;
+    // The demo is a test too: every step checks what it promises.
+    if cargo_args.is_empty() && setup::is_root() {
+        println!("xtask test: running the demo");
+        let status = Command::new(root.join("target/debug/lb-demo")).status().context("running the demo")?;
+        if !status.success() {
+            bail!("the demo did not behave as described ({status})");
+        }
+    }
     println!("xtask test: all tests passed in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-fn demo(root: &Path) -> Result<()> {
+fn demo(root: &Path, keep: bool) -> Result<()> {
     setup::ensure()?;
-    cargo(root, &["build", "-p", "lb-userspace"])?;
-    let lb = root.join("target/debug/lb");
-    println!("The demo topology (client, load balancer, three backends and a backup on a bridge) arrives with");
-    println!("the control-plane and health-check work. For now it loads and verifies the XDP program:");
-    println!("$ {} verify", lb.display());
-    let status = Command::new(&lb).arg("verify").status().context("running lb verify")?;
+    if !setup::is_root() {
+        bail!("the demo creates network namespaces and loads XDP programs: run `sudo cargo xtask demo`");
+    }
+    cargo(root, &["build", "--quiet", "--workspace", "--bins"])?;
+    let demo = root.join("target/debug/lb-demo");
+    let mut command = Command::new(&demo);
+    if keep {
+        command.arg("--keep");
+    }
+    let status = command.status().with_context(|| format!("running {}", demo.display()))?;
     if !status.success() {
-        bail!("lb verify failed ({status})");
+        bail!("the demo did not behave as described ({status})");
     }
     Ok(())
 }

@@ -264,6 +264,12 @@ impl Daemon {
 
     /// Takes counters for rates (called every second).
     pub fn sample(&mut self) {
+        let sample = self.read_counters();
+        self.samples = (self.samples.1.take(), Some(sample));
+    }
+
+    /// The counters of every VIP and backend, now.
+    fn read_counters(&self) -> Sample {
         let mut vips = HashMap::new();
         let mut backends = HashMap::new();
         for vip in &self.state.vips {
@@ -280,8 +286,7 @@ impl Daemon {
                 }
             }
         }
-        let sample = Sample { at: Instant::now(), vips, backends };
-        self.samples = (self.samples.1.take(), Some(sample));
+        Sample { at: Instant::now(), vips, backends }
     }
 }
 

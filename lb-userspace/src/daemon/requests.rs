@@ -240,7 +240,10 @@ impl Daemon {
             (Some(p), Some(l)) => l.at.duration_since(p.at).as_secs_f64(),
             _ => 0.0,
         };
+        // Totals are read now; rates come from the last two one-second samples.
+        let current = self.read_counters();
         let row = |pick: &dyn Fn(&Sample) -> Option<Traffic>| -> TrafficRow {
+            let total = pick(&current).unwrap_or_default();
             let now = last.as_ref().and_then(pick).unwrap_or_default();
             let before = previous.as_ref().and_then(pick);
             let rate = |n: u64, b: u64| if interval > 0.0 { n.saturating_sub(b) as f64 / interval } else { 0.0 };
@@ -251,9 +254,9 @@ impl Daemon {
                 None => (0.0, 0.0, 0.0),
             };
             TrafficRow {
-                packets: now.packets,
-                bytes: now.bytes,
-                new_flows: now.new_flows,
+                packets: total.packets,
+                bytes: total.bytes,
+                new_flows: total.new_flows,
                 packets_per_second: pps,
                 bits_per_second: bps,
                 new_flows_per_second: fps,
