@@ -75,7 +75,7 @@ pub struct Topology {
     pub backends: Vec<BackendHost>,
     pub client: Netns,
     pub lb: Netns,
-    _lb_port_pass: PassThrough,
+    lb_port_pass: Option<PassThrough>,
     pub bridge: Bridge,
     dsr: bool,
 }
@@ -102,11 +102,20 @@ impl Topology {
         for addr in [format!("{LB_V4}/24"), format!("{SNAT_V4}/24"), format!("{LB_V6}/64"), format!("{SNAT_V6}/64")] {
             lb.addr("eth0", &addr)?;
         }
-        let mut topology = Self { backends: Vec::new(), client, lb, _lb_port_pass: lb_port_pass, bridge, dsr };
+        let mut topology = Self { backends: Vec::new(), client, lb, lb_port_pass: Some(lb_port_pass), bridge, dsr };
         for _ in 0..backends {
             topology.add_backend()?;
         }
         Ok(topology)
+    }
+
+    /// Keeps the network usable after this process exits (the demo's `--keep`): the bridge
+    /// port's pass-through program is pinned at `pin`.
+    pub fn outlive_process(&mut self, pin: &std::path::Path) -> Result<()> {
+        if let Some(pass) = self.lb_port_pass.take() {
+            pass.pin(pin)?;
+        }
+        Ok(())
     }
 
     /// Adds one more backend (be<n>, 10.0.0.1<n> / fd00::1<n>) and starts its server.

@@ -117,8 +117,9 @@ pub async fn run(config_file: &Path) -> Result<()> {
     let detach = daemon.lock().map(|d| d.stop == Some(true)).unwrap_or(false);
     if detach {
         let daemon = daemon.lock().map_err(|_| anyhow!("daemon state poisoned"))?;
-        daemon.pins.remove()?;
+        // Pins last: `lb detach` waits for them to disappear as the sign that all is removed.
         daemon.store.remove()?;
+        daemon.pins.remove()?;
         tracing::info!("data plane detached: program, pins and saved state removed");
     } else {
         tracing::info!("exiting; the data plane keeps forwarding (`lb detach` removes it)");

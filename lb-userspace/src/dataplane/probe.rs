@@ -72,7 +72,8 @@ fn small_object() -> Result<Ebpf> {
 /// On a veth it lets the device receive the frames its peer sends with XDP_TX: the kernel needs
 /// an XDP program (or GRO) on the receiving side, and GRO alone was seen to hold frames back.
 pub struct PassThrough {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    link: Option<aya::programs::xdp::XdpLinkId>,
 }
 
 impl PassThrough {
@@ -83,9 +84,20 @@ impl PassThrough {
             .ok_or_else(|| anyhow!("program {PASS_PROGRAM_NAME} missing from the object"))?
             .try_into()?;
         program.load().context("loading the pass-through program")?;
-        program
+        let link = program
             .attach(interface, mode.xdp_mode())
             .with_context(|| format!("attaching pass-through XDP to {interface}"))?;
-        Ok(Self { _ebpf: ebpf })
+        Ok(Self { ebpf, link: Some(link) })
+    }
+
+    /// Keeps the program attached after this process exits, by pinning its link at `path`
+    /// (remove the file, or the interface, to detach it).
+    pub fn pin(mut self, path: &std::path::Path) -> Result<()> {
+        let program: &mut Xdp = self.ebpf.program_mut(PASS_PROGRAM_NAME).context("pass-through program")?.try_into()?;
+        let link = program.take_link(self.link.take().context("already pinned")?)?;
+        let fd_link =
+            aya::programs::links::FdLink::try_from(link).context("the pass-through attach gave no BPF link")?;
+        fd_link.pin(path).with_context(|| format!("pinning the pass-through link at {}", path.display()))?;
+        Ok(())
     }
 }

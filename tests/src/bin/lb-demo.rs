@@ -328,14 +328,16 @@ fn run(keep: bool) -> Result<usize> {
         detected.as_secs_f64()
     );
     if keep {
+        let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-bridge-port", demo.daemon.instance));
+        demo.topology.outlive_process(&pin)?;
+        let prefix = format!("lbt{}-", std::process::id());
         println!("\n--keep: the network and the daemon stay up. Try:");
         println!("  ip netns exec {} curl -s http://{}/", demo.topology.client.name(), VIP_V4);
         println!("  lb --instance {} backend list", demo.daemon.instance);
         println!("Remove everything with:");
+        println!("  lb --instance {} detach; rm -f {} /tmp/{prefix}*-status", demo.daemon.instance, pin.display());
         println!(
-            "  lb --instance {} detach; ip netns list | grep '^lbt{}-' | cut -d' ' -f1 | xargs -rn1 ip netns del",
-            demo.daemon.instance,
-            std::process::id()
+            "  for ns in $(ip netns list | grep -o '^{prefix}[^ ]*'); do ip netns pids $ns | xargs -r kill; ip netns del $ns; done"
         );
         std::mem::forget(demo);
     } else {
