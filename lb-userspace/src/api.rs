@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 pub const RUN_ROOT: &str = "/run/lb";
@@ -169,5 +169,3 @@ pub async fn reply(stream: &mut UnixStream, response: &Response) -> Result<()> {
     stream.write_all(&line).await?;
     Ok(())
 }
-
-use tokio::io::AsyncReadExt as _;

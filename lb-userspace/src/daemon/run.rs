@@ -48,7 +48,8 @@ pub async fn run(config_file: &Path) -> Result<()> {
         pins: pins.clone(),
         store,
         state: Default::default(),
-        slots: if reused { slots.clone() } else { Slots::default() },
+        // Slots name entries of the pinned maps: only meaningful when those maps were reused.
+        slots: if reused { slots } else { Slots::default() },
         macs: HashMap::new(),
         published: HashMap::new(),
         built_from: HashMap::new(),
