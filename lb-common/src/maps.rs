@@ -38,6 +38,9 @@ pub const PASS_PROGRAM_NAME: &str = "lb_pass";
 /// Cost floors for benchmarks: XDP_DROP, and a MAC swap with XDP_TX.
 pub const FLOOR_DROP_PROGRAM_NAME: &str = "floor_drop";
 pub const FLOOR_TX_PROGRAM_NAME: &str = "floor_tx";
+/// Counts and drops every frame (benchmark receivers), into `SINK_COUNT`.
+pub const SINK_PROGRAM_NAME: &str = "sink";
+pub const MAP_SINK_COUNT: &str = "SINK_COUNT";
 
 /// XDP verdicts (uapi `enum xdp_action`).
 pub const XDP_DROP: u32 = 1;

@@ -21,6 +21,16 @@ pub fn floor_drop(_ctx: XdpContext) -> u32 {
     XDP_DROP
 }
 
+/// Counts and drops every frame: the receiving end of throughput benchmarks.
+#[xdp]
+pub fn sink(_ctx: XdpContext) -> u32 {
+    if let Some(count) = crate::maps::SINK_COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        unsafe { *count += 1 };
+    }
+    XDP_DROP
+}
+
 /// Swaps the MAC addresses and sends the frame back: the floor of any forwarding XDP program.
 #[xdp]
 pub fn floor_tx(ctx: XdpContext) -> u32 {

@@ -33,5 +33,9 @@ pub static STATS_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON
 #[map(name = "STATS_VIP")]
 pub static STATS_VIP: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
+/// Frames counted by the `sink` benchmark program.
+#[map(name = "SINK_COUNT")]
+pub static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "STATS_BACKEND")]
 pub static STATS_BACKEND: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

@@ -20,6 +20,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
+    // Like other Unix tools, stop quietly when the reader of our output goes away (`lb … | head`).
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {

@@ -39,6 +39,10 @@ fn config(topology: &Topology, check: &str, backends: &[(usize, bool)]) -> Strin
     config
 }
 
+fn addr(i: usize, topology: &Topology) -> String {
+    format!("{}:{SERVICE_PORT}", topology.backends[i].v4)
+}
+
 fn check(kind: &str, rise: u64) -> String {
     let extra = if kind == "http" { ", path = \"/healthz\", expect_status = 200" } else { "" };
     format!(
@@ -86,7 +90,7 @@ fn failure_and_recovery(kind: &str, fail: impl FnOnce(&mut Topology), repair: im
         &config(&topology, &check(kind, RISE), &[(0, false), (1, false), (2, false)]),
     )
     .unwrap();
-    let victim = format!("{}:{SERVICE_PORT}", topology.backends[0].v4);
+    let victim = addr(0, &topology);
     wait_for_state(&daemon, &victim, "serving", Duration::from_secs(5));
     assert!(spread(&topology, 60).contains_key("be1"), "be1 serves before the failure");
 
@@ -182,12 +186,7 @@ fn established_connections_to_healthy_backends_survive_a_failure() {
         })
         .unwrap();
     topology.backends[0].stop_server();
-    wait_for_state(
-        &daemon,
-        &format!("{}:{SERVICE_PORT}", topology.backends[0].v4),
-        "down",
-        detection_bound() + Duration::from_secs(2),
-    );
+    wait_for_state(&daemon, &addr(0, &topology), "down", detection_bound() + Duration::from_secs(2));
     for (stream, name) in &connections {
         (&*stream).write_all(b"still there?\n").unwrap_or_else(|e| panic!("connection to {name} broke: {e}"));
         let mut line = String::new();
@@ -208,7 +207,6 @@ fn backup_serves_only_while_every_primary_is_down() {
         &config(&topology, &check("tcp", RISE), &[(0, false), (1, false), (2, true)]),
     )
     .unwrap();
-    let addr = |i: usize, t: &Topology| format!("{}:{SERVICE_PORT}", t.backends[i].v4);
     wait_for_state(&daemon, &addr(0, &topology), "serving", Duration::from_secs(5));
     wait_for_state(&daemon, &addr(1, &topology), "serving", Duration::from_secs(5));
     wait_for_state(&daemon, &addr(2, &topology), "standby", Duration::from_secs(5));
@@ -245,8 +243,10 @@ fn a_drained_backend_keeps_its_connections_and_gets_no_new_ones() {
         &config(&topology, &check("tcp", RISE), &[(0, false), (1, false)]),
     )
     .unwrap();
-    let be1 = format!("{}:{SERVICE_PORT}", topology.backends[0].v4);
+    let be1 = addr(0, &topology);
     wait_for_state(&daemon, &be1, "serving", Duration::from_secs(5));
+    // Both must serve before the drain, or the VIP is briefly left without a backend.
+    wait_for_state(&daemon, &addr(1, &topology), "serving", Duration::from_secs(5));
     let stream = topology
         .client
         .enter(|| {

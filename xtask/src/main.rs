@@ -126,6 +126,9 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
     cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "dataplane-cost", "--", iterations, "5"])?;
     println!();
     cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "control-plane-cost", "--", "5"])?;
+    println!();
+    let packets = if quick { "200000" } else { "1000000" };
+    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "e2e-pps", "--", packets])?;
     println!("\n# Health-check engine CPU (checks on loopback servers)\n");
     let (backends, seconds) = if quick { ("1000", "5") } else { ("5000", "20") };
     for kind in ["tcp", "http", "icmp"] {

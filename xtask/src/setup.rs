@@ -9,9 +9,20 @@ use std::path::Path;
 use std::process::Command;
 
 /// Debian packages: the eBPF toolchain (compiler, its std source, LLVM 22 for bpf-linker) and the
-/// tools the tests and the demo drive (namespaces, veths, offload settings, ping, curl).
-const PACKAGES: &[&str] =
-    &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev", "iproute2", "ethtool", "iputils-ping", "curl"];
+/// tools the tests, the demo and the benchmarks drive (namespaces, veths, offload settings,
+/// ping, curl, trafgen from netsniff-ng, nftables).
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "iproute2",
+    "ethtool",
+    "iputils-ping",
+    "curl",
+    "netsniff-ng",
+    "nftables",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
 

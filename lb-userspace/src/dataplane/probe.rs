@@ -5,7 +5,7 @@ use super::{AttachMode, Dataplane, EBPF_OBJECT, program_mut};
 use anyhow::{Context, Result, anyhow};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::maps::{MAP_CONNS, MAP_NAT_REV, MAP_RINGS, PASS_PROGRAM_NAME};
+use lb_common::maps::{MAP_CONNS, MAP_NAT_REV, MAP_RINGS, MAP_SINK_COUNT, PASS_PROGRAM_NAME, SINK_PROGRAM_NAME};
 use std::time::Duration;
 
 impl Dataplane {
@@ -99,5 +99,31 @@ impl PassThrough {
             aya::programs::links::FdLink::try_from(link).context("the pass-through attach gave no BPF link")?;
         fd_link.pin(path).with_context(|| format!("pinning the pass-through link at {}", path.display()))?;
         Ok(())
+    }
+}
+
+/// Counts and drops every frame arriving on an interface: the receiving end of throughput
+/// benchmarks. Detached when dropped.
+pub struct Sink {
+    ebpf: Ebpf,
+}
+
+impl Sink {
+    pub fn attach(interface: &str, mode: AttachMode) -> Result<Self> {
+        let mut ebpf = small_object()?;
+        let program: &mut Xdp = ebpf
+            .program_mut(SINK_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {SINK_PROGRAM_NAME} missing from the object"))?
+            .try_into()?;
+        program.load().context("loading the sink program")?;
+        program.attach(interface, mode.xdp_mode()).with_context(|| format!("attaching the sink to {interface}"))?;
+        Ok(Self { ebpf })
+    }
+
+    /// Frames received so far, over all CPUs.
+    pub fn count(&self) -> Result<u64> {
+        let map = self.ebpf.map(MAP_SINK_COUNT).ok_or_else(|| anyhow!("map {MAP_SINK_COUNT} missing"))?;
+        let counts: aya::maps::PerCpuArray<&aya::maps::MapData, u64> = aya::maps::PerCpuArray::try_from(map)?;
+        Ok(counts.get(&0, 0)?.iter().sum())
     }
 }
