@@ -18,6 +18,11 @@ pub fn socket_path(instance: &str) -> PathBuf {
     Path::new(RUN_ROOT).join(format!("{instance}.sock"))
 }
 
+/// Runtime files of one instance other than its socket (BIRD's configuration and socket).
+pub fn run_dir(instance: &str) -> PathBuf {
+    Path::new(RUN_ROOT).join(instance)
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -57,6 +62,8 @@ pub enum Request {
         dst: SocketAddr,
         protocol: Protocol,
     },
+    /// Hand the VIPs over to the standby (maintenance).
+    Failover,
     /// Stop the daemon; with `detach`, also remove the program, pins and saved state.
     Shutdown {
         detach: bool,

@@ -58,6 +58,8 @@ pub enum Command {
         #[arg(long, default_value = "tcp", value_parser = Protocol::parse)]
         proto: Protocol,
     },
+    /// Active/standby: hand the VIPs over to the standby now (maintenance of the active node).
+    Failover,
     /// Remove the data plane of an instance: program, pins and saved state (stops its daemon).
     Detach,
     /// Load the embedded XDP program through the verifier, without attaching it.
@@ -165,6 +167,7 @@ pub async fn run_client(cli: Cli) -> Result<()> {
             Request::Apply { file: file.display().to_string(), source, dry_run }
         }
         Command::Status => Request::Status,
+        Command::Failover => Request::Failover,
         Command::Stats => Request::Stats,
         Command::Explain { src, dst, proto } => Request::Explain { src, dst, protocol: proto },
         Command::Daemon { .. } | Command::Detach | Command::Verify => unreachable!("handled by main"),
@@ -189,6 +192,7 @@ pub async fn run_client(cli: Cli) -> Result<()> {
             println!("decided by: {}", e.decided_by);
             println!("why:        {}", e.detail);
         }
+        Request::Failover => println!("{}", data.as_str().unwrap_or_default()),
         _ => {
             let report: ApplyReport = serde_json::from_value(data).map_err(|_| typed("change report"))?;
             if report.changes.is_empty() {
@@ -262,6 +266,22 @@ fn print_status(s: &StatusReport) {
         ("pins", s.pin_dir.clone()),
     ] {
         t.add_row(vec![k.to_string(), v]);
+    }
+    if let Some(v) = &s.vrrp {
+        let state = match &v.fault {
+            Some(fault) => format!("{} ({fault})", v.state),
+            None => v.state.clone(),
+        };
+        t.add_row(vec!["vrrp".into(), format!("vrid {} priority {}: {state}", v.vrid, v.priority)]);
+        t.add_row(vec!["vrrp master".into(), v.master.clone().unwrap_or_else(|| "unknown".into())]);
+        t.add_row(vec!["vrrp addresses".into(), v.addresses.join(" ")]);
+        t.add_row(vec!["peer".into(), format!("{}: {}", v.peer, v.sync)]);
+        t.add_row(vec!["state digest".into(), v.digest.clone()]);
+    }
+    if let Some(b) = &s.bgp {
+        t.add_row(vec!["bgp".into(), format!("neighbor {}: {}", b.neighbor, b.session)]);
+        let announced = if b.announced.is_empty() { "nothing".into() } else { b.announced.join(" ") };
+        t.add_row(vec!["bgp announces".into(), announced]);
     }
     println!("{t}");
 }

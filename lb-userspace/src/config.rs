@@ -1,6 +1,10 @@
 //! The declarative TOML configuration: parsed and validated as a whole before anything is applied.
 //! Every problem is reported as `FILE:LINE: FIELD: message`.
 
+mod redundancy;
+
+pub use redundancy::{BgpSettings, VrrpSettings};
+
 use crate::dataplane::{AttachMode, DataplaneSizes};
 use crate::model::{BackendSpec, CheckKind, CheckSpec, DEFAULT_SNAT_PORTS, DesiredState, Mode, Protocol, VipSpec};
 use lb_common::maglev::is_prime;
@@ -19,6 +23,8 @@ pub struct DaemonSettings {
     pub instance: String,
     pub metrics: Option<SocketAddr>,
     pub sizes: DataplaneSizes,
+    pub vrrp: Option<VrrpSettings>,
+    pub bgp: Option<BgpSettings>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +51,8 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     daemon: Spanned<RawDaemon>,
+    vrrp: Option<redundancy::RawVrrp>,
+    bgp: Option<redundancy::RawBgp>,
     #[serde(default)]
     vip: Vec<Spanned<RawVip>>,
 }
@@ -156,7 +164,13 @@ pub fn parse(file: &str, source: &str) -> Result<Config, ConfigError> {
             return Err(ConfigError { problems: report.problems });
         }
     };
-    let daemon = convert_daemon(&mut report, &raw.daemon);
+    let mut daemon = convert_daemon(&mut report, &raw.daemon);
+    let vrrp = raw.vrrp.as_ref().map(|v| redundancy::convert_vrrp(&mut report, v));
+    let bgp = raw.bgp.as_ref().map(|b| redundancy::convert_bgp(&mut report, b));
+    if let Some(daemon) = &mut daemon {
+        daemon.vrrp = vrrp.flatten();
+        daemon.bgp = bgp.flatten();
+    }
     let vips: Vec<Option<VipSpec>> = raw.vip.iter().map(|v| convert_vip(&mut report, v)).collect();
     let (Some(daemon), true) = (daemon, report.problems.is_empty()) else {
         return Err(ConfigError { problems: report.problems });
@@ -274,6 +288,8 @@ fn convert_daemon(report: &mut Report, daemon: &Spanned<RawDaemon>) -> Option<Da
         instance,
         metrics,
         sizes: DataplaneSizes { max_vips, ring_size, max_conns },
+        vrrp: None,
+        bgp: None,
     })
 }
 

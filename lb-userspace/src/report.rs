@@ -18,6 +18,39 @@ pub struct StatusReport {
     pub ring_size: u32,
     pub max_vips: u32,
     pub max_conns: u32,
+    /// Active/standby state, when `[vrrp]` is configured.
+    #[serde(default)]
+    pub vrrp: Option<VrrpStatus>,
+    /// Active/active announcements, when `[bgp]` is configured.
+    #[serde(default)]
+    pub bgp: Option<BgpStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VrrpStatus {
+    pub vrid: u8,
+    pub priority: u8,
+    /// "master", "backup", "fault" or "initialize".
+    pub state: String,
+    /// Why this node is in fault, if it is.
+    pub fault: Option<String>,
+    /// The current master's address, when known.
+    pub master: Option<String>,
+    /// The addresses the pair owns (VIPs and SNAT addresses).
+    pub addresses: Vec<String>,
+    pub peer: String,
+    /// "in sync", "out of sync: …" or "never synchronised".
+    pub sync: String,
+    /// Digest of this node's desired state (equal on both nodes when in sync).
+    pub digest: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BgpStatus {
+    pub neighbor: String,
+    /// BIRD's view of the session ("Established", "Active", …).
+    pub session: String,
+    pub announced: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

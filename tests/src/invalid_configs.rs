@@ -28,6 +28,9 @@ backup = false
 address = "{b2}"
 "#;
 
+/// The valid rest of a `[vrrp]` section after its `vrid` line (listen, peer, key: 3 lines).
+const VRRP_REST: &str = "listen = \"10.0.0.2:7946\"\npeer = \"10.0.0.4:7946\"\nkey = \"0123456789abcdef\"";
+
 /// Placeholder for the file name in expected errors.
 pub const FILE: &str = "{file}";
 
@@ -206,6 +209,35 @@ pub fn cases(instance: &str, b1: &str, b2: &str) -> Vec<(&'static str, String, S
             "bad backend MAC",
             edit("weight = 1", "weight = 1\nmac = \"02:00:00:00:01\""),
             format!("{FILE}:20: vip \"web\" backend #1: mac: \"02:00:00:00:01\" is not a MAC address"),
+        ),
+        (
+            "VRRP router id 0",
+            edit("ring_size = 65537", &format!("ring_size = 65537\n\n[vrrp]\nvrid = 0\n{VRRP_REST}")),
+            format!("{FILE}:10: vrrp.vrid: 0 is not a virtual router id (1-255)"),
+        ),
+        (
+            "VRRP interval not in centiseconds",
+            edit(
+                "ring_size = 65537",
+                &format!("ring_size = 65537\n\n[vrrp]\nvrid = 7\nadvert_interval = \"15ms\"\n{VRRP_REST}"),
+            ),
+            format!("{FILE}:11: vrrp.advert_interval: \"15ms\": VRRPv3 intervals are whole centiseconds"),
+        ),
+        (
+            "VRRP key too short",
+            edit(
+                "ring_size = 65537",
+                &format!("ring_size = 65537\n\n[vrrp]\nvrid = 7\n{}", VRRP_REST.replace("0123456789abcdef", "short")),
+            ),
+            format!("{FILE}:13: vrrp.key: the shared key must be at least 16 characters"),
+        ),
+        (
+            "BGP router id not an address",
+            edit(
+                "ring_size = 65537",
+                "ring_size = 65537\n\n[bgp]\nlocal_as = 65001\nrouter_id = \"node-a\"\nneighbor = \"10.0.1.1\"\nneighbor_as = 65000",
+            ),
+            format!("{FILE}:11: bgp.router_id: \"node-a\" is not a router id (an IPv4 address)"),
         ),
         (
             "too many VIPs for max_vips",

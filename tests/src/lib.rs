@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod harness;
 pub mod invalid_configs;
 pub mod netns;
+pub mod pair;
 pub mod privilege;
 pub mod service;
 pub mod topology;

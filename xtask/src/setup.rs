@@ -22,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "curl",
     "netsniff-ng",
     "nftables",
+    "keepalived",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";

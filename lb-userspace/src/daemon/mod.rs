@@ -15,7 +15,7 @@ use crate::store::{SavedState, StateStore};
 use anyhow::{Context, Result, bail};
 use lb_common::maglev::{build_table, slots_changed};
 use lb_common::maps::{BACKEND_USABLE, Traffic};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -48,6 +48,13 @@ pub struct Daemon {
     health: HealthEngine,
     started: Instant,
     samples: (Option<Sample>, Option<Sample>),
+    /// Announces the servable VIPs over BGP, when configured.
+    pub(crate) bgp: Option<crate::ha::bgp::Announcer>,
+    /// This node's half of an active/standby pair, when configured.
+    pub(crate) pair: Option<crate::ha::pair::Pair>,
+    pub(crate) sync: crate::ha::pair::SyncView,
+    /// Wakes the replication to the standby after a change.
+    pub(crate) replicate_now: std::sync::Arc<tokio::sync::Notify>,
     /// Set by a shutdown request: `Some(true)` also detaches the data plane.
     pub stop: Option<bool>,
 }
@@ -81,6 +88,7 @@ impl Daemon {
             tracing::info!(cause, "{change}");
         }
         self.persist().context("the change is live but could not be saved; it will be lost on restart")?;
+        self.announce();
         Ok(changes)
     }
 
@@ -222,6 +230,76 @@ impl Daemon {
         });
     }
 
+    /// The VIP addresses this node can serve now: those with at least one usable backend.
+    pub fn servable_addresses(&self) -> BTreeSet<IpAddr> {
+        let down = self.down_backends(&self.state);
+        self.state
+            .vips
+            .iter()
+            .filter(|vip| !table_members(vip, &self.slots, &|b| !down.contains(&backend_id(vip, b.address))).is_empty())
+            .map(|vip| vip.address.ip())
+            .collect()
+    }
+
+    /// Tells the redundancy mechanisms what this node can serve: BGP announces exactly that;
+    /// VRRP learns the addresses the pair owns and whether this node is fit to be master.
+    pub(crate) fn announce(&mut self) {
+        let servable = self.servable_addresses();
+        if let Some(bgp) = &mut self.bgp
+            && let Err(error) = bgp.announce(&servable)
+        {
+            tracing::error!("updating the BGP announcements failed: {error:#}");
+        }
+        if let Some(pair) = &self.pair {
+            let mut addresses: Vec<IpAddr> =
+                self.state.vips.iter().flat_map(|v| [Some(v.address.ip()), v.snat]).flatten().collect();
+            addresses.sort();
+            addresses.dedup();
+            let fault = if self.attachment.is_none() {
+                Some("the data plane is not attached".to_string())
+            } else {
+                self.state
+                    .vips
+                    .iter()
+                    .find(|v| !servable.contains(&v.address.ip()))
+                    .map(|v| format!("VIP {:?} has no usable backend", v.name))
+            };
+            let mut view = pair.view.lock().expect("pair view poisoned");
+            view.addresses = addresses;
+            view.fault = fault;
+        }
+        self.replicate_now.notify_one();
+    }
+
+    /// Edits are made on the active node only: a standby takes its state from the active one.
+    fn ensure_active(&self) -> Result<()> {
+        let Some(pair) = &self.pair else { return Ok(()) };
+        let view = pair.view.lock().expect("pair view poisoned");
+        if view.is_master() {
+            return Ok(());
+        }
+        match view.master() {
+            Some(master) => {
+                bail!("this node is the standby ({}); make changes on the active node {master}", view.role())
+            }
+            None => bail!("this node is the standby ({}); make changes on the active node", view.role()),
+        }
+    }
+
+    /// The desired state pushed by the active node: applied whole, unless this node is the
+    /// active one itself (two masters: refuse rather than overwrite). Returns our digest after.
+    pub(crate) fn accept_replica(&mut self, push: crate::ha::replication::Push) -> Result<String> {
+        if self.pair.as_ref().is_some_and(|p| p.view.lock().expect("pair view poisoned").is_master()) {
+            bail!("{} is master itself: not taking the state of {}", self.settings.instance, push.from);
+        }
+        if push.digest != crate::store::digest(&self.state) {
+            self.apply(push.state, "replicated from the active node")?;
+        }
+        let digest = crate::store::digest(&self.state);
+        self.sync.last_received = Some((Instant::now(), push.from, digest.clone()));
+        Ok(digest)
+    }
+
     /// Backends whose health check says down.
     fn down_backends(&self, state: &DesiredState) -> HashSet<String> {
         state
@@ -245,6 +323,7 @@ impl Daemon {
             tracing::error!(%vip, %backend, "publishing after a health transition failed: {error:#}");
             return;
         }
+        self.announce();
         let Some(spec) = self.state.vip(&vip) else { return };
         if health == Health::Down
             && spec.mode == Mode::Nat

@@ -24,6 +24,7 @@ impl Daemon {
             Request::Stats => Ok(Response::success(self.stats_report())),
             Request::Explain { src, dst, protocol } => self.explain(src, dst, protocol).map(Response::success),
             Request::Apply { file, source, dry_run } => self.apply_file(&file, &source, dry_run).map(Response::success),
+            Request::Failover => self.failover().map(Response::success),
             Request::Shutdown { detach } => {
                 self.stop = Some(detach);
                 Ok(Response::success("stopping"))
@@ -38,6 +39,7 @@ impl Daemon {
 
     /// A CLI edit: the current state with one change, applied whole.
     fn edit(&mut self, request: Request) -> Result<Vec<String>> {
+        self.ensure_active()?;
         let mut state = self.state.clone();
         let cause = match request {
             Request::VipAdd { vip } => {
@@ -107,6 +109,12 @@ impl Daemon {
         if ours.sizes != theirs.sizes {
             differing.push("ring_size/max_vips/max_conns");
         }
+        if ours.vrrp != theirs.vrrp {
+            differing.push("[vrrp]");
+        }
+        if ours.bgp != theirs.bgp {
+            differing.push("[bgp]");
+        }
         if !differing.is_empty() {
             bail!(
                 "{file}: [daemon] settings differ from the running daemon ({}): restart the daemon to change them",
@@ -121,11 +129,28 @@ impl Daemon {
                     self.state.vip(&vip.name).and_then(|v| v.backend(backend.address)).is_some_and(|b| b.drained);
             }
         }
+        if !dry_run {
+            self.ensure_active()?;
+        }
         if dry_run {
             self.plan(state.clone())?;
             return Ok(ApplyReport { changes: super::diff::changes(&self.state, &state), dry_run });
         }
         Ok(ApplyReport { changes: self.apply(state, "apply")?, dry_run })
+    }
+
+    /// `lb failover`: the master gives up the VIPs to the standby (maintenance).
+    fn failover(&mut self) -> Result<String> {
+        let Some(pair) = &self.pair else {
+            bail!("no [vrrp] section in the configuration: this node has no standby to hand over to")
+        };
+        let mut view = pair.view.lock().expect("pair view poisoned");
+        if !view.is_master() {
+            bail!("this node is not the master ({}): nothing to hand over", view.role());
+        }
+        view.hand_over += 1;
+        tracing::warn!(peer = %pair.settings.peer.ip(), "failover requested by the operator");
+        Ok(format!("handing the VIPs over to the standby {}", pair.settings.peer.ip()))
     }
 
     fn status(&self) -> Result<StatusReport> {
@@ -147,6 +172,22 @@ impl Daemon {
             ring_size: self.settings.sizes.ring_size,
             max_vips: self.settings.sizes.max_vips,
             max_conns: self.settings.sizes.max_conns,
+            vrrp: self.pair.as_ref().map(|pair| {
+                let view = pair.view.lock().expect("pair view poisoned");
+                let digest = crate::store::digest(&self.state);
+                VrrpStatus {
+                    vrid: pair.settings.vrid,
+                    priority: pair.settings.priority,
+                    state: view.role(),
+                    fault: view.fault.clone(),
+                    master: view.master().map(|m| m.to_string()),
+                    addresses: view.addresses.iter().map(ToString::to_string).collect(),
+                    peer: pair.settings.peer.to_string(),
+                    sync: self.sync.describe(view.is_master(), &digest),
+                    digest,
+                }
+            }),
+            bgp: self.bgp.as_ref().map(|b| b.status()),
         })
     }
 

@@ -57,6 +57,10 @@ pub async fn run(config_file: &Path) -> Result<()> {
         health: crate::health::HealthEngine::new(tokio::runtime::Handle::current(), transitions),
         started: Instant::now(),
         samples: (None, None),
+        bgp: None,
+        pair: None,
+        sync: Default::default(),
+        replicate_now: Arc::new(tokio::sync::Notify::new()),
         stop: None,
     };
     if reused {
@@ -81,7 +85,30 @@ pub async fn run(config_file: &Path) -> Result<()> {
     daemon.attachment = Some(attachment);
     tracing::info!(interface = %settings.interface, ?attachment, changes = changes.len(), "data plane attached; serving");
 
+    if let Some(bgp) = &settings.bgp {
+        let run_dir = api::run_dir(&instance).join("bgp");
+        daemon.bgp = Some(crate::ha::bgp::Announcer::start(bgp, &run_dir)?);
+        daemon.announce();
+    }
+    let replication = match &settings.vrrp {
+        Some(vrrp) => {
+            let listener = tokio::net::TcpListener::bind(vrrp.listen)
+                .await
+                .with_context(|| format!("vrrp.listen: cannot listen on {}", vrrp.listen))?;
+            daemon.pair = Some(crate::ha::pair::Pair::start(vrrp, &settings.interface, Default::default())?);
+            daemon.announce();
+            Some((vrrp.clone(), listener))
+        }
+        None => None,
+    };
     let daemon = Arc::new(Mutex::new(daemon));
+    if let Some((vrrp, listener)) = replication {
+        let receiver = daemon.clone();
+        tokio::spawn(crate::ha::replication::serve(listener, vrrp.key.clone(), move |push| {
+            receiver.lock().map_err(|_| anyhow!("daemon state poisoned"))?.accept_replica(push)
+        }));
+        tokio::spawn(replicate(daemon.clone(), vrrp));
+    }
     if let Some(address) = settings.metrics {
         tokio::spawn(serve_metrics(address, daemon.clone(), instance.clone()));
     }
@@ -115,6 +142,20 @@ pub async fn run(config_file: &Path) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(api::socket_path(&instance));
+    let pair = daemon.lock().ok().and_then(|mut d| d.pair.take());
+    if let Some(mut pair) = pair {
+        // Going down: the standby takes over now (priority 0) rather than after a timeout.
+        pair.stop();
+    }
+    if let Ok(mut daemon) = daemon.lock()
+        && let Some(bgp) = &mut daemon.bgp
+    {
+        // Going down: routers must stop sending us traffic before we stop supervising it.
+        match bgp.stop() {
+            Ok(()) => tracing::info!("BGP announcements withdrawn, BIRD stopped"),
+            Err(error) => tracing::error!("stopping BIRD failed: {error:#}"),
+        }
+    }
     let detach = daemon.lock().map(|d| d.stop == Some(true)).unwrap_or(false);
     if detach {
         let daemon = daemon.lock().map_err(|_| anyhow!("daemon state poisoned"))?;
@@ -148,6 +189,44 @@ async fn serve_connection(
     let _ = api::reply(&mut stream, &response).await;
     if stop {
         stopped.notify_one();
+    }
+}
+
+/// On the master, pushes the desired state to the standby after every change and every second.
+async fn replicate(daemon: Arc<Mutex<Daemon>>, vrrp: crate::config::VrrpSettings) {
+    let wake = daemon.lock().map(|d| d.replicate_now.clone()).expect("daemon state poisoned");
+    loop {
+        let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+        let push = {
+            let Ok(daemon) = daemon.lock() else { return };
+            let master = daemon.pair.as_ref().is_some_and(|p| p.view.lock().is_ok_and(|v| v.is_master()));
+            if !master {
+                continue;
+            }
+            crate::ha::replication::Push {
+                from: vrrp.listen,
+                digest: crate::store::digest(&daemon.state),
+                state: daemon.state.clone(),
+            }
+        };
+        let outcome = match crate::ha::replication::send(vrrp.peer, &vrrp.key, &push).await {
+            Ok(ack) if ack.ok => Ok(ack.digest.unwrap_or_default()),
+            Ok(ack) => Err(format!("the standby refused: {}", ack.error.unwrap_or_default())),
+            Err(error) => Err(format!("{error:#}")),
+        };
+        if let Ok(mut daemon) = daemon.lock() {
+            let changed = match (&daemon.sync.last_push, &outcome) {
+                (Some((_, before)), now) => before.is_ok() != now.is_ok(),
+                (None, _) => true,
+            };
+            if changed {
+                match &outcome {
+                    Ok(digest) => tracing::info!(peer = %vrrp.peer, %digest, "standby synchronised"),
+                    Err(error) => tracing::warn!(peer = %vrrp.peer, "standby not synchronised: {error}"),
+                }
+            }
+            daemon.sync.last_push = Some((Instant::now(), outcome));
+        }
     }
 }
 

@@ -1,0 +1,307 @@
+//! This node's half of an active/standby pair: one VRRPv3 virtual router per address family,
+//! driven on its own thread (advertisements must not wait behind a slow API request), owning
+//! the pair's addresses while master; the daemon feeds it what to own and whether it is fit.
+
+use super::takeover;
+use super::vrrp::machine::{Action, Machine, MachineConfig, State};
+use super::vrrp::packet::Advertisement;
+use super::vrrp_net::{VrrpSocket, primary_address};
+use crate::config::VrrpSettings;
+use anyhow::Result;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often a router thread looks at the daemon's inputs when nothing else wakes it.
+const POLL: Duration = Duration::from_millis(50);
+
+/// What the daemon tells the routers, and what they report back.
+#[derive(Debug, Default)]
+pub struct PairView {
+    /// The addresses the pair owns (VIPs and SNAT addresses), sorted.
+    pub addresses: Vec<IpAddr>,
+    /// Why this node must not be master (data plane not attached, a VIP without backends).
+    pub fault: Option<String>,
+    /// Bumped by `lb failover`: a master hands over once per bump.
+    pub hand_over: u64,
+    pub stopping: bool,
+    /// Per family (IPv4, IPv6): state and the master's address as last seen.
+    pub routers: [RouterView; 2],
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RouterView {
+    pub state: Option<State>,
+    pub master: Option<IpAddr>,
+    pub source: Option<IpAddr>,
+    pub error: Option<String>,
+}
+
+impl PairView {
+    pub fn is_master(&self) -> bool {
+        self.routers.iter().any(|r| r.state == Some(State::Master))
+    }
+
+    /// "master", "backup", "fault", or per family when they differ.
+    pub fn role(&self) -> String {
+        let states: Vec<(&str, State)> = ["IPv4", "IPv6"]
+            .into_iter()
+            .zip(&self.routers)
+            .filter_map(|(family, r)| Some((family, r.state?)))
+            .collect();
+        let name = |s: State| format!("{s:?}").to_lowercase();
+        match states.as_slice() {
+            [] => "initialize".into(),
+            [(_, s)] => name(*s),
+            [(_, a), (_, b)] if a == b => name(*a),
+            many => many.iter().map(|(f, s)| format!("{} ({f})", name(*s))).collect::<Vec<_>>().join(", "),
+        }
+    }
+
+    pub fn master(&self) -> Option<IpAddr> {
+        self.routers.iter().find_map(|r| r.master)
+    }
+}
+
+pub struct Pair {
+    pub settings: VrrpSettings,
+    pub view: Arc<Mutex<PairView>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pair {
+    /// Starts both routers on `interface`; each one owns the addresses of its family.
+    pub fn start(settings: &VrrpSettings, interface: &str, view: PairView) -> Result<Self> {
+        let view = Arc::new(Mutex::new(view));
+        let mut threads = Vec::new();
+        for ipv6 in [false, true] {
+            let (settings, interface, view) = (settings.clone(), interface.to_string(), view.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(if ipv6 { "vrrp-v6" } else { "vrrp-v4" }.into())
+                    .spawn(move || router(&settings, &interface, ipv6, &view))?,
+            );
+        }
+        Ok(Self { settings: settings.clone(), view, threads })
+    }
+
+    /// Gives up mastership (priority 0, addresses removed) and waits for the routers to end.
+    pub fn stop(&mut self) {
+        if let Ok(mut view) = self.view.lock() {
+            view.stopping = true;
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One virtual router: runs until the daemon stops, restarting after errors.
+fn router(settings: &VrrpSettings, interface: &str, ipv6: bool, view: &Mutex<PairView>) {
+    let family = usize::from(ipv6);
+    loop {
+        let error = match run_router(settings, interface, ipv6, view) {
+            Ok(()) => return,
+            Err(error) => format!("{error:#}"),
+        };
+        let mut v = view.lock().expect("pair view poisoned");
+        if v.stopping {
+            return;
+        }
+        if v.routers[family].error.as_deref() != Some(&error) {
+            tracing::error!(family = if ipv6 { "IPv6" } else { "IPv4" }, "VRRP router failed: {error}");
+        }
+        v.routers[family] = RouterView { error: Some(error), ..Default::default() };
+        drop(v);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn run_router(settings: &VrrpSettings, interface: &str, ipv6: bool, view: &Mutex<PairView>) -> Result<()> {
+    let family = usize::from(ipv6);
+    let label = if ipv6 { "IPv6" } else { "IPv4" };
+    let mine = |v: &PairView| -> Vec<IpAddr> { v.addresses.iter().filter(|a| a.is_ipv6() == ipv6).copied().collect() };
+    // Idle until this family has something to own.
+    let (addresses, fault, mut hand_over) = loop {
+        let v = view.lock().expect("pair view poisoned");
+        if v.stopping {
+            return Ok(());
+        }
+        let addresses = mine(&v);
+        if !addresses.is_empty() {
+            break (addresses, v.fault.clone(), v.hand_over);
+        }
+        drop(v);
+        std::thread::sleep(POLL);
+    };
+    let source = primary_address(interface, ipv6, &addresses)?;
+    let socket = VrrpSocket::open(interface, source)?;
+    // Whatever a previous run left behind: only a master holds the addresses.
+    takeover::release(interface, &addresses)?;
+    let mut machine = Machine::new(MachineConfig {
+        vrid: settings.vrid,
+        priority: settings.priority,
+        advert_interval: settings.advert_interval,
+        preempt: settings.preempt,
+        primary_address: source,
+    });
+    let mut owned = addresses;
+    let mut healthy = fault.is_none();
+    let now = Instant::now();
+    let mut actions = machine.start(now);
+    if !healthy {
+        actions.extend(machine.set_healthy(false, now));
+    }
+    tracing::info!(family = label, %source, vrid = settings.vrid, priority = settings.priority, "VRRP router started");
+    let mut mismatch_logged = false;
+    loop {
+        perform(&actions, &machine, &socket, interface, &owned, settings)?;
+        {
+            let mut v = view.lock().expect("pair view poisoned");
+            v.routers[family] = RouterView {
+                state: Some(machine.state()),
+                master: machine.master().or_else(|| (machine.state() == State::Master).then_some(source)),
+                source: Some(source),
+                error: None,
+            };
+        }
+        let now = Instant::now();
+        let (addresses, fault, bump, stopping) = {
+            let v = view.lock().expect("pair view poisoned");
+            (mine(&v), v.fault.clone(), v.hand_over, v.stopping)
+        };
+        if stopping || addresses.is_empty() {
+            let actions = machine.shutdown(now);
+            perform(&actions, &machine, &socket, interface, &owned, settings)?;
+            takeover::release(interface, &owned)?;
+            tracing::info!(family = label, "VRRP router stopped; addresses released");
+            view.lock().expect("pair view poisoned").routers[family] = RouterView::default();
+            return Ok(());
+        }
+        if addresses != owned {
+            if machine.state() == State::Master {
+                let gone: Vec<IpAddr> = owned.iter().filter(|a| !addresses.contains(a)).copied().collect();
+                takeover::release(interface, &gone)?;
+                takeover::claim(interface, &addresses)?;
+            }
+            owned = addresses;
+        }
+        actions = Vec::new();
+        if fault.is_none() != healthy {
+            healthy = fault.is_none();
+            match &fault {
+                Some(reason) => tracing::warn!(family = label, %reason, "VRRP: this node is not fit to be master"),
+                None => tracing::info!(family = label, "VRRP: this node is fit to be master again"),
+            }
+            actions.extend(machine.set_healthy(healthy, now));
+        }
+        if bump != hand_over {
+            hand_over = bump;
+            if machine.state() == State::Master {
+                tracing::warn!(family = label, "VRRP: handing over to the peer on request");
+                actions.extend(machine.hand_over(now));
+            }
+        }
+        if !actions.is_empty() {
+            continue;
+        }
+        let wait = machine.next_deadline().map_or(POLL, |d| d.saturating_duration_since(now)).min(POLL);
+        if let Some(packet) = socket.receive(wait)? {
+            if packet.ttl != 255 {
+                tracing::debug!(source = %packet.source, ttl = packet.ttl, "VRRP packet with TTL != 255 dropped");
+            } else {
+                match Advertisement::decode(&packet.payload, packet.source, packet.destination) {
+                    Ok(advert) if advert.vrid == settings.vrid => {
+                        if advert.addresses != owned && !mismatch_logged {
+                            mismatch_logged = true;
+                            tracing::warn!(family = label, peer = %packet.source, theirs = ?advert.addresses, ours = ?owned,
+                                "VRRP peer advertises other addresses: the two configurations differ");
+                        }
+                        actions.extend(machine.received(&advert, packet.source, Instant::now()));
+                    }
+                    Ok(_) => {} // another virtual router on the segment
+                    Err(error) => tracing::debug!(source = %packet.source, "VRRP packet dropped: {error}"),
+                }
+            }
+        }
+        actions.extend(machine.tick(Instant::now()));
+    }
+}
+
+fn perform(
+    actions: &[Action],
+    machine: &Machine,
+    socket: &VrrpSocket,
+    interface: &str,
+    owned: &[IpAddr],
+    settings: &VrrpSettings,
+) -> Result<()> {
+    for action in actions {
+        match action {
+            Action::SendAdvert { priority } => {
+                let advert = Advertisement {
+                    vrid: settings.vrid,
+                    priority: *priority,
+                    max_advert_int_cs: (settings.advert_interval.as_millis() / 10) as u16,
+                    addresses: owned.to_vec(),
+                };
+                socket.send(&advert.encode(socket.source, socket.group))?;
+            }
+            Action::BecomeMaster => {
+                takeover::claim(interface, owned)?;
+                tracing::warn!(addresses = ?owned, "VRRP: became master; addresses taken over and announced");
+            }
+            Action::BecomeBackup => {
+                takeover::release(interface, owned)?;
+                tracing::warn!(master = ?machine.master(), state = ?machine.state(), "VRRP: no longer master; addresses released");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The last replication exchanges, for `lb status`.
+#[derive(Debug, Default)]
+pub struct SyncView {
+    /// Master side: when we last pushed and what the peer answered (its digest, or the error).
+    pub last_push: Option<(Instant, Result<String, String>)>,
+    /// Standby side: when the master last pushed, from where, and the digest we then had.
+    pub last_received: Option<(Instant, std::net::SocketAddr, String)>,
+}
+
+/// A replication older than this no longer proves anything about the peer.
+const SYNC_FRESH: Duration = Duration::from_secs(5);
+
+impl SyncView {
+    pub fn describe(&self, master: bool, digest: &str) -> String {
+        let ago = |at: &Instant| format!("{:.1} s ago", at.elapsed().as_secs_f64());
+        if master {
+            match &self.last_push {
+                None => "never synchronised".into(),
+                Some((at, Ok(theirs))) if theirs == digest && at.elapsed() < SYNC_FRESH => {
+                    format!("in sync (the standby confirmed {})", ago(at))
+                }
+                Some((at, Ok(theirs))) if theirs == digest => format!("out of sync: last confirmed {}", ago(at)),
+                Some((_, Ok(theirs))) => format!("out of sync: the standby holds {theirs}"),
+                Some((at, Err(error))) => format!("out of sync: {error} ({})", ago(at)),
+            }
+        } else {
+            match &self.last_received {
+                None => "never synchronised".into(),
+                Some((at, from, theirs)) if theirs == digest && at.elapsed() < SYNC_FRESH => {
+                    format!("in sync with {} ({})", from.ip(), ago(at))
+                }
+                Some((at, from, _)) => {
+                    format!("out of sync: nothing from the active node {} for {}", from.ip(), ago(at))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Keeping the standby's desired state identical to the active's: the active pushes its whole
+//! state over TCP; every push answers a fresh random challenge with HMAC-SHA256 under the shared
+//! key, so a captured push cannot be replayed and nobody without the key can change a node.
+//!
+//! One exchange, one connection (lines of text):
+//! receiver → `NONCE_HEX` · sender → `PUSH_JSON` · sender → `HMAC_HEX(nonce ‖ PUSH_JSON)` ·
+//! receiver → `ACK_JSON`.
+
+use crate::model::DesiredState;
+use anyhow::{Context, Result, anyhow, bail};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Largest push accepted (a state with thousands of backends is well below).
+const MAX_LINE: usize = 8 << 20;
+/// Bound on one exchange: a silent peer must not hold a push or a receiver forever.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Push {
+    /// The sender's replication address, for logs and status.
+    pub from: SocketAddr,
+    pub digest: String,
+    pub state: DesiredState,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Ack {
+    pub ok: bool,
+    /// The receiver's digest after handling the push.
+    pub digest: Option<String>,
+    pub error: Option<String>,
+}
+
+fn mac(key: &str, nonce: &str, push: &str) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(nonce.as_bytes());
+    mac.update(b"\n");
+    mac.update(push.as_bytes());
+    mac
+}
+
+/// Sends `push` to `peer`; returns the peer's answer.
+pub async fn send(peer: SocketAddr, key: &str, push: &Push) -> Result<Ack> {
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        let stream = TcpStream::connect(peer).await.with_context(|| format!("connecting to {peer}"))?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let nonce = lines.next_line().await?.ok_or_else(|| anyhow!("{peer} closed before its challenge"))?;
+        let body = serde_json::to_string(push)?;
+        let tag = hex::encode(mac(key, &nonce, &body).finalize().into_bytes());
+        write.write_all(format!("{body}\n{tag}\n").as_bytes()).await?;
+        let answer = lines.next_line().await?.ok_or_else(|| anyhow!("{peer} closed without an answer"))?;
+        serde_json::from_str(&answer).with_context(|| format!("{peer} answered something else: {answer:?}"))
+    })
+    .await
+    .map_err(|_| anyhow!("{peer} did not answer within {EXCHANGE_TIMEOUT:?}"))?
+}
+
+/// Accepts pushes on `listener` forever; `handle` decides what to do with an authentic one and
+/// returns the digest to answer with. Unauthenticated pushes are refused and logged.
+pub async fn serve<F>(listener: TcpListener, key: String, handle: F)
+where
+    F: Fn(Push) -> Result<String> + Clone + Send + Sync + 'static,
+{
+    loop {
+        let Ok((stream, from)) = listener.accept().await else { continue };
+        let (key, handle) = (key.clone(), handle.clone());
+        tokio::spawn(async move {
+            let outcome = tokio::time::timeout(EXCHANGE_TIMEOUT, receive(stream, &key, handle)).await;
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%from, "replication push refused: {error:#}"),
+                Err(_) => tracing::warn!(%from, "replication push refused: too slow"),
+            }
+        });
+    }
+}
+
+async fn receive<F>(stream: TcpStream, key: &str, handle: F) -> Result<()>
+where
+    F: Fn(Push) -> Result<String> + Send + 'static,
+{
+    let (read, mut write) = stream.into_split();
+    let nonce = hex::encode(rand::random::<[u8; 32]>());
+    write.write_all(format!("{nonce}\n").as_bytes()).await?;
+    let mut reader = BufReader::new(read);
+    let body = read_line(&mut reader).await?;
+    let tag = read_line(&mut reader).await?;
+    let tag = hex::decode(tag.trim()).context("the authentication tag is not hex")?;
+    if mac(key, &nonce, &body).verify_slice(&tag).is_err() {
+        let ack = Ack { ok: false, digest: None, error: Some("authentication failed (check vrrp.key)".into()) };
+        write.write_all(format!("{}\n", serde_json::to_string(&ack)?).as_bytes()).await?;
+        bail!("authentication failed: the sender does not have our key");
+    }
+    let push: Push = serde_json::from_str(&body).context("malformed push")?;
+    let ack = match tokio::task::spawn_blocking(move || handle(push)).await? {
+        Ok(digest) => Ack { ok: true, digest: Some(digest), error: None },
+        Err(error) => Ack { ok: false, digest: None, error: Some(format!("{error:#}")) },
+    };
+    write.write_all(format!("{}\n", serde_json::to_string(&ack)?).as_bytes()).await?;
+    match ack.error {
+        Some(error) => bail!("{error}"),
+        None => Ok(()),
+    }
+}
+
+async fn read_line(reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Result<String> {
+    let mut line = Vec::new();
+    let read = (&mut *reader).take(MAX_LINE as u64).read_until(b'\n', &mut line).await?;
+    if read == 0 || line.last() != Some(&b'\n') {
+        bail!("the push ended early or is larger than {MAX_LINE} bytes");
+    }
+    line.pop();
+    String::from_utf8(line).context("the push is not UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    async fn receiver(key: &str) -> (SocketAddr, Arc<Mutex<Vec<Push>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        tokio::spawn(serve(listener, key.to_string(), move |push: Push| {
+            let digest = push.digest.clone();
+            sink.lock().unwrap().push(push);
+            Ok(digest)
+        }));
+        (address, received)
+    }
+
+    fn push() -> Push {
+        Push { from: "127.0.0.1:1".parse().unwrap(), digest: "abc".into(), state: DesiredState::default() }
+    }
+
+    #[tokio::test]
+    async fn a_push_with_the_right_key_is_handled_and_acknowledged() {
+        let (address, received) = receiver("0123456789abcdef").await;
+        let ack = send(address, "0123456789abcdef", &push()).await.unwrap();
+        assert!(ack.ok, "{ack:?}");
+        assert_eq!(ack.digest.as_deref(), Some("abc"));
+        assert_eq!(received.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_push_with_another_key_is_refused_and_not_handled() {
+        let (address, received) = receiver("0123456789abcdef").await;
+        let ack = send(address, "fedcba9876543210", &push()).await.unwrap();
+        assert!(!ack.ok);
+        assert!(ack.error.unwrap().contains("authentication failed"));
+        assert!(received.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_replayed_push_fails_because_the_challenge_changed() {
+        // Record what an honest sender sends for one challenge, then replay it on a new connection.
+        let (address, received) = receiver("0123456789abcdef").await;
+        let body = serde_json::to_string(&push()).unwrap();
+        let tag = hex::encode(mac("0123456789abcdef", "an-old-nonce", &body).finalize().into_bytes());
+        let stream = TcpStream::connect(address).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let _fresh_nonce = lines.next_line().await.unwrap();
+        write.write_all(format!("{body}\n{tag}\n").as_bytes()).await.unwrap();
+        let ack: Ack = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert!(!ack.ok);
+        assert!(received.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_by_the_handler_reaches_the_sender() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, "0123456789abcdef".into(), |_| bail!("this node is master")));
+        let ack = send(address, "0123456789abcdef", &push()).await.unwrap();
+        assert_eq!(ack.error.as_deref(), Some("this node is master"));
+    }
+}

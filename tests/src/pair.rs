@@ -1,0 +1,97 @@
+//! An active/standby pair on the standard test network: node a is the standard load balancer
+//! namespace (10.0.0.2), node b a second one (10.0.0.4); the client reaches the VIP on-link, so
+//! it follows whichever node answers ARP for it. The SNAT address is the pair's, not node a's.
+
+use crate::daemon::{LbDaemon, unique_instance};
+use crate::netns::Netns;
+use crate::topology::{LB_V4, SERVICE_PORT, SNAT_V4, SNAT_V6, Topology, VIP_V4};
+use anyhow::Result;
+use lb::dataplane::PassThrough;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+pub const NODE_B_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
+pub const KEEPALIVED_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
+pub const VRID: u8 = 51;
+pub const ADVERT_INTERVAL_MS: u64 = 500;
+pub const REPLICATION_PORT: u16 = 7946;
+const KEY: &str = "test-pair-shared-key-0123";
+
+pub struct PairTopology {
+    pub net: Topology,
+    pub node_b: Netns,
+    _node_b_pass: PassThrough,
+}
+
+impl PairTopology {
+    pub fn new(backends: usize) -> Result<Self> {
+        let mut net = Topology::new(backends, false)?;
+        // The VRRP group and ff02::12 must reach every port, querier or not.
+        net.bridge.ns.ip(&["link", "set", "br0", "type", "bridge", "mcast_snooping", "0"])?;
+        let node_b = Netns::new("lb-b")?;
+        let port = net.bridge.plug(&node_b, "eth0")?;
+        let node_b_pass = net.bridge.accept_xdp_tx_from(&port)?;
+        node_b.addr("eth0", &format!("{NODE_B_V4}/24"))?;
+        net.lb.ip(&["addr", "del", &format!("{SNAT_V4}/24"), "dev", "eth0"])?;
+        net.lb.ip(&["addr", "del", &format!("{SNAT_V6}/64"), "dev", "eth0"])?;
+        net.client.ip(&["route", "replace", &format!("{VIP_V4}/32"), "dev", "eth0"])?;
+        Ok(Self { net, node_b, _node_b_pass: node_b_pass })
+    }
+
+    pub fn node(&self, b: bool) -> &Netns {
+        if b { &self.node_b } else { &self.net.lb }
+    }
+
+    /// The configuration of one node: a NAT VIP over every backend with TCP checks, and VRRP.
+    pub fn config(&self, b: bool, priority: u8) -> String {
+        let (me, peer) = if b { (NODE_B_V4, LB_V4) } else { (LB_V4, NODE_B_V4) };
+        let mut config = format!(
+            "[daemon]\ninterface = \"eth0\"\ninstance = \"{{instance}}\"\nmax_vips = 4\nmax_conns = 65536\n\n\
+             [vrrp]\nvrid = {VRID}\npriority = {priority}\nadvert_interval = \"{ADVERT_INTERVAL_MS}ms\"\n\
+             listen = \"{me}:{REPLICATION_PORT}\"\npeer = \"{peer}:{REPLICATION_PORT}\"\nkey = \"{KEY}\"\n\n\
+             [[vip]]\nname = \"web\"\naddress = \"{VIP_V4}:80\"\nprotocol = \"tcp\"\nmode = \"nat\"\nsnat = \"{SNAT_V4}\"\n\
+             check = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2, initial = \"up\" }}\n"
+        );
+        for backend in &self.net.backends {
+            config.push_str(&format!("\n[[vip.backend]]\naddress = \"{}:{SERVICE_PORT}\"\n", backend.v4));
+        }
+        config
+    }
+
+    pub fn start(&self, b: bool, priority: u8) -> Result<LbDaemon> {
+        LbDaemon::start(self.node(b), &unique_instance(), &self.config(b, priority))
+    }
+}
+
+/// The daemon's `vrrp` status block.
+pub fn vrrp_status(daemon: &LbDaemon) -> Result<serde_json::Value> {
+    let status: serde_json::Value = serde_json::from_str(&daemon.ok(&["--json", "status"])?)?;
+    Ok(status["vrrp"].clone())
+}
+
+/// Polls until `check` holds for the daemon's VRRP status; returns how long it took.
+pub fn wait_vrrp(
+    daemon: &LbDaemon,
+    what: &str,
+    limit: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let status = vrrp_status(daemon)?;
+        if check(&status) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            anyhow::bail!("{what}: not within {limit:?}; status: {status}\n{}", daemon.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `ns` holds `address` on eth0 (the sign of a VRRP master there).
+pub fn holds(ns: &Netns, address: Ipv4Addr) -> bool {
+    ns.ip(&["-j", "addr", "show", "dev", "eth0"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("\"{address}\"")))
+        .unwrap_or(false)
+}

@@ -1,0 +1,154 @@
+//! Active/standby: two `lb` nodes elect a master with VRRPv3, the master owns the VIP and the
+//! SNAT address, the standby follows its desired state, and takes over when the active node is
+//! cut off or removed, while a client keeps requesting through the VIP.
+
+use lb_tests::pair::{ADVERT_INTERVAL_MS, PairTopology, holds, vrrp_status, wait_vrrp};
+use lb_tests::privilege::require_root;
+use lb_tests::service::{tcp_request, tcp_vip};
+use lb_tests::topology::{SERVICE_PORT, VIP_V4};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The bound: 3 x advertisement interval + 1 s.
+fn takeover_bound() -> Duration {
+    Duration::from_millis(3 * ADVERT_INTERVAL_MS + 1000)
+}
+
+/// Requests made by the client: when each started and whether it was answered.
+#[derive(Default)]
+struct Outcomes(Mutex<Vec<(Instant, bool)>>);
+
+impl Outcomes {
+    /// (answered, failed) among requests started in `[from, to)`.
+    fn between(&self, from: Instant, to: Instant) -> (usize, usize) {
+        let all = self.0.lock().unwrap();
+        let window: Vec<bool> = all.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, ok)| *ok).collect();
+        (window.iter().filter(|ok| **ok).count(), window.iter().filter(|ok| !**ok).count())
+    }
+}
+
+fn master(status: &serde_json::Value) -> bool {
+    status["state"] == "master"
+}
+
+fn backup(status: &serde_json::Value) -> bool {
+    status["state"] == "backup"
+}
+
+fn in_sync(status: &serde_json::Value) -> bool {
+    status["sync"].as_str().is_some_and(|s| s.starts_with("in sync"))
+}
+
+#[test]
+fn the_standby_takes_over_when_the_active_is_cut_off_or_removed() {
+    if !require_root("the_standby_takes_over_when_the_active_is_cut_off_or_removed") {
+        return;
+    }
+    let pair = PairTopology::new(2).unwrap();
+    let a = pair.start(false, 200).unwrap();
+    wait_vrrp(&a, "node a becomes master", Duration::from_secs(5), master).unwrap();
+    assert!(holds(pair.node(false), VIP_V4), "the master holds the VIP");
+    let b = pair.start(true, 100).unwrap();
+    wait_vrrp(&b, "node b is a synchronised backup", Duration::from_secs(5), |s| backup(s) && in_sync(s)).unwrap();
+    wait_vrrp(&a, "node a sees b in sync", Duration::from_secs(5), in_sync).unwrap();
+    assert!(!holds(pair.node(true), VIP_V4), "the backup does not hold the VIP");
+
+    // The configuration stays identical: an edit on the active node reaches the standby;
+    // the standby refuses edits of its own.
+    let be2 = format!("{}:{SERVICE_PORT}", pair.net.backends[1].v4);
+    a.ok(&["backend", "drain", "--vip", "web", "--address", &be2]).unwrap();
+    let started = Instant::now();
+    while b.configuration().unwrap() != a.configuration().unwrap() {
+        assert!(started.elapsed() < Duration::from_secs(3), "the drain did not reach the standby:\n{}", b.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("replication: an edit on the active node reached the standby in {:?}", started.elapsed());
+    a.ok(&["backend", "undrain", "--vip", "web", "--address", &be2]).unwrap();
+    let refused = b.cli(&["backend", "drain", "--vip", "web", "--address", &be2]).unwrap();
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("standby") && message.contains("active node"), "{message}");
+    wait_vrrp(&b, "digests equal", Duration::from_secs(3), |s| {
+        in_sync(s) && vrrp_status(&a).is_ok_and(|sa| sa["digest"] == s["digest"])
+    })
+    .unwrap();
+
+    let outcomes = Outcomes::default();
+    let running = AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            pair.net
+                .client
+                .enter(|| {
+                    // Bounded: stops when the test says so, or after 60 s whatever happens.
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while running.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let at = Instant::now();
+                        let ok = tcp_request(tcp_vip(), Duration::from_millis(300)).is_ok();
+                        outcomes.0.lock().unwrap().push((at, ok));
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+                .unwrap();
+        });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            scenarios(&pair, a, &b, &outcomes);
+        }));
+        running.store(false, Ordering::Relaxed);
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+fn scenarios(
+    pair: &PairTopology,
+    mut a: lb_tests::daemon::LbDaemon,
+    b: &lb_tests::daemon::LbDaemon,
+    outcomes: &Outcomes,
+) {
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed) = outcomes.between(Instant::now() - Duration::from_millis(500), Instant::now());
+    assert!(ok > 0 && failed == 0, "steady state through the master: {ok} answered, {failed} failed");
+
+    // 1. The active node is cut off (its link goes down): the standby takes over.
+    let cut = Instant::now();
+    pair.node(false).ip(&["link", "set", "eth0", "down"]).unwrap();
+    let took = wait_vrrp(b, "node b takes over", takeover_bound(), master).unwrap();
+    assert!(holds(pair.node(true), VIP_V4));
+    settle_and_report("active node cut off", cut, took, outcomes);
+
+    // It comes back with the higher priority and preempts.
+    let back = Instant::now();
+    pair.node(false).ip(&["link", "set", "eth0", "up"]).unwrap();
+    let took = wait_vrrp(&a, "node a takes the VIP back", takeover_bound() + Duration::from_secs(2), master).unwrap();
+    wait_vrrp(b, "node b steps back", Duration::from_secs(2), backup).unwrap();
+    settle_and_report("active node back (preemption)", back, took, outcomes);
+
+    // 2. The active node's daemon and program are removed (`lb detach`): it gives up at once.
+    let removed = Instant::now();
+    a.ok(&["detach"]).unwrap();
+    let took = wait_vrrp(b, "node b takes over", takeover_bound(), master).unwrap();
+    assert!(!holds(pair.node(false), VIP_V4), "a removed node keeps no VIP behind");
+    settle_and_report("active node's daemon and program removed", removed, took, outcomes);
+    a.kill();
+}
+
+/// Lets traffic run one more second through the new master, checks it flows, prints the figures.
+fn settle_and_report(what: &str, since: Instant, took: Duration, outcomes: &Outcomes) {
+    std::thread::sleep(Duration::from_secs(1));
+    let now = Instant::now();
+    let (ok, failed) = outcomes.between(since, now);
+    let (recent_ok, recent_failed) = outcomes.between(now - Duration::from_millis(500), now);
+    println!(
+        "{what}: takeover in {:.0} ms (bound {:.0} ms); requests in the following {:.1} s: {ok} answered, {failed} failed",
+        took.as_secs_f64() * 1000.0,
+        takeover_bound().as_secs_f64() * 1000.0,
+        now.duration_since(since).as_secs_f64()
+    );
+    assert!(
+        recent_ok > 0 && recent_failed == 0,
+        "{what}: traffic flows again ({recent_ok} ok, {recent_failed} failed)"
+    );
+}
