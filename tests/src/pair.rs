@@ -4,13 +4,14 @@
 
 use crate::daemon::{LbDaemon, unique_instance};
 use crate::netns::Netns;
-use crate::topology::{LB_V4, SERVICE_PORT, SNAT_V4, SNAT_V6, Topology, VIP_V4};
+use crate::topology::{LB_V4, SERVICE_PORT, SNAT_V4, SNAT_V6, Topology, VIP_V4, VIP_V6};
 use anyhow::Result;
 use lb::dataplane::PassThrough;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 pub const NODE_B_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
+pub const NODE_B_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 4);
 pub const KEEPALIVED_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 pub const VRID: u8 = 51;
 pub const ADVERT_INTERVAL_MS: u64 = 500;
@@ -32,9 +33,15 @@ impl PairTopology {
         let port = net.bridge.plug(&node_b, "eth0")?;
         let node_b_pass = net.bridge.accept_xdp_tx_from(&port)?;
         node_b.addr("eth0", &format!("{NODE_B_V4}/24"))?;
+        node_b.addr("eth0", &format!("{NODE_B_V6}/64"))?;
+        // The tests cut a node's link: its own IPv6 address must survive that, as IPv4's does.
+        for node in [&net.lb, &node_b] {
+            node.exec(&["sysctl", "-qw", "net.ipv6.conf.eth0.keep_addr_on_down=1"])?;
+        }
         net.lb.ip(&["addr", "del", &format!("{SNAT_V4}/24"), "dev", "eth0"])?;
         net.lb.ip(&["addr", "del", &format!("{SNAT_V6}/64"), "dev", "eth0"])?;
         net.client.ip(&["route", "replace", &format!("{VIP_V4}/32"), "dev", "eth0"])?;
+        net.client.ip(&["-6", "route", "replace", &format!("{VIP_V6}/128"), "dev", "eth0"])?;
         Ok(Self { net, node_b, _node_b_pass: node_b_pass })
     }
 
@@ -42,7 +49,8 @@ impl PairTopology {
         if b { &self.node_b } else { &self.net.lb }
     }
 
-    /// The configuration of one node: a NAT VIP over every backend with TCP checks, and VRRP.
+    /// The configuration of one node: NAT VIPs (IPv4 "web", IPv6 "web6") over every backend
+    /// with TCP checks, and VRRP.
     pub fn config(&self, b: bool, priority: u8) -> String {
         let (me, peer) = if b { (NODE_B_V4, LB_V4) } else { (LB_V4, NODE_B_V4) };
         let mut config = format!(
@@ -54,6 +62,13 @@ impl PairTopology {
         );
         for backend in &self.net.backends {
             config.push_str(&format!("\n[[vip.backend]]\naddress = \"{}:{SERVICE_PORT}\"\n", backend.v4));
+        }
+        config.push_str(&format!(
+            "\n[[vip]]\nname = \"web6\"\naddress = \"[{VIP_V6}]:80\"\nprotocol = \"tcp\"\nmode = \"nat\"\nsnat = \"{SNAT_V6}\"\n\
+             check = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2, initial = \"up\" }}\n"
+        ));
+        for backend in &self.net.backends {
+            config.push_str(&format!("\n[[vip.backend]]\naddress = \"[{}]:{SERVICE_PORT}\"\n", backend.v6));
         }
         config
     }
@@ -90,7 +105,8 @@ pub fn wait_vrrp(
 }
 
 /// Whether `ns` holds `address` on eth0 (the sign of a VRRP master there).
-pub fn holds(ns: &Netns, address: Ipv4Addr) -> bool {
+pub fn holds(ns: &Netns, address: impl Into<IpAddr>) -> bool {
+    let address = address.into();
     ns.ip(&["-j", "addr", "show", "dev", "eth0"])
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("\"{address}\"")))
         .unwrap_or(false)

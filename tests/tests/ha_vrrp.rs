@@ -5,7 +5,8 @@
 use lb_tests::pair::{ADVERT_INTERVAL_MS, PairTopology, holds, vrrp_status, wait_vrrp};
 use lb_tests::privilege::require_root;
 use lb_tests::service::{tcp_request, tcp_vip};
-use lb_tests::topology::{SERVICE_PORT, VIP_V4};
+use lb_tests::topology::{SERVICE_PORT, VIP_V4, VIP_V6};
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -53,6 +54,11 @@ fn the_standby_takes_over_when_the_active_is_cut_off_or_removed() {
     wait_vrrp(&b, "node b is a synchronised backup", Duration::from_secs(5), |s| backup(s) && in_sync(s)).unwrap();
     wait_vrrp(&a, "node a sees b in sync", Duration::from_secs(5), in_sync).unwrap();
     assert!(!holds(pair.node(true), VIP_V4), "the backup does not hold the VIP");
+    wait_until("the master holds the IPv6 VIP (its IPv6 router needs a usable link-local address)", || {
+        holds(pair.node(false), VIP_V6)
+    });
+    assert!(!holds(pair.node(true), VIP_V6));
+    assert_ipv6_answers(&pair);
 
     // The configuration stays identical: an edit on the active node reaches the standby;
     // the standby refuses edits of its own.
@@ -131,8 +137,28 @@ fn scenarios(
     a.ok(&["detach"]).unwrap();
     let took = wait_vrrp(b, "node b takes over", takeover_bound(), master).unwrap();
     assert!(!holds(pair.node(false), VIP_V4), "a removed node keeps no VIP behind");
+    assert!(!holds(pair.node(false), VIP_V6));
+    wait_until("the new master holds the IPv6 VIP", || holds(pair.node(true), VIP_V6));
+    assert_ipv6_answers(pair);
     settle_and_report("active node's daemon and program removed", removed, took, outcomes);
     a.kill();
+}
+
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(5), "{what}: not within 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Requests to the IPv6 VIP are answered (the client found the master by neighbour discovery
+/// or its unsolicited advertisement).
+fn assert_ipv6_answers(pair: &PairTopology) {
+    let vip = SocketAddr::new(VIP_V6.into(), 80);
+    let answered =
+        pair.net.client.enter(|| (0..10).filter(|_| tcp_request(vip, Duration::from_secs(1)).is_ok()).count());
+    assert_eq!(answered.unwrap(), 10, "IPv6 requests through the master");
 }
 
 /// Lets traffic run one more second through the new master, checks it flows, prints the figures.
