@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: namespaces, privileges, packets.
 
 pub mod daemon;
+pub mod ecmp;
 pub mod harness;
 pub mod invalid_configs;
 pub mod netns;

@@ -23,6 +23,7 @@ const PACKAGES: &[&str] = &[
     "netsniff-ng",
     "nftables",
     "keepalived",
+    "bird2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
