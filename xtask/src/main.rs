@@ -1,5 +1,6 @@
 //! `cargo xtask`: installs what the build needs, builds both toolchains' crates, runs tests and the demo.
 
+mod bench;
 #[path = "../../lb-userspace/build_ebpf.rs"]
 mod build_ebpf;
 mod setup;
@@ -39,11 +40,15 @@ enum Task {
         keep: bool,
     },
     /// Measure the XDP program's per-packet cost (BPF_PROG_TEST_RUN) beside floor programs,
-    /// the control plane's table build and publish times, and the health checks' CPU.
+    /// the control plane's table build and publish times, end-to-end pps against nftables and
+    /// the health checks' CPU; writes bench/results/<date>-<kernel>.{md,json}.
     Bench {
-        /// Fewer iterations, for a result in seconds.
+        /// Fewer iterations: the whole run in under a minute.
         #[arg(long)]
         quick: bool,
+        /// Also print the results as JSON at the end.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -66,7 +71,7 @@ fn main() -> Result<()> {
         }
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo { keep } => demo(&root, keep),
-        Task::Bench { quick } => bench(&root, quick),
+        Task::Bench { quick, json } => bench(&root, quick, json),
     }
 }
 
@@ -117,27 +122,12 @@ fn demo(root: &Path, keep: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench(root: &Path, quick: bool) -> Result<()> {
+fn bench(root: &Path, quick: bool, json: bool) -> Result<()> {
     setup::ensure()?;
     if !setup::is_root() {
         bail!("the benchmarks load XDP programs and need root: run `sudo cargo xtask bench`");
     }
-    let iterations = if quick { "20000" } else { "1000000" };
-    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "dataplane-cost", "--", iterations, "5"])?;
-    println!();
-    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "control-plane-cost", "--", "5"])?;
-    println!();
-    let packets = if quick { "200000" } else { "1000000" };
-    cargo(root, &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "e2e-pps", "--", packets])?;
-    println!("\n# Health-check engine CPU (checks on loopback servers)\n");
-    let (backends, seconds) = if quick { ("1000", "5") } else { ("5000", "20") };
-    for kind in ["tcp", "http", "icmp"] {
-        cargo(
-            root,
-            &["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "health-cost", "--", backends, seconds, kind],
-        )?;
-    }
-    Ok(())
+    bench::run(root, quick, json).map(|_| ())
 }
 
 /// Runs the host toolchain's cargo (the one that runs this xtask) in the workspace.

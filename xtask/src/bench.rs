@@ -1,0 +1,214 @@
+//! `cargo xtask bench`: runs every benchmark binary in turn, shows their output as it comes,
+//! and keeps the whole run as `bench/results/<date>-<kernel>.md` plus the same figures as JSON
+//! (each Markdown table becomes a list of records keyed by its header).
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+struct Step {
+    name: &'static str,
+    binary: &'static str,
+    args: Vec<String>,
+}
+
+fn steps(quick: bool) -> Vec<Step> {
+    let pick = |quick_value: &str, full: &str| if quick { quick_value.to_string() } else { full.to_string() };
+    let mut steps = vec![
+        Step {
+            name: "per-packet cost (BPF_PROG_TEST_RUN)",
+            binary: "dataplane-cost",
+            args: vec![pick("20000", "1000000"), "5".into()],
+        },
+        Step {
+            name: "control plane: Maglev build and publish",
+            binary: "control-plane-cost",
+            args: vec![pick("3", "5")],
+        },
+        Step { name: "end-to-end pps vs nftables", binary: "e2e-pps", args: vec![pick("200000", "1000000")] },
+    ];
+    for kind in ["tcp", "http", "icmp"] {
+        steps.push(Step {
+            name: match kind {
+                "tcp" => "health-check CPU: tcp",
+                "http" => "health-check CPU: http",
+                _ => "health-check CPU: icmp",
+            },
+            binary: "health-cost",
+            args: vec![pick("1000", "5000"), pick("4", "20"), kind.into()],
+        });
+    }
+    steps
+}
+
+/// Runs the benchmarks; returns the Markdown file written.
+pub fn run(root: &Path, quick: bool, print_json: bool) -> Result<PathBuf> {
+    let started = Instant::now();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    println!("[build] release benchmark binaries");
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "-p", "lb-tests", "--bins"])
+        .current_dir(root)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building the benchmark binaries failed ({status})");
+    }
+    let steps = steps(quick);
+    let mut markdown = header(root, quick);
+    let mut records = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        println!("\n[{}/{}] {} ({:.0} s so far)", i + 1, steps.len(), step.name, started.elapsed().as_secs_f64());
+        let output = run_step(root, step)?;
+        markdown.push_str(&format!("\n## {}\n\n", step.name));
+        markdown.push_str(&output);
+        records.push(json!({ "step": step.name, "tables": tables(&output), "notes": notes(&output) }));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    markdown.push_str(&format!("\n---\nThe whole run took {seconds:.0} s.\n"));
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let stem = format!(
+        "{}-{}{}",
+        shell(&["date", "-u", "+%Y-%m-%d-%H%M"]),
+        shell(&["uname", "-r"]),
+        if quick { "-quick" } else { "" }
+    );
+    let md = dir.join(format!("{stem}.md"));
+    std::fs::write(&md, &markdown).with_context(|| format!("writing {}", md.display()))?;
+    let document = json!({ "machine": machine(root, quick), "seconds": seconds, "steps": records });
+    let json_path = dir.join(format!("{stem}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&document)?)?;
+    if print_json {
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    }
+    println!("\nbench: {seconds:.0} s; results in {} and {}", md.display(), json_path.display());
+    Ok(md)
+}
+
+/// Runs one binary, echoing its output line by line (the progress), and returns the output.
+fn run_step(root: &Path, step: &Step) -> Result<String> {
+    let binary = root.join("target/release").join(step.binary);
+    let mut child = Command::new(&binary)
+        .args(&step.args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", binary.display()))?;
+    let mut output = String::new();
+    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        output.push_str(&line);
+        output.push('\n');
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{} {} failed ({status})", step.binary, step.args.join(" "));
+    }
+    Ok(output)
+}
+
+fn header(root: &Path, quick: bool) -> String {
+    let m = machine(root, quick);
+    format!(
+        "# lb benchmark results\n\n| | |\n|---|---|\n| date (UTC) | {} |\n| kernel | {} |\n| CPU | {} |\n| cores | {} |\n| commit | {} |\n| mode | {} |\n",
+        m["date"].as_str().unwrap_or_default(),
+        m["kernel"].as_str().unwrap_or_default(),
+        m["cpu"].as_str().unwrap_or_default(),
+        m["cores"],
+        m["commit"].as_str().unwrap_or_default(),
+        if quick { "quick" } else { "full" }
+    )
+}
+
+fn machine(root: &Path, quick: bool) -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find(|l| l.starts_with("model name"))?.split(':').nth(1).map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = !shell_in(root, &["git", "status", "--porcelain"]).is_empty();
+    json!({
+        "date": shell(&["date", "-u", "+%Y-%m-%d %H:%M"]),
+        "kernel": shell(&["uname", "-r"]),
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "commit": format!("{}{}", shell_in(root, &["git", "rev-parse", "--short", "HEAD"]), if dirty { " (with uncommitted changes)" } else { "" }),
+        "quick": quick,
+    })
+}
+
+fn shell(args: &[&str]) -> String {
+    shell_in(Path::new("."), args)
+}
+
+fn shell_in(dir: &Path, args: &[&str]) -> String {
+    Command::new(args[0])
+        .args(&args[1..])
+        .current_dir(dir)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Every Markdown table of `text` as records keyed by its header cells; numbers become numbers.
+fn tables(text: &str) -> Vec<Vec<Value>> {
+    let mut tables = Vec::new();
+    let mut current: Option<(Vec<String>, Vec<Value>)> = None;
+    for line in text.lines().map(str::trim) {
+        if !line.starts_with('|') {
+            if let Some((_, rows)) = current.take() {
+                tables.push(rows);
+            }
+            continue;
+        }
+        let cells: Vec<String> = line.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect();
+        match &mut current {
+            None => current = Some((cells, Vec::new())),
+            Some(_) if cells.iter().all(|c| c.chars().all(|ch| "-: ".contains(ch))) => {}
+            Some((header, rows)) => {
+                let record: serde_json::Map<String, Value> = header
+                    .iter()
+                    .zip(&cells)
+                    .map(|(k, v)| {
+                        let key = if k.is_empty() { "name".to_string() } else { k.clone() };
+                        (key, v.parse::<f64>().map_or_else(|_| Value::from(v.clone()), Value::from))
+                    })
+                    .collect();
+                rows.push(Value::Object(record));
+            }
+        }
+    }
+    if let Some((_, rows)) = current {
+        tables.push(rows);
+    }
+    tables
+}
+
+/// The prose lines (ratios, explanations), without headings and tables.
+fn notes(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_tables_become_records_with_numbers() {
+        let text = "# Title\n\n| balancer | pps | loss |\n|---|---:|---:|\n| lb | 348412 | 0.0% |\n| nft | 214314 | 0.0% |\n\nratio 1.63x\n";
+        let parsed = tables(text);
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0][0], json!({ "balancer": "lb", "pps": 348412.0, "loss": "0.0%" }));
+        assert_eq!(parsed[0][1]["pps"], json!(214314.0));
+        assert_eq!(notes(text), vec!["ratio 1.63x".to_string()]);
+    }
+}
