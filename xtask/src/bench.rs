@@ -29,6 +29,11 @@ fn steps(quick: bool) -> Vec<Step> {
             args: vec![pick("3", "5")],
         },
         Step { name: "end-to-end pps vs nftables", binary: "e2e-pps", args: vec![pick("200000", "1000000")] },
+        Step {
+            name: "TCP connections per second vs HAProxy",
+            binary: "tcp-cps",
+            args: vec![pick("2", "5"), "4".into()],
+        },
     ];
     for kind in ["tcp", "http", "icmp"] {
         steps.push(Step {

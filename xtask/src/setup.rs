@@ -24,6 +24,7 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "keepalived",
     "bird2",
+    "haproxy",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
