@@ -265,6 +265,13 @@ impl Dataplane {
         not_found_is_none(conns.get(flow, 0))
     }
 
+    /// Pins a client flow to a backend, as the data plane would (benchmarks fill the table).
+    pub fn insert_connection(&mut self, flow: &FlowKey, state: &ConnState) -> Result<()> {
+        let mut conns: HashMap<&mut MapData, FlowKey, ConnState> =
+            HashMap::try_from(map_mut(&mut self.ebpf, MAP_CONNS)?)?;
+        Ok(conns.insert(flow, state, 0)?)
+    }
+
     pub fn connections(&self) -> Result<Vec<(FlowKey, ConnState)>> {
         let conns: HashMap<&MapData, FlowKey, ConnState> = HashMap::try_from(map(&self.ebpf, MAP_CONNS)?)?;
         Ok(conns.iter().collect::<Result<_, _>>()?)

@@ -61,8 +61,19 @@ fn rx_packets(ns: &Netns, dev: &str) -> Result<u64> {
     Ok(text.trim().parse()?)
 }
 
+/// How full the data plane is while it forwards: extra VIPs beside the one under load, and
+/// connection entries of other flows.
+#[derive(Clone, Copy)]
+struct Load {
+    ring_size: u32,
+    extra_vips: u32,
+    prefilled_conns: u32,
+}
+
+const PLAIN: Load = Load { ring_size: 65537, extra_vips: 0, prefilled_conns: 0 };
+
 /// One measurement: a fresh pair of namespaces, the balancer, `packets` frames of `frame_len`.
-fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64) -> Result<Run> {
+fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: Load) -> Result<Run> {
     let generator = Netns::new("gen")?;
     let lb_ns = Netns::new("lb")?;
     veth(&generator, "g0", &lb_ns, "l0")?;
@@ -81,7 +92,11 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64) -> Res
 
     let _dataplane = match balancer {
         Balancer::XdpNat | Balancer::XdpDsr => Some(lb_ns.enter(|| -> Result<Dataplane> {
-            let mut dataplane = Dataplane::load(DataplaneSizes { max_vips: 4, ring_size: 65537, max_conns: 1 << 18 })?;
+            let mut dataplane = Dataplane::load(DataplaneSizes {
+                max_vips: load.extra_vips + 4,
+                ring_size: load.ring_size,
+                max_conns: (1 << 18) + load.prefilled_conns,
+            })?;
             let mac = lb::config::parse_mac(&gen_mac).map_err(anyhow::Error::msg)?;
             let mut members = Vec::new();
             for (i, ip) in BACKENDS.iter().enumerate() {
@@ -99,8 +114,27 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64) -> Res
             dataplane.publish_vip(
                 &vip_key(SocketAddr::new(VIP.parse()?, 0), PROTO_UDP),
                 &forwarding,
-                &build_table(&members, 65537)?,
+                &build_table(&members, load.ring_size)?,
             )?;
+            let table = build_table(&members, load.ring_size)?;
+            for i in 0..load.extra_vips {
+                // Other VIPs: 10.1.x.y, the same backends.
+                let address = std::net::Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8);
+                let forwarding = VipForwarding { vip_index: i + 1, ..forwarding };
+                dataplane.publish_vip(&vip_key(SocketAddr::new(address.into(), 0), PROTO_UDP), &forwarding, &table)?;
+            }
+            for i in 0..load.prefilled_conns {
+                // Flows of other clients (172.16/12), pinned to backend 0.
+                let mut flow = lb_common::maps::FlowKey::default();
+                flow.src = addr16(std::net::Ipv4Addr::from(0xac10_0000 | i).into());
+                flow.dst = addr16(VIP.parse()?);
+                flow.sport = 40000u16.to_be();
+                flow.dport = 53u16.to_be();
+                flow.proto = PROTO_UDP;
+                flow.family = 4;
+                let state = lb_common::maps::ConnState { backend: 0, ..Default::default() };
+                dataplane.insert_connection(&flow, &state)?;
+            }
             dataplane.attach("l0", AttachMode::Native)?;
             Ok(dataplane)
         })??),
@@ -187,10 +221,10 @@ fn main() -> Result<()> {
     let mut results = Vec::new();
     for frame in [64usize, 512] {
         for balancer in [Balancer::XdpNat, Balancer::XdpDsr, Balancer::Nftables] {
-            let run = measure(balancer, frame, packets, rate)?;
+            let run = measure(balancer, frame, packets, rate, PLAIN)?;
             let offered_pps = run.offered as f64 / run.seconds;
             let forwarded_pps = run.forwarded as f64 / run.seconds;
-            let loss = 1.0 - run.forwarded as f64 / run.offered.max(1) as f64;
+            let loss = (1.0 - run.forwarded as f64 / run.offered.max(1) as f64).max(0.0);
             println!(
                 "| {} | {frame} B | {:.0} | {:.0} | {:.1}% |",
                 balancer.name(),
@@ -209,5 +243,76 @@ fn main() -> Result<()> {
             get(Balancer::XdpDsr) / get(Balancer::Nftables).max(1.0)
         );
     }
+    scale(packets, rate)
+}
+
+/// The scale section: map memory at the default sizes, and lb nat's forwarding rate with many
+/// VIPs and a full connection table.
+fn scale(packets: u64, rate: u64) -> Result<()> {
+    println!("\n# Scale\n");
+    let sizes = DataplaneSizes::default();
+    let dataplane = Dataplane::load(sizes)?;
+    println!(
+        "BPF map memory at the default sizes ({} VIPs, ring {}, {} connections), as the kernel charges it (fdinfo memlock):\n",
+        sizes.max_vips, sizes.ring_size, sizes.max_conns
+    );
+    println!("| map | type | max entries | memory MiB |\n|---|---|---:|---:|");
+    let mut total = 0u64;
+    for (name, kind, entries, memlock) in map_memory()? {
+        total += memlock;
+        println!("| {name} | {kind} | {entries} | {:.1} |", memlock as f64 / (1 << 20) as f64);
+    }
+    println!("| total | | | {:.1} |", total as f64 / (1 << 20) as f64);
+    drop(dataplane);
+
+    println!(
+        "\nlb (XDP, nat), 64 B frames, with the data plane filled (ring 4093 for every row, so 10,000 VIPs fit in memory):\n"
+    );
+    println!("| VIPs | prefilled connections | forwarded pps | loss |\n|---:|---:|---:|---:|");
+    for (vips, conns) in [(1u32, 0u32), (100, 0), (10_000, 0), (1, 1_000_000)] {
+        let load = Load { ring_size: 4093, extra_vips: vips - 1, prefilled_conns: conns };
+        let run = measure(Balancer::XdpNat, 64, packets, rate, load)?;
+        let loss = (1.0 - run.forwarded as f64 / run.offered.max(1) as f64).max(0.0);
+        println!("| {vips} | {conns} | {:.0} | {:.1}% |", run.forwarded as f64 / run.seconds, loss * 100.0);
+    }
     Ok(())
+}
+
+/// (name, type, max entries, memlock bytes) of every BPF map this process holds, from
+/// /proc/self/fdinfo; names from the kernel's map info.
+fn map_memory() -> Result<Vec<(String, String, u64, u64)>> {
+    let mut maps = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        if target.to_string_lossy() != "anon_inode:bpf-map" {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", entry.file_name().to_string_lossy()))
+        else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string()))
+                .unwrap_or_default()
+        };
+        let id: u32 = field("map_id").parse().unwrap_or(0);
+        let name = aya::maps::MapInfo::from_id(id)
+            .ok()
+            .and_then(|m| m.name_as_str().map(String::from))
+            .unwrap_or_else(|| format!("#{id}"));
+        let kind = match field("map_type").as_str() {
+            "1" => "hash".to_string(),
+            "2" => "array".to_string(),
+            "5" => "percpu_hash".to_string(),
+            "6" => "percpu_array".to_string(),
+            "9" => "lru_hash".to_string(),
+            "10" => "lru_percpu_hash".to_string(),
+            other => format!("type {other}"),
+        };
+        maps.push((name, kind, field("max_entries").parse().unwrap_or(0), field("memlock").parse().unwrap_or(0)));
+    }
+    maps.sort();
+    Ok(maps)
 }
