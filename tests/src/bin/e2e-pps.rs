@@ -125,13 +125,15 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: 
             }
             for i in 0..load.prefilled_conns {
                 // Flows of other clients (172.16/12), pinned to backend 0.
-                let mut flow = lb_common::maps::FlowKey::default();
-                flow.src = addr16(std::net::Ipv4Addr::from(0xac10_0000 | i).into());
-                flow.dst = addr16(VIP.parse()?);
-                flow.sport = 40000u16.to_be();
-                flow.dport = 53u16.to_be();
-                flow.proto = PROTO_UDP;
-                flow.family = 4;
+                let flow = lb_common::maps::FlowKey {
+                    src: addr16(std::net::Ipv4Addr::from(0xac10_0000 | i).into()),
+                    dst: addr16(VIP.parse()?),
+                    sport: 40000u16.to_be(),
+                    dport: 53u16.to_be(),
+                    proto: PROTO_UDP,
+                    family: 4,
+                    ..Default::default()
+                };
                 let state = lb_common::maps::ConnState { backend: 0, ..Default::default() };
                 dataplane.insert_connection(&flow, &state)?;
             }
