@@ -87,6 +87,10 @@ pub fn run(root: &Path, quick: bool, print_json: bool) -> Result<PathBuf> {
     let document = json!({ "machine": machine(root, quick), "seconds": seconds, "steps": records });
     let json_path = dir.join(format!("{stem}.json"));
     std::fs::write(&json_path, serde_json::to_string_pretty(&document)?)?;
+    match chart(&document, &dir.join(format!("{stem}.svg"))) {
+        Ok(png) => println!("chart: {}", png.display()),
+        Err(error) => println!("chart not drawn: {error:#}"),
+    }
     if print_json {
         println!("{}", serde_json::to_string_pretty(&document)?);
     }
@@ -203,9 +207,131 @@ fn notes(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// One bar of the comparison chart.
+struct Bar {
+    label: String,
+    value: f64,
+}
+
+/// The comparison bars from the results: forwarded pps per balancer and frame size, and TCP
+/// connections per second, each group relative to the first bar of its kind drawn in its unit.
+fn comparison(document: &Value) -> Vec<(String, Vec<Bar>)> {
+    let mut groups = Vec::new();
+    for step in document["steps"].as_array().into_iter().flatten() {
+        let Some(first) = step["tables"].as_array().and_then(|t| t.first()).and_then(|t| t.as_array()) else {
+            continue;
+        };
+        let bars = |value_key: &str, label: &dyn Fn(&Value) -> String| -> Vec<Bar> {
+            first.iter().filter_map(|row| Some(Bar { label: label(row), value: row[value_key].as_f64()? })).collect()
+        };
+        match step["step"].as_str() {
+            Some(name) if name.starts_with("end-to-end") => groups.push((
+                "forwarded packets per second (higher is better)".to_string(),
+                bars("forwarded pps", &|row| {
+                    format!(
+                        "{} {}",
+                        short_name(row["balancer"].as_str().unwrap_or_default()),
+                        row["frame"].as_str().unwrap_or_default()
+                    )
+                }),
+            )),
+            Some(name) if name.starts_with("TCP connections") => groups.push((
+                "new TCP connections per second (higher is better)".to_string(),
+                bars("connections/s", &|row| short_name(row["balancer"].as_str().unwrap_or_default())),
+            )),
+            _ => {}
+        }
+    }
+    groups
+}
+
+/// "lb (XDP, nat)" → "lb nat", "nftables jhash DNAT+SNAT, conntrack" → "nftables", "HAProxy 2.6, …" → "HAProxy 2.6".
+fn short_name(balancer: &str) -> String {
+    if let Some(mode) = balancer.strip_prefix("lb (XDP, ") {
+        return format!("lb {}", mode.trim_end_matches(')'));
+    }
+    let first = balancer.split(',').next().unwrap_or(balancer);
+    first.split(" jhash").next().unwrap_or(first).to_string()
+}
+
+/// Draws the comparison as SVG (plotters) and converts it to PNG with rsvg-convert (Debian
+/// librsvg2-bin); returns the PNG's path.
+fn chart(document: &Value, svg: &Path) -> Result<PathBuf> {
+    use plotters::prelude::*;
+    let groups = comparison(document);
+    if groups.is_empty() {
+        bail!("no comparison figures in the results");
+    }
+    {
+        let root = SVGBackend::new(svg, (1100, 420 * groups.len() as u32)).into_drawing_area();
+        root.fill(&WHITE)?;
+        for ((title, bars), area) in groups.iter().zip(root.split_evenly((groups.len(), 1))) {
+            let top = bars.iter().map(|b| b.value).fold(0.0, f64::max) * 1.15;
+            let mut chart = ChartBuilder::on(&area)
+                .caption(title, ("sans-serif", 22))
+                .margin(15)
+                .x_label_area_size(40)
+                .y_label_area_size(90)
+                .build_cartesian_2d(0.0..bars.len() as f64, 0.0..top.max(1.0))?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_labels(0)
+                .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
+                .label_style(("sans-serif", 14))
+                .draw()?;
+            chart.draw_series(bars.iter().enumerate().map(|(i, bar)| {
+                let color = if bar.label.starts_with("lb") { RGBColor(31, 119, 180) } else { RGBColor(150, 150, 150) };
+                Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.9, bar.value)], color.filled())
+            }))?;
+            chart.draw_series(bars.iter().enumerate().map(|(i, bar)| {
+                Text::new(
+                    format!("{}: {:.0}", bar.label, bar.value),
+                    (i as f64 + 0.12, bar.value + top * 0.05),
+                    ("sans-serif", 14),
+                )
+            }))?;
+        }
+        root.present()?;
+    }
+    let png = svg.with_extension("png");
+    let status = Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(&png)
+        .arg(svg)
+        .status()
+        .context("running rsvg-convert (Debian package librsvg2-bin)")?;
+    if !status.success() {
+        bail!("rsvg-convert failed ({status})");
+    }
+    Ok(png)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_comparison_chart_is_drawn_from_the_results() {
+        let e2e = "| balancer | frame | offered pps | forwarded pps | loss |\n|---|---:|---:|---:|---:|\n\
+                   | lb (XDP, nat) | 64 B | 1 | 358518 | 0.0% |\n| lb (XDP, dsr) | 64 B | 1 | 385971 | 0.0% |\n\
+                   | nftables jhash DNAT+SNAT, conntrack | 64 B | 1 | 222970 | 0.0% |\n";
+        let cps = "| balancer | connections/s | failed |\n|---|---:|---:|\n| lb (XDP, nat) | 11570 | 0 |\n\
+                   | HAProxy 2.6, mode tcp, roundrobin | 7344 | 0 |\n";
+        let document = json!({ "steps": [
+            { "step": "end-to-end pps vs nftables", "tables": tables(e2e) },
+            { "step": "TCP connections per second vs HAProxy", "tables": tables(cps) },
+        ]});
+        let groups = comparison(&document);
+        let labels: Vec<Vec<&str>> =
+            groups.iter().map(|(_, bars)| bars.iter().map(|b| b.label.as_str()).collect()).collect();
+        assert_eq!(labels, vec![vec!["lb nat 64 B", "lb dsr 64 B", "nftables 64 B"], vec!["lb nat", "HAProxy 2.6"]]);
+        let svg = std::env::temp_dir().join(format!("lb-chart-test-{}.svg", std::process::id()));
+        let png = chart(&document, &svg).unwrap();
+        assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+        let _ = std::fs::copy(&png, "/tmp/lb-chart-test.png");
+        let _ = (std::fs::remove_file(&svg), std::fs::remove_file(&png));
+    }
 
     #[test]
     fn markdown_tables_become_records_with_numbers() {

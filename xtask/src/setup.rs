@@ -25,6 +25,7 @@ const PACKAGES: &[&str] = &[
     "keepalived",
     "bird2",
     "haproxy",
+    "librsvg2-bin",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
