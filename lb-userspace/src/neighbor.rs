@@ -27,7 +27,7 @@ pub fn resolve_next_hop_mac(backend: IpAddr) -> Result<[u8; 6]> {
     )
 }
 
-fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
+pub(crate) fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
     let output = Command::new("ip").arg("-j").args(args).output().context("running ip (iproute2)")?;
     if !output.status.success() {
         bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());

@@ -102,6 +102,21 @@ fn established(mut frame: Frame) -> Frame {
     frame
 }
 
+/// The IPv4 TCP VIPs of one mode, loaded, and the forwarding they were published with.
+fn ipv4_tcp(mode: u8) -> (Vec<Setup>, Harness, VipForwarding) {
+    let setups: Vec<Setup> =
+        setups().into_iter().filter(|s| s.mode == mode && s.proto == PROTO_TCP && s.vip.is_ipv4()).collect();
+    let harness = harness_with(&setups);
+    let forwarding = VipForwarding {
+        vip_index: 0,
+        mode,
+        snat_addr: addr16(setups[0].snat),
+        snat_port_min: 20000,
+        snat_port_max: 60000,
+    };
+    (setups, harness, forwarding)
+}
+
 fn client_ip(setup: &Setup) -> IpAddr {
     if setup.vip.is_ipv4() { ip("192.0.2.7") } else { ip("2001:db8::7") }
 }
@@ -237,17 +252,8 @@ fn established_flows_keep_their_backend_until_it_goes_away() {
         return;
     }
     for mode in [MODE_DSR, MODE_NAT] {
-        let setups: Vec<Setup> =
-            setups().into_iter().filter(|s| s.mode == mode && s.proto == PROTO_TCP && s.vip.is_ipv4()).collect();
+        let (setups, mut harness, forwarding) = ipv4_tcp(mode);
         let setup = &setups[0];
-        let mut harness = harness_with(&setups);
-        let forwarding = VipForwarding {
-            vip_index: 0,
-            mode,
-            snat_addr: addr16(setup.snat),
-            snat_port_min: 20000,
-            snat_port_max: 60000,
-        };
         let key = vip_key(setup.vip, setup.proto);
         let client = client_ip(setup);
         let mut first_backend = std::collections::HashMap::new();
@@ -337,17 +343,8 @@ fn a_syn_reusing_a_remembered_tuple_is_placed_by_the_current_table() {
         return;
     }
     for mode in [MODE_DSR, MODE_NAT] {
-        let setups: Vec<Setup> =
-            setups().into_iter().filter(|s| s.mode == mode && s.proto == PROTO_TCP && s.vip.is_ipv4()).collect();
+        let (setups, mut harness, forwarding) = ipv4_tcp(mode);
         let setup = &setups[0];
-        let mut harness = harness_with(&setups);
-        let forwarding = VipForwarding {
-            vip_index: 0,
-            mode,
-            snat_addr: addr16(setup.snat),
-            snat_port_min: 20000,
-            snat_port_max: 60000,
-        };
         let client = client_ip(setup);
         // A flow on backend 1 (its first packet is a SYN).
         let sport = (43000..44000u16)

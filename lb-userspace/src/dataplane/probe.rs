@@ -67,6 +67,16 @@ fn small_object() -> Result<Ebpf> {
         .context("loading the XDP object")
 }
 
+/// Loads `program` from the small object and attaches it to `interface`.
+fn attach_small(program: &str, interface: &str, mode: AttachMode) -> Result<(Ebpf, aya::programs::xdp::XdpLinkId)> {
+    let mut ebpf = small_object()?;
+    let xdp: &mut Xdp =
+        ebpf.program_mut(program).ok_or_else(|| anyhow!("program {program} missing from the object"))?.try_into()?;
+    xdp.load().with_context(|| format!("loading {program}"))?;
+    let link = xdp.attach(interface, mode.xdp_mode()).with_context(|| format!("attaching {program} to {interface}"))?;
+    Ok((ebpf, link))
+}
+
 /// An XDP program that passes every frame, attached for as long as this value lives.
 ///
 /// On a veth it lets the device receive the frames its peer sends with XDP_TX: the kernel needs
@@ -78,15 +88,7 @@ pub struct PassThrough {
 
 impl PassThrough {
     pub fn attach(interface: &str, mode: AttachMode) -> Result<Self> {
-        let mut ebpf = small_object()?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PASS_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {PASS_PROGRAM_NAME} missing from the object"))?
-            .try_into()?;
-        program.load().context("loading the pass-through program")?;
-        let link = program
-            .attach(interface, mode.xdp_mode())
-            .with_context(|| format!("attaching pass-through XDP to {interface}"))?;
+        let (ebpf, link) = attach_small(PASS_PROGRAM_NAME, interface, mode)?;
         Ok(Self { ebpf, link: Some(link) })
     }
 
@@ -110,13 +112,8 @@ pub struct Sink {
 
 impl Sink {
     pub fn attach(interface: &str, mode: AttachMode) -> Result<Self> {
-        let mut ebpf = small_object()?;
-        let program: &mut Xdp = ebpf
-            .program_mut(SINK_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {SINK_PROGRAM_NAME} missing from the object"))?
-            .try_into()?;
-        program.load().context("loading the sink program")?;
-        program.attach(interface, mode.xdp_mode()).with_context(|| format!("attaching the sink to {interface}"))?;
+        // The link lives as long as the object: dropping the sink detaches it.
+        let (ebpf, _link) = attach_small(SINK_PROGRAM_NAME, interface, mode)?;
         Ok(Self { ebpf })
     }
 

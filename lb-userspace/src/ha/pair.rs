@@ -163,7 +163,8 @@ fn run_router(settings: &VrrpSettings, interface: &str, ipv6: bool, view: &Mutex
     let mut mismatch_logged = false;
     loop {
         perform(&actions, &machine, &socket, interface, &owned, settings)?;
-        {
+        // Report our state and read the daemon's inputs in one go.
+        let (addresses, fault, bump, stopping) = {
             let mut v = view.lock().expect("pair view poisoned");
             v.routers[family] = RouterView {
                 state: Some(machine.state()),
@@ -171,12 +172,9 @@ fn run_router(settings: &VrrpSettings, interface: &str, ipv6: bool, view: &Mutex
                 source: Some(source),
                 error: None,
             };
-        }
-        let now = Instant::now();
-        let (addresses, fault, bump, stopping) = {
-            let v = view.lock().expect("pair view poisoned");
             (mine(&v), v.fault.clone(), v.hand_over, v.stopping)
         };
+        let now = Instant::now();
         if stopping || addresses.is_empty() {
             let actions = machine.shutdown(now);
             perform(&actions, &machine, &socket, interface, &owned, settings)?;

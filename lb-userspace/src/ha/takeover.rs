@@ -49,11 +49,7 @@ pub fn release(interface: &str, addresses: &[IpAddr]) -> Result<()> {
 
 /// The addresses configured on `interface`.
 pub fn held_addresses(interface: &str) -> Result<Vec<IpAddr>> {
-    let output = Command::new("ip").args(["-j", "addr", "show", "dev", interface]).output().context("running ip")?;
-    if !output.status.success() {
-        bail!("ip addr show dev {interface}: {}", String::from_utf8_lossy(&output.stderr).trim());
-    }
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout).context("parsing `ip -j addr`")?;
+    let links = crate::neighbor::ip_json(&["addr", "show", "dev", interface])?;
     Ok(links
         .as_array()
         .into_iter()
@@ -133,13 +129,9 @@ struct PacketSocket {
 impl PacketSocket {
     fn open(interface: &str) -> Result<Self> {
         use std::os::fd::FromRawFd;
-        let name = std::ffi::CString::new(interface).context("interface name")?;
-        // SAFETY: plain libc calls with valid arguments; the descriptor is owned right away.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-        if ifindex == 0 {
-            bail!("no interface {interface}");
-        }
+        let ifindex = super::vrrp_net::ifindex(interface)? as i32;
         // Protocol 0: this socket only sends, it never receives.
+        // SAFETY: a plain socket(2) call; the descriptor is owned right away.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("opening a packet socket");

@@ -52,8 +52,8 @@ struct Run {
     seconds: f64,
 }
 
-fn mac_of(ns: &Netns, dev: &str) -> Result<String> {
-    Ok(String::from_utf8(ns.exec(&["cat", &format!("/sys/class/net/{dev}/address")])?.stdout)?.trim().to_string())
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 fn rx_packets(ns: &Netns, dev: &str) -> Result<u64> {
@@ -80,8 +80,9 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: 
     generator.addr("g0", &format!("{GEN_IP}/24"))?;
     lb_ns.addr("l0", &format!("{LB_IP}/24"))?;
     lb_ns.addr("l0", &format!("{SNAT_IP}/24"))?;
-    let gen_mac = mac_of(&generator, "g0")?;
-    let lb_mac = mac_of(&lb_ns, "l0")?;
+    let gen_mac_bytes = generator.mac("g0")?;
+    let gen_mac = mac_text(gen_mac_bytes);
+    let lb_mac = mac_text(lb_ns.mac("l0")?);
     // Backends sit behind g0 (where the sink counts); the sink drops ARP, so no resolution.
     lb_ns.ip(&["neigh", "replace", GEN_IP, "lladdr", &gen_mac, "dev", "l0", "nud", "permanent"])?;
     lb_ns.ip(&["route", "add", "10.0.1.0/24", "via", GEN_IP, "dev", "l0"])?;
@@ -97,7 +98,7 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: 
                 ring_size: load.ring_size,
                 max_conns: (1 << 18) + load.prefilled_conns,
             })?;
-            let mac = lb::config::parse_mac(&gen_mac).map_err(anyhow::Error::msg)?;
+            let mac = gen_mac_bytes;
             let mut members = Vec::new();
             for (i, ip) in BACKENDS.iter().enumerate() {
                 dataplane.set_backend(i as u32, &backend(SocketAddr::new(ip.parse()?, 0), mac))?;
