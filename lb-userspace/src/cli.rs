@@ -273,6 +273,9 @@ fn print_status(s: &StatusReport) {
             None => v.state.clone(),
         };
         t.add_row(vec!["vrrp".into(), format!("vrid {} priority {}: {state}", v.vrid, v.priority)]);
+        if !v.errors.is_empty() {
+            t.add_row(vec!["vrrp errors".into(), v.errors.join("; ")]);
+        }
         t.add_row(vec!["vrrp master".into(), v.master.clone().unwrap_or_else(|| "unknown".into())]);
         t.add_row(vec!["vrrp addresses".into(), v.addresses.join(" ")]);
         t.add_row(vec!["peer".into(), format!("{}: {}", v.peer, v.sync)]);

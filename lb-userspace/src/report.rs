@@ -30,10 +30,12 @@ pub struct StatusReport {
 pub struct VrrpStatus {
     pub vrid: u8,
     pub priority: u8,
-    /// "master", "backup", "fault" or "initialize".
+    /// "master", "backup", "fault", "failed" or "initialize"; per family when they differ.
     pub state: String,
     /// Why this node is in fault, if it is.
     pub fault: Option<String>,
+    /// Why a family's router cannot run ("IPv6: …"), retried every second at most.
+    pub errors: Vec<String>,
     /// The current master's address, when known.
     pub master: Option<String>,
     /// The addresses the pair owns (VIPs and SNAT addresses).

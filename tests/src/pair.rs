@@ -104,6 +104,24 @@ pub fn wait_vrrp(
     }
 }
 
+/// The link-layer address `ns` sends `address` to, from its neighbour cache (None when it has no
+/// usable entry, so its next packet resolves the address afresh).
+pub fn neighbour_mac(ns: &Netns, address: impl Into<IpAddr>) -> Result<Option<[u8; 6]>> {
+    let address = address.into().to_string();
+    let entries: serde_json::Value = serde_json::from_slice(&ns.ip(&["-j", "neigh", "show", &address])?.stdout)?;
+    let usable = |e: &&serde_json::Value| {
+        !e["state"].as_array().is_some_and(|s| s.iter().any(|s| s == "FAILED" || s == "INCOMPLETE"))
+    };
+    entries
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(usable)
+        .find_map(|e| e["lladdr"].as_str())
+        .map(|mac| lb::config::parse_mac(mac).map_err(anyhow::Error::msg))
+        .transpose()
+}
+
 /// Whether `ns` holds `address` on eth0 (the sign of a VRRP master there).
 pub fn holds(ns: &Netns, address: impl Into<IpAddr>) -> bool {
     let address = address.into();

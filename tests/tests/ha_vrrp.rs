@@ -2,7 +2,7 @@
 //! SNAT address, the standby follows its desired state, and takes over when the active node is
 //! cut off or removed, while a client keeps requesting through the VIP.
 
-use lb_tests::pair::{ADVERT_INTERVAL_MS, PairTopology, holds, vrrp_status, wait_vrrp};
+use lb_tests::pair::{ADVERT_INTERVAL_MS, PairTopology, holds, neighbour_mac, vrrp_status, wait_vrrp};
 use lb_tests::privilege::require_root;
 use lb_tests::service::{tcp_request, tcp_vip};
 use lb_tests::topology::{SERVICE_PORT, VIP_V4, VIP_V6};
@@ -128,7 +128,11 @@ fn scenarios(
     // It comes back with the higher priority and preempts.
     let back = Instant::now();
     pair.node(false).ip(&["link", "set", "eth0", "up"]).unwrap();
-    let took = wait_vrrp(&a, "node a takes the VIP back", takeover_bound() + Duration::from_secs(2), master).unwrap();
+    // Coming back takes longer than a takeover: the returning node's link-local address goes
+    // through duplicate address detection again (up to 2 s) before its IPv6 router can speak,
+    // then it waits Master_Down_Interval like any backup (RFC 5798 §6.4.2) before preempting.
+    let preemption_limit = Duration::from_secs(2) + takeover_bound() + Duration::from_secs(1);
+    let took = wait_vrrp(&a, "node a takes the VIP back", preemption_limit, master).unwrap();
     wait_vrrp(b, "node b steps back", Duration::from_secs(2), backup).unwrap();
     settle_and_report("active node back (preemption)", back, took, outcomes);
 
@@ -139,6 +143,12 @@ fn scenarios(
     assert!(!holds(pair.node(false), VIP_V4), "a removed node keeps no VIP behind");
     assert!(!holds(pair.node(false), VIP_V6));
     wait_until("the new master holds the IPv6 VIP", || holds(pair.node(true), VIP_V6));
+    // Holding the address comes a moment before the announcement: the client must have taken
+    // the unsolicited neighbour advertisement before its requests can find the new master.
+    let new_master = pair.node(true).mac("eth0").unwrap();
+    wait_until("the client's neighbour cache follows the new master's advertisement", || {
+        neighbour_mac(&pair.net.client, VIP_V6).unwrap().is_none_or(|mac| mac == new_master)
+    });
     assert_ipv6_answers(pair);
     settle_and_report("active node's daemon and program removed", removed, took, outcomes);
     a.kill();

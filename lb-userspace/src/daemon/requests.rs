@@ -180,6 +180,7 @@ impl Daemon {
                     priority: pair.settings.priority,
                     state: view.role(),
                     fault: view.fault.clone(),
+                    errors: view.errors(),
                     master: view.master().map(|m| m.to_string()),
                     addresses: view.addresses.iter().map(ToString::to_string).collect(),
                     peer: pair.settings.peer.to_string(),

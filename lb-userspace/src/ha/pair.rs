@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 /// How often a router thread looks at the daemon's inputs when nothing else wakes it.
 const POLL: Duration = Duration::from_millis(50);
 
+const FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
+
 /// What the daemon tells the routers, and what they report back.
 #[derive(Debug, Default)]
 pub struct PairView {
@@ -43,20 +45,33 @@ impl PairView {
         self.routers.iter().any(|r| r.state == Some(State::Master))
     }
 
-    /// "master", "backup", "fault", or per family when they differ.
+    /// "master", "backup", "fault", "failed" (a router that cannot run, see `errors`), or per
+    /// family when they differ. A family with nothing to own has no router and is left out.
     pub fn role(&self) -> String {
-        let states: Vec<(&str, State)> = ["IPv4", "IPv6"]
+        let states: Vec<(&str, String)> = FAMILIES
             .into_iter()
             .zip(&self.routers)
-            .filter_map(|(family, r)| Some((family, r.state?)))
+            .filter_map(|(family, r)| match (r.state, &r.error) {
+                (Some(state), _) => Some((family, format!("{state:?}").to_lowercase())),
+                (None, Some(_)) => Some((family, "failed".to_string())),
+                (None, None) => None,
+            })
             .collect();
-        let name = |s: State| format!("{s:?}").to_lowercase();
         match states.as_slice() {
             [] => "initialize".into(),
-            [(_, s)] => name(*s),
-            [(_, a), (_, b)] if a == b => name(*a),
-            many => many.iter().map(|(f, s)| format!("{} ({f})", name(*s))).collect::<Vec<_>>().join(", "),
+            [(_, s)] => s.clone(),
+            [(_, a), (_, b)] if a == b => a.clone(),
+            many => many.iter().map(|(f, s)| format!("{s} ({f})")).collect::<Vec<_>>().join(", "),
         }
+    }
+
+    /// Why a router cannot run, per family ("IPv6: binding to …").
+    pub fn errors(&self) -> Vec<String> {
+        FAMILIES
+            .into_iter()
+            .zip(&self.routers)
+            .filter_map(|(family, r)| Some(format!("{family}: {}", r.error.as_ref()?)))
+            .collect()
     }
 
     pub fn master(&self) -> Option<IpAddr> {
@@ -103,14 +118,24 @@ impl Drop for Pair {
     }
 }
 
+/// First and longest wait before a failed router starts again. Short at first: a link that went
+/// down and up again (the usual failure) should not keep this node out of the election.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// One virtual router: runs until the daemon stops, restarting after errors.
 fn router(settings: &VrrpSettings, interface: &str, ipv6: bool, view: &Mutex<PairView>) {
     let family = usize::from(ipv6);
+    let mut retry = RETRY_FIRST;
     loop {
+        let started = Instant::now();
         let error = match run_router(settings, interface, ipv6, view) {
             Ok(()) => return,
             Err(error) => format!("{error:#}"),
         };
+        if started.elapsed() > RETRY_MAX {
+            retry = RETRY_FIRST; // it ran for a while: a fresh failure, not the same one again
+        }
         let mut v = view.lock().expect("pair view poisoned");
         if v.stopping {
             return;
@@ -120,7 +145,8 @@ fn router(settings: &VrrpSettings, interface: &str, ipv6: bool, view: &Mutex<Pai
         }
         v.routers[family] = RouterView { error: Some(error), ..Default::default() };
         drop(v);
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(retry);
+        retry = (retry * 2).min(RETRY_MAX);
     }
 }
 
@@ -301,5 +327,29 @@ impl SyncView {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(state: Option<State>, error: Option<&str>) -> RouterView {
+        RouterView { state, error: error.map(String::from), ..Default::default() }
+    }
+
+    #[test]
+    fn a_failed_router_shows_in_the_role_and_its_error_is_reported() {
+        let mut view = PairView::default();
+        assert_eq!(view.role(), "initialize");
+        view.routers = [router(Some(State::Master), None), router(None, None)];
+        assert_eq!(view.role(), "master", "a family with nothing to own has no router");
+        view.routers[1] = router(Some(State::Master), None);
+        assert_eq!(view.role(), "master");
+        // A node whose IPv6 router cannot bind is not master of both families.
+        view.routers[1] = router(None, Some("binding to fe80::1%eth0: Cannot assign requested address"));
+        assert_eq!(view.role(), "master (IPv4), failed (IPv6)");
+        assert_eq!(view.errors(), ["IPv6: binding to fe80::1%eth0: Cannot assign requested address"]);
+        assert!(view.is_master());
     }
 }

@@ -14,9 +14,14 @@ const ANNOUNCEMENTS: usize = 3;
 pub fn claim(interface: &str, addresses: &[IpAddr]) -> Result<()> {
     for address in addresses {
         let (prefix, extra): (&str, &[&str]) = match address {
+            // A /32 is never the source the kernel picks for the node's own traffic.
             IpAddr::V4(_) => ("32", &[]),
             // No duplicate address detection: the address must work now, and the peer gave it up.
-            IpAddr::V6(_) => ("128", &["nodad"]),
+            // Deprecated at once (preferred lifetime 0): it still receives and answers neighbour
+            // solicitations, but source address selection (RFC 6724 rule 3) never picks it for
+            // the node's own traffic. Otherwise health checks could leave from the VIP or the
+            // SNAT address, and their answers would go to whichever node holds it next.
+            IpAddr::V6(_) => ("128", &["nodad", "preferred_lft", "0"]),
         };
         let cidr = format!("{address}/{prefix}");
         let mut args = vec!["addr", "replace", &cidr, "dev", interface];
@@ -67,10 +72,13 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Asked over netlink (through `ip`), not read from /sys/class/net: sysfs shows the namespace it
+/// was mounted in, which is not ours when the daemon was moved into a network namespace with
+/// `nsenter` (it then announced the host's MAC for the VIPs).
 fn interface_mac(interface: &str) -> Result<[u8; 6]> {
-    let path = format!("/sys/class/net/{interface}/address");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    crate::config::parse_mac(text.trim()).map_err(anyhow::Error::msg)
+    let links = crate::neighbor::ip_json(&["link", "show", "dev", interface])?;
+    let text = links[0]["address"].as_str().with_context(|| format!("{interface} has no link-layer address"))?;
+    crate::config::parse_mac(text).map_err(anyhow::Error::msg)
 }
 
 /// A gratuitous ARP request (sender = target = the address), broadcast, as RFC 5227 §3 and
