@@ -202,8 +202,18 @@ fn run_router(settings: &VrrpSettings, interface: &str, ipv6: bool, view: &Mutex
         };
         let now = Instant::now();
         if stopping || addresses.is_empty() {
-            let actions = machine.shutdown(now);
-            perform(&actions, &machine, &socket, interface, &owned, settings)?;
+            let (farewell, release): (Vec<Action>, Vec<Action>) =
+                machine.shutdown(now).into_iter().partition(|a| matches!(a, Action::SendAdvert { .. }));
+            perform(&farewell, &machine, &socket, interface, &owned, settings)?;
+            if stopping && !farewell.is_empty() {
+                // Keep the addresses (and the caller keeps the data plane) until the peer has
+                // taken over, so that no request falls into the gap between the two.
+                match await_successor(&socket, settings, source) {
+                    Some(peer) => tracing::info!(family = label, %peer, "VRRP: the peer took over"),
+                    None => tracing::warn!(family = label, "VRRP: no peer took over; leaving anyway"),
+                }
+            }
+            perform(&release, &machine, &socket, interface, &owned, settings)?;
             takeover::release(interface, &owned)?;
             tracing::info!(family = label, "VRRP router stopped; addresses released");
             view.lock().expect("pair view poisoned").routers[family] = RouterView::default();
@@ -256,6 +266,27 @@ fn run_router(settings: &VrrpSettings, interface: &str, ipv6: bool, view: &Mutex
             }
         }
         actions.extend(machine.tick(Instant::now()));
+    }
+}
+
+/// After our priority-0 advertisement a backup takes over within its skew time (less than one
+/// advertisement interval) and advertises at once: waits for that advertisement, a little
+/// longer than one interval at most. Returns the new master's address.
+fn await_successor(socket: &VrrpSocket, settings: &VrrpSettings, ours: IpAddr) -> Option<IpAddr> {
+    let deadline = Instant::now() + settings.advert_interval + POLL;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let packet = socket.receive(left).ok()??;
+        let from_peer = packet.ttl == 255 && packet.source != ours;
+        match Advertisement::decode(&packet.payload, packet.source, packet.destination) {
+            Ok(advert) if from_peer && advert.vrid == settings.vrid && advert.priority > 0 => {
+                return Some(packet.source);
+            }
+            _ => {}
+        }
     }
 }
 
