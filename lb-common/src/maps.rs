@@ -31,6 +31,7 @@ pub const MAP_NAT_REV: &str = "NAT_REV";
 pub const MAP_STATS_REASON: &str = "STATS_REASON";
 pub const MAP_STATS_VIP: &str = "STATS_VIP";
 pub const MAP_STATS_BACKEND: &str = "STATS_BACKEND";
+pub const MAP_SETTINGS: &str = "SETTINGS";
 /// The XDP program's function name.
 pub const PROGRAM_NAME: &str = "lb_xdp";
 /// A program that passes every frame (see `lb-ebpf/src/floor.rs`).
@@ -71,6 +72,17 @@ pub const fn snat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) ->
     min + (mixed % range) as u16
 }
 
+/// The program's own settings, the single entry of `SETTINGS`, written before it is attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The attached interface's MAC: frames for any other destination are passed untouched.
+    pub own_mac: [u8; 6],
+    /// 0 (unset, e.g. BPF_PROG_TEST_RUN without a daemon): every destination MAC is accepted.
+    pub check_mac: u8,
+    pub _pad: u8,
+}
+
 /// Why a packet got the verdict it got. Indexes `STATS_REASON`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,9 +105,11 @@ pub enum Reason {
     DropNatPorts = 10,
     /// Internal inconsistency (map lookup failed for an index published by the daemon).
     DropInternal = 11,
+    /// Addressed to another host's MAC (a switch flooded it here): not ours to forward.
+    PassOtherHost = 12,
 }
 
-pub const REASON_COUNT: u32 = 12;
+pub const REASON_COUNT: u32 = 13;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -111,6 +125,7 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::DropNatPorts,
         Reason::DropInternal,
+        Reason::PassOtherHost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -127,6 +142,7 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropNatPorts => "drop_nat_ports",
             Reason::DropInternal => "drop_internal",
+            Reason::PassOtherHost => "pass_other_host",
         }
     }
 
@@ -250,6 +266,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnState {}
     unsafe impl aya::Pod for super::NatReverse {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::Settings {}
 }
 
 // Layouts are part of the contract with the kernel object: any change must be deliberate.
@@ -267,6 +284,7 @@ const _: () = {
     assert!(size_of::<ConnState>() == 8);
     assert!(size_of::<NatReverse>() == 44);
     assert!(size_of::<Traffic>() == 24);
+    assert!(size_of::<Settings>() == 8);
 };
 
 #[cfg(test)]

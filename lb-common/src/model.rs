@@ -25,6 +25,8 @@ pub struct ModelMaps {
     pub conns: HashMap<FlowKey, ConnState>,
     pub nat_rev: HashMap<FlowKey, NatReverse>,
     pub reasons: HashMap<u32, u64>,
+    /// The `SETTINGS` entry (all zero: no destination MAC check).
+    pub settings: Settings,
 }
 
 /// What the program does with a packet.
@@ -57,6 +59,12 @@ impl ModelMaps {
     }
 
     fn balance(&mut self, packet: &mut [u8]) -> Result<Reason, Reason> {
+        if self.settings.check_mac != 0 {
+            let destination = packet.get(..6).ok_or(Reason::PassTruncated)?;
+            if destination != self.settings.own_mac {
+                return Err(Reason::PassOtherHost);
+            }
+        }
         let parsed = parse(packet)?;
         let vip = self.find_vip(&parsed.flow);
         let Some(vip) = vip else {

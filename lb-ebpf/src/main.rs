@@ -12,7 +12,7 @@ use aya_ebpf::macros::xdp;
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::XdpContext;
 use lb_common::maps::{MODE_DSR, MODE_NAT, Reason, Traffic, VipKey, VipMeta};
-use maps::{NAT_REV, STATS_BACKEND, STATS_REASON, STATS_VIP, VIPS};
+use maps::{NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, VIPS};
 use parse::{Packet, parse, read};
 use rewrite::{Rewrite, set_flow, set_macs};
 
@@ -30,6 +30,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance_packet(ctx: &XdpContext) -> Result<Reason, Reason> {
+    if !addressed_to_us(ctx)? {
+        return Err(Reason::PassOtherHost);
+    }
     let mut packet = Packet::empty();
     parse(ctx, &mut packet)?;
     let packet = packet;
@@ -56,6 +59,21 @@ fn balance_packet(ctx: &XdpContext) -> Result<Reason, Reason> {
     }
     set_macs(ctx, chosen.backend.mac)?;
     Ok(Reason::TxForward)
+}
+
+/// Whether the frame's destination MAC is the interface's own (when the daemon set it). A frame
+/// a switch flooded here for another host, e.g. the active node of a pair, is left alone:
+/// forwarding it too would send the request to a backend twice.
+#[inline(always)]
+fn addressed_to_us(ctx: &XdpContext) -> Result<bool, Reason> {
+    let Some(settings) = SETTINGS.get(0) else {
+        return Ok(true);
+    };
+    if settings.check_mac == 0 {
+        return Ok(true);
+    }
+    let destination: [u8; 6] = read(ctx, 0)?;
+    Ok(destination == settings.own_mac)
 }
 
 /// The VIP for the packet's destination: the exact port first, then the VIP's any-port entry.

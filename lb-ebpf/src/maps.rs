@@ -5,7 +5,7 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use lb_common::maps::{
     Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS, NatReverse,
-    REASON_COUNT, Traffic, VipKey, VipMeta,
+    REASON_COUNT, Settings, Traffic, VipKey, VipMeta,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -23,6 +23,9 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 #[map(name = "CONNS")]
 pub static CONNS: LruHashMap<FlowKey, ConnState> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map(name = "NAT_REV")]
 pub static NAT_REV: LruHashMap<FlowKey, NatReverse> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);

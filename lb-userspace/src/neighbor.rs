@@ -27,6 +27,15 @@ pub fn resolve_next_hop_mac(backend: IpAddr) -> Result<[u8; 6]> {
     )
 }
 
+/// The MAC address of one of our interfaces. Asked over netlink (through `ip`), not read from
+/// /sys/class/net: sysfs shows the namespace it was mounted in, which is not ours when the daemon
+/// was moved into a network namespace with `nsenter` (it then named the host's MAC).
+pub fn interface_mac(interface: &str) -> Result<[u8; 6]> {
+    let links = ip_json(&["link", "show", "dev", interface])?;
+    let text = links[0]["address"].as_str().with_context(|| format!("{interface} has no link-layer address"))?;
+    crate::config::parse_mac(text).map_err(anyhow::Error::msg)
+}
+
 pub(crate) fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
     let output = Command::new("ip").arg("-j").args(args).output().context("running ip (iproute2)")?;
     if !output.status.success() {

@@ -55,6 +55,13 @@ impl Harness {
         Ok(())
     }
 
+    /// Sets the interface MAC the program accepts frames for, on both sides.
+    pub fn set_own_mac(&mut self, mac: [u8; 6]) -> Result<()> {
+        self.dataplane.set_own_mac(mac)?;
+        self.model.settings = Settings { own_mac: mac, check_mac: 1, _pad: 0 };
+        Ok(())
+    }
+
     /// Builds the Maglev table over `backends` (equal weights) and publishes the VIP to both sides.
     /// Returns the table.
     pub fn publish_vip(&mut self, key: &VipKey, forwarding: &VipForwarding, backends: &[u32]) -> Result<Vec<u32>> {

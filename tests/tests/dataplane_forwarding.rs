@@ -291,6 +291,38 @@ fn established_flows_keep_their_backend_until_it_goes_away() {
 }
 
 #[test]
+fn frames_for_another_host_pass_untouched_once_the_own_mac_is_set() {
+    if !require_root("frames_for_another_host_pass_untouched_once_the_own_mac_is_set") {
+        return;
+    }
+    for mode in [MODE_DSR, MODE_NAT] {
+        let (setups, mut harness, _) = ipv4_tcp(mode);
+        let setup = &setups[0];
+        let mut frame = client_frame(setup, client_ip(setup), 44000);
+        frame.dst_mac = [0x02, 0, 0, 0, 0, 0x99];
+        // Without a daemon having set the interface MAC, any destination is accepted.
+        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+        assert_eq!(kernel, model);
+        assert_eq!(kernel.reason, Reason::TxForward);
+
+        harness.set_own_mac(LB_MAC).unwrap();
+        // A frame flooded here for another host (the peer of a pair, say), unicast or broadcast.
+        for other in [[0x02, 0, 0, 0, 0, 0x99], [0xff; 6]] {
+            frame.dst_mac = other;
+            let bytes = frame.bytes();
+            let (kernel, model) = harness.run(&bytes).unwrap();
+            assert_eq!(kernel, model);
+            assert_eq!((kernel.reason, kernel.action), (Reason::PassOtherHost, XDP_PASS), "mode {mode}");
+            assert_eq!(kernel.packet, bytes, "passed untouched");
+        }
+        frame.dst_mac = LB_MAC;
+        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+        assert_eq!(kernel, model);
+        assert_eq!(kernel.reason, Reason::TxForward, "mode {mode}: a frame for us is still forwarded");
+    }
+}
+
+#[test]
 fn vip_without_backends_drops_and_counts() {
     if !require_root("vip_without_backends_drops_and_counts") {
         return;

@@ -81,6 +81,8 @@ pub async fn run(config_file: &Path) -> Result<()> {
             tracing::info!(?key, "stale VIP removed from the data plane");
         }
     }
+    let own_mac = crate::neighbor::interface_mac(&settings.interface)?;
+    daemon.dataplane.set_own_mac(own_mac)?;
     let attachment = daemon.dataplane.attach_pinned(&pins, &settings.interface, settings.xdp_mode)?;
     daemon.attachment = Some(attachment);
     tracing::info!(interface = %settings.interface, ?attachment, changes = changes.len(), "data plane attached; serving");

@@ -170,6 +170,14 @@ impl Dataplane {
         Ok(Attachment::Fresh)
     }
 
+    /// From now on the program forwards only frames addressed to `mac` (the attached interface's):
+    /// frames a switch floods here for another host pass to the kernel untouched.
+    pub fn set_own_mac(&mut self, mac: [u8; 6]) -> Result<()> {
+        let mut settings: Array<&mut MapData, Settings> = Array::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)?;
+        settings.set(0, Settings { own_mac: mac, check_mac: 1, _pad: 0 }, 0).context("writing the program's settings")?;
+        Ok(())
+    }
+
     /// Writes a backend's slot. Rings must only name slots written here.
     pub fn set_backend(&mut self, index: u32, backend: &Backend) -> Result<()> {
         let mut backends: Array<&mut MapData, Backend> = Array::try_from(map_mut(&mut self.ebpf, MAP_BACKENDS)?)?;

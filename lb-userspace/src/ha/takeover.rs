@@ -28,7 +28,7 @@ pub fn claim(interface: &str, addresses: &[IpAddr]) -> Result<()> {
         args.extend_from_slice(extra);
         ip(&args)?;
     }
-    let mac = interface_mac(interface)?;
+    let mac = crate::neighbor::interface_mac(interface)?;
     let socket = PacketSocket::open(interface)?;
     for _ in 0..ANNOUNCEMENTS {
         for address in addresses {
@@ -70,15 +70,6 @@ fn ip(args: &[&str]) -> Result<()> {
         bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(())
-}
-
-/// Asked over netlink (through `ip`), not read from /sys/class/net: sysfs shows the namespace it
-/// was mounted in, which is not ours when the daemon was moved into a network namespace with
-/// `nsenter` (it then announced the host's MAC for the VIPs).
-fn interface_mac(interface: &str) -> Result<[u8; 6]> {
-    let links = crate::neighbor::ip_json(&["link", "show", "dev", interface])?;
-    let text = links[0]["address"].as_str().with_context(|| format!("{interface} has no link-layer address"))?;
-    crate::config::parse_mac(text).map_err(anyhow::Error::msg)
 }
 
 /// A gratuitous ARP request (sender = target = the address), broadcast, as RFC 5227 §3 and

@@ -55,6 +55,8 @@ fn dataplane_for(case: &Case, iterations: u32) -> Result<Dataplane> {
         ring_size: DEFAULT_RING_SIZE,
         max_conns: (iterations + 16).next_power_of_two(),
     })?;
+    // As the daemon does: the destination MAC is checked (the frames are addressed to it).
+    dataplane.set_own_mac(Frame::tcp("10.0.0.1".parse()?, 1, "10.0.0.2".parse()?, 2).dst_mac)?;
     let mut members = Vec::new();
     for i in 0..BACKENDS {
         let addr: IpAddr = if case.v6 {

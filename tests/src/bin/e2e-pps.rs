@@ -138,6 +138,8 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: 
                 let state = lb_common::maps::ConnState { backend: 0, ..Default::default() };
                 dataplane.insert_connection(&flow, &state)?;
             }
+            // As the daemon does: only frames for this interface are forwarded.
+            dataplane.set_own_mac(lb::neighbor::interface_mac("l0")?)?;
             dataplane.attach("l0", AttachMode::Native)?;
             Ok(dataplane)
         })??),
