@@ -20,6 +20,9 @@ use toml::Spanned;
 pub struct DaemonSettings {
     pub interface: String,
     pub xdp_mode: AttachMode,
+    /// Forward only frames addressed to the interface's MAC (default). Off for setups where VIP
+    /// traffic legitimately arrives for another MAC (e.g. the program on a bridge member port).
+    pub check_destination_mac: bool,
     pub instance: String,
     pub metrics: Option<SocketAddr>,
     pub sizes: DataplaneSizes,
@@ -62,6 +65,7 @@ struct RawConfig {
 struct RawDaemon {
     interface: Spanned<String>,
     xdp_mode: Option<Spanned<String>>,
+    check_destination_mac: Option<bool>,
     instance: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
     ring_size: Option<Spanned<u32>>,
@@ -285,6 +289,7 @@ fn convert_daemon(report: &mut Report, daemon: &Spanned<RawDaemon>) -> Option<Da
     Some(DaemonSettings {
         interface,
         xdp_mode: xdp_mode?,
+        check_destination_mac: raw.check_destination_mac.unwrap_or(true),
         instance,
         metrics,
         sizes: DataplaneSizes { max_vips, ring_size, max_conns },

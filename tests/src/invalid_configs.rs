@@ -102,6 +102,11 @@ pub fn cases(instance: &str, b1: &str, b2: &str) -> Vec<(&'static str, String, S
             format!("{FILE}:4: daemon.xdp_mode: unknown XDP mode \"turbo\""),
         ),
         (
+            "destination MAC check not a boolean",
+            edit(r#"xdp_mode = "native""#, "xdp_mode = \"native\"\ncheck_destination_mac = \"yes\""),
+            format!("{FILE}:5: syntax: invalid type: string \"yes\", expected a boolean"),
+        ),
+        (
             "ring size not prime",
             edit("ring_size = 65537", "ring_size = 65536"),
             format!("{FILE}:7: daemon.ring_size: 65536 is not a prime"),

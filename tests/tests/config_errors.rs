@@ -10,6 +10,9 @@ const B2: &str = "10.0.1.2:8080";
 fn the_reference_config_is_valid() {
     let config = parse("lb.toml", &good("lb", B1, B2)).unwrap();
     assert_eq!(config.daemon.interface, "eth0");
+    assert!(config.daemon.check_destination_mac, "on unless switched off");
+    let off = good("lb", B1, B2).replace("[daemon]\n", "[daemon]\ncheck_destination_mac = false\n");
+    assert!(!parse("lb.toml", &off).unwrap().daemon.check_destination_mac);
     assert_eq!(config.state.vips.len(), 1);
     assert_eq!(config.state.vips[0].backends.len(), 2);
 }

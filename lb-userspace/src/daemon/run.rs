@@ -81,8 +81,12 @@ pub async fn run(config_file: &Path) -> Result<()> {
             tracing::info!(?key, "stale VIP removed from the data plane");
         }
     }
-    let own_mac = crate::neighbor::interface_mac(&settings.interface)?;
-    daemon.dataplane.set_own_mac(own_mac)?;
+    if settings.check_destination_mac {
+        let own_mac = crate::neighbor::interface_mac(&settings.interface)?;
+        daemon.dataplane.set_own_mac(own_mac)?;
+    } else {
+        tracing::warn!(interface = %settings.interface, "destination MAC not checked: frames flooded here for other hosts are forwarded too");
+    }
     let attachment = daemon.dataplane.attach_pinned(&pins, &settings.interface, settings.xdp_mode)?;
     daemon.attachment = Some(attachment);
     tracing::info!(interface = %settings.interface, ?attachment, changes = changes.len(), "data plane attached; serving");
