@@ -7,6 +7,7 @@
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod nat;
 pub mod packet;
 
 #[cfg(feature = "user")]

@@ -58,18 +58,20 @@ pub const NAT_PORT_TRIES: u32 = 32;
 ///
 /// The hash is re-mixed first: the Maglev slot is `hash % ring_size`, and ports taken from the
 /// same bits would give each backend's flows only a small subset of the port range to try.
+/// Every attempt is mixed on its own: with a fixed stride between attempts all flows would walk
+/// the same sequence of ports, taken ports would cluster as in linear probing, and long runs
+/// of them turned new flows away at 40 % occupancy (measured: ~1.5 flows in 10^4).
 #[inline(always)]
 pub const fn snat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) -> u16 {
     let range = (max as u32).saturating_sub(min as u32) + 1;
-    // murmur3's fmix32 (a bijection with full avalanche) over a seeded hash.
-    let mut h = hash ^ 0x9e37_79b9;
+    // murmur3's fmix32 (a bijection with full avalanche) over a seeded hash and the attempt.
+    let mut h = hash ^ 0x9e37_79b9 ^ attempt.wrapping_mul(0x27d4_eb2f);
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^= h >> 16;
-    let mixed = h.wrapping_add(attempt.wrapping_mul(40_503));
-    min + (mixed % range) as u16
+    min + (h % range) as u16
 }
 
 /// The program's own settings, the single entry of `SETTINGS`, written before it is attached.
@@ -230,6 +232,8 @@ pub struct ConnState {
     /// NAT mode: the allocated source port (network byte order), 0 in DSR mode.
     pub snat_port: u16,
     pub _pad: [u8; 2],
+    /// NAT mode: when the client last sent a packet of this flow ([`crate::nat::ticks`]).
+    pub last_seen: u32,
 }
 
 /// `NAT_REV` value: how to turn a backend's reply back into the client's flow.
@@ -243,7 +247,11 @@ pub struct NatReverse {
     pub vip_port: u16,
     /// Where the client's packet came from on L2: the reply goes back there.
     pub client_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// How the connection has ended so far (`crate::nat::ENDED_*` bits).
+    pub ended: u8,
+    pub _pad: u8,
+    /// When the backend last sent a packet of this flow ([`crate::nat::ticks`]).
+    pub last_seen: u32,
 }
 
 /// Per-VIP and per-backend counters (values of per-CPU arrays).
@@ -281,8 +289,9 @@ const _: () = {
     assert!(offset_of!(Backend, port) == 22);
     assert!(size_of::<FlowKey>() == 40);
     assert!(offset_of!(FlowKey, sport) == 32);
-    assert!(size_of::<ConnState>() == 8);
-    assert!(size_of::<NatReverse>() == 44);
+    assert!(size_of::<ConnState>() == 12);
+    assert!(size_of::<NatReverse>() == 48);
+    assert!(offset_of!(NatReverse, last_seen) == 44);
     assert!(size_of::<Traffic>() == 24);
     assert!(size_of::<Settings>() == 8);
 };

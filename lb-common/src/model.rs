@@ -8,9 +8,10 @@
 use crate::csum::{replace_bytes, replace_u16, udp_nonzero};
 use crate::hash::flow_hash;
 use crate::maps::*;
+use crate::nat;
 use crate::packet::{
     ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, ipv4, ipv6, is_ipv4_fragment,
-    is_ipv6_extension, l4, opens_connection,
+    TCP_FLAG_FIN, TCP_FLAG_RST, is_ipv6_extension, l4, opens_connection,
 };
 use std::collections::HashMap;
 
@@ -27,6 +28,9 @@ pub struct ModelMaps {
     pub reasons: HashMap<u32, u64>,
     /// The `SETTINGS` entry (all zero: no destination MAC check).
     pub settings: Settings,
+    /// The program's clock ([`crate::nat::ticks`]) as the test sets it. Tests compare the
+    /// kernel's tables with the model's without the timestamps, which follow the kernel's clock.
+    pub now: u32,
 }
 
 /// What the program does with a packet.
@@ -44,6 +48,8 @@ struct Parsed {
     flow: FlowKey,
     no_l4_checksum: bool,
     opens_connection: bool,
+    /// 0 for UDP.
+    tcp_flags: u8,
 }
 
 impl ModelMaps {
@@ -68,7 +74,12 @@ impl ModelMaps {
         let parsed = parse(packet)?;
         let vip = self.find_vip(&parsed.flow);
         let Some(vip) = vip else {
-            let reverse = *self.nat_rev.get(&parsed.flow).ok_or(Reason::PassNotVip)?;
+            let entry = self.nat_rev.get_mut(&parsed.flow).ok_or(Reason::PassNotVip)?;
+            entry.last_seen = self.now;
+            if parsed.flow.proto == PROTO_TCP {
+                entry.ended = nat::note_segment(entry.ended, parsed.tcp_flags, true);
+            }
+            let reverse = *entry;
             rewrite_flow(
                 packet,
                 &parsed,
@@ -103,9 +114,18 @@ impl ModelMaps {
 
     fn choose(&mut self, parsed: &Parsed, vip: &VipMeta, client_mac: [u8; 6]) -> Result<(Backend, u16), Reason> {
         if !parsed.opens_connection
-            && let Some(conn) = self.conns.get(&parsed.flow)
+            && let Some(conn) = self.conns.get(&parsed.flow).copied()
             && let Some(backend) = self.usable(conn.backend)
         {
+            if vip.mode == MODE_NAT {
+                self.conns.get_mut(&parsed.flow).expect("just read").last_seen = self.now;
+                if parsed.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+                    let reply = reply_key(&parsed.flow, &backend, vip, conn.snat_port);
+                    if let Some(reverse) = self.nat_rev.get_mut(&reply) {
+                        reverse.ended = nat::note_segment(reverse.ended, parsed.tcp_flags, false);
+                    }
+                }
+            }
             return Ok((backend, conn.snat_port));
         }
         if vip.ring_size == 0 {
@@ -123,34 +143,58 @@ impl ModelMaps {
         let backend = self.usable(index).ok_or(Reason::DropNoBackend)?;
         let mut snat_port = 0;
         if vip.mode == MODE_NAT {
-            let sport = if backend.port == 0 { parsed.flow.dport } else { backend.port };
             let reverse = NatReverse {
                 client_addr: parsed.flow.src,
                 vip_addr: parsed.flow.dst,
                 client_port: parsed.flow.sport,
                 vip_port: parsed.flow.dport,
                 client_mac,
-                _pad: [0; 2],
+                ended: 0,
+                _pad: 0,
+                last_seen: self.now,
             };
             let free = (0..NAT_PORT_TRIES).find_map(|attempt| {
                 let port = snat_port_candidate(hash, attempt, vip.snat_port_min, vip.snat_port_max).to_be();
-                let reply = FlowKey {
-                    src: backend.addr,
-                    dst: vip.snat_addr,
-                    sport,
-                    dport: port,
-                    proto: parsed.flow.proto,
-                    family: parsed.flow.family,
-                    _pad: [0; 2],
+                let reply = reply_key(&parsed.flow, &backend, vip, port);
+                let Some(taken) = self.nat_rev.get(&reply) else {
+                    return Some((reply, port, None));
                 };
-                (!self.nat_rev.contains_key(&reply)).then_some((reply, port))
+                // A port still held by a finished or quiet connection goes to this flow.
+                let holder = FlowKey {
+                    src: taken.client_addr,
+                    dst: taken.vip_addr,
+                    sport: taken.client_port,
+                    dport: taken.vip_port,
+                    ..parsed.flow
+                };
+                let client_last_seen = self.conns.get(&holder).filter(|c| c.snat_port == port).map(|c| c.last_seen);
+                let pinned = client_last_seen.is_some().then_some(holder);
+                nat::reclaimable(taken, parsed.flow.proto, client_last_seen, self.now).then_some((reply, port, pinned))
             });
-            let (reply, port) = free.ok_or(Reason::DropNatPorts)?;
+            let (reply, port, pinned) = free.ok_or(Reason::DropNatPorts)?;
+            if let Some(holder) = pinned {
+                // Its late packets must not reach the backend on the new flow's tuple.
+                self.conns.remove(&holder);
+            }
             self.nat_rev.insert(reply, reverse);
             snat_port = port;
         }
-        self.conns.insert(parsed.flow, ConnState { backend: index, snat_port, _pad: [0; 2] });
+        let last_seen = if vip.mode == MODE_NAT { self.now } else { 0 };
+        self.conns.insert(parsed.flow, ConnState { backend: index, snat_port, _pad: [0; 2], last_seen });
         Ok((backend, snat_port))
+    }
+}
+
+/// The key of the backend's replies to a NAT flow: backend → SNAT address and port.
+fn reply_key(flow: &FlowKey, backend: &Backend, vip: &VipMeta, snat_port: u16) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: vip.snat_addr,
+        sport: if backend.port == 0 { flow.dport } else { backend.port },
+        dport: snat_port,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
     }
 }
 
@@ -203,6 +247,7 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
     flow.family = family;
     let mut no_l4_checksum = false;
     let mut opens = false;
+    let mut tcp_flags = 0;
     match flow.proto {
         PROTO_TCP => {
             need(l4_off + TCP_MIN_HLEN)?;
@@ -213,7 +258,8 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
             if doff < TCP_MIN_HLEN || doff > l4_len {
                 return Err(Reason::PassBadHeader);
             }
-            opens = opens_connection(p[l4_off + l4::TCP_FLAGS]);
+            tcp_flags = p[l4_off + l4::TCP_FLAGS];
+            opens = opens_connection(tcp_flags);
         }
         PROTO_UDP => {
             need(l4_off + UDP_HLEN)?;
@@ -235,7 +281,7 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
     }
     flow.sport = u16::from_ne_bytes([p[l4_off], p[l4_off + 1]]);
     flow.dport = u16::from_ne_bytes([p[l4_off + 2], p[l4_off + 3]]);
-    Ok(Parsed { family, l4_off, flow, no_l4_checksum, opens_connection: opens })
+    Ok(Parsed { family, l4_off, flow, no_l4_checksum, opens_connection: opens, tcp_flags })
 }
 
 fn set_macs(p: &mut [u8], next_hop: [u8; 6]) {

@@ -53,7 +53,9 @@ pub const fn is_ipv6_extension(next_header: u8) -> bool {
     matches!(next_header, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
 }
 
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// A TCP segment that opens a connection (SYN without ACK). It is placed by the current table,

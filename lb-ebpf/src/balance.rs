@@ -3,11 +3,15 @@
 use crate::maps::{BACKENDS, CONNS, NAT_REV, RINGS};
 use crate::parse::Packet;
 use lb_common::hash::flow_hash;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::maps::{
     BACKEND_USABLE, Backend, ConnState, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND, NatReverse, Reason, VipMeta,
     snat_port_candidate,
 };
+use lb_common::nat::{note_segment, reclaimable, ticks};
+use lb_common::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
 
+const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 
 pub struct Chosen {
@@ -29,14 +33,29 @@ fn usable_backend(index: u32) -> Option<&'static Backend> {
     if backend.flags & BACKEND_USABLE != 0 { Some(backend) } else { None }
 }
 
+/// The program's clock ([`lb_common::nat::ticks`]): the coarse monotonic clock is enough for
+/// waits of seconds, and cheaper than the precise one.
+#[inline(always)]
+pub fn now() -> u32 {
+    // SAFETY: a helper without arguments.
+    ticks(unsafe { bpf_ktime_get_coarse_ns() })
+}
+
 #[inline(always)]
 pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Chosen, Reason> {
-    let remembered = if packet.opens_connection { None } else { CONNS.get_ptr(&packet.flow) };
+    let remembered = if packet.opens_connection { None } else { CONNS.get_ptr_mut(&packet.flow) };
     if let Some(conn) = remembered {
         // SAFETY: a map value pointer stays valid for the program's run.
         let (index, snat_port) = unsafe { ((*conn).backend, (*conn).snat_port) };
         // An established flow stays on its backend unless that backend is gone or down.
         if let Some(backend) = usable_backend(index) {
+            if vip.mode == MODE_NAT {
+                // SAFETY: as above; a plain store, racing only with the same flow on another CPU.
+                unsafe { (*conn).last_seen = now() };
+                if packet.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+                    note_client_end(packet, vip, backend, snat_port);
+                }
+            }
             return Ok(Chosen { index, backend, snat_port, new_flow: false });
         }
     }
@@ -49,15 +68,40 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         return Err(Reason::DropNoBackend);
     }
     let backend = usable_backend(index).ok_or(Reason::DropNoBackend)?;
-    let snat_port = if vip.mode == MODE_NAT { allocate_snat_port(packet, vip, backend, hash, &client_mac)? } else { 0 };
-    let conn = ConnState { backend: index, snat_port, _pad: [0; 2] };
+    let (snat_port, last_seen) =
+        if vip.mode == MODE_NAT { (allocate_snat_port(packet, vip, backend, hash, &client_mac)?, now()) } else { (0, 0) };
+    let conn = ConnState { backend: index, snat_port, _pad: [0; 2], last_seen };
     // A full table evicts its least recently used entry; an insert failure only costs stickiness.
     let _ = CONNS.insert(&packet.flow, &conn, 0);
     Ok(Chosen { index, backend, snat_port, new_flow: true })
 }
 
-/// Reserves a source port towards `backend` by creating the reply-direction entry; the first
-/// candidate whose reply flow is not taken wins (BPF_NOEXIST makes that race-free across CPUs).
+/// The key of the backend's replies to a NAT flow: backend → SNAT address and port.
+#[inline(always)]
+fn reply_key(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port: u16) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: vip.snat_addr,
+        sport: backend_port(backend, packet),
+        dport: snat_port,
+        proto: packet.flow.proto,
+        family: packet.flow.family,
+        _pad: [0; 2],
+    }
+}
+
+/// The client sent FIN or RST: recorded on the reverse entry, where the port's end is judged.
+#[inline(never)]
+fn note_client_end(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port: u16) {
+    if let Some(reverse) = NAT_REV.get_ptr_mut(&reply_key(packet, vip, backend, snat_port)) {
+        // SAFETY: a map value pointer stays valid for the program's run.
+        unsafe { (*reverse).ended = note_segment((*reverse).ended, packet.tcp_flags, false) };
+    }
+}
+
+/// Reserves a source port towards `backend` by creating the reply-direction entry: the first
+/// candidate that is free (BPF_NOEXIST makes that race-free across CPUs), or whose connection
+/// has ended or gone quiet (`lb_common::nat::reclaimable`).
 #[inline(never)]
 fn allocate_snat_port(
     packet: &Packet,
@@ -66,29 +110,57 @@ fn allocate_snat_port(
     hash: u32,
     client_mac: &[u8; 6],
 ) -> Result<u16, Reason> {
+    let now = now();
     let reverse = NatReverse {
         client_addr: packet.flow.src,
         vip_addr: packet.flow.dst,
         client_port: packet.flow.sport,
         vip_port: packet.flow.dport,
         client_mac: *client_mac,
-        _pad: [0; 2],
-    };
-    let mut reply = FlowKey {
-        src: backend.addr,
-        dst: vip.snat_addr,
-        sport: backend_port(backend, packet),
-        dport: 0,
-        proto: packet.flow.proto,
-        family: packet.flow.family,
-        _pad: [0; 2],
+        ended: 0,
+        _pad: 0,
+        last_seen: now,
     };
     for attempt in 0..NAT_PORT_TRIES {
         let port = snat_port_candidate(hash, attempt, vip.snat_port_min, vip.snat_port_max).to_be();
-        reply.dport = port;
-        if NAT_REV.insert(&reply, &reverse, BPF_NOEXIST).is_ok() {
+        let reply = reply_key(packet, vip, backend, port);
+        if NAT_REV.insert(&reply, &reverse, BPF_NOEXIST).is_ok() || take_over_if_ended(&reply, &reverse, now) {
             return Ok(port);
         }
     }
     Err(Reason::DropNatPorts)
+}
+
+/// Gives the port in `reply` to `reverse`'s flow when the connection holding it has ended or
+/// gone quiet; returns whether it did.
+#[inline(never)]
+fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse, now: u32) -> bool {
+    let Some(taken) = NAT_REV.get_ptr(reply) else {
+        return NAT_REV.insert(reply, reverse, BPF_NOEXIST).is_ok(); // freed meanwhile
+    };
+    // SAFETY: a map value pointer stays valid for the program's run.
+    let taken = unsafe { &*taken };
+    let holder = FlowKey {
+        src: taken.client_addr,
+        dst: taken.vip_addr,
+        sport: taken.client_port,
+        dport: taken.vip_port,
+        proto: reply.proto,
+        family: reply.family,
+        _pad: [0; 2],
+    };
+    // The holder's own table entry tells when its client last sent, if it still uses the port.
+    let client_last_seen = match CONNS.get_ptr(&holder) {
+        // SAFETY: as above.
+        Some(conn) if unsafe { (*conn).snat_port } == reply.dport => Some(unsafe { (*conn).last_seen }),
+        _ => None,
+    };
+    if !reclaimable(taken, reply.proto, client_last_seen, now) || NAT_REV.insert(reply, reverse, BPF_ANY).is_err() {
+        return false;
+    }
+    if client_last_seen.is_some() {
+        // The old flow's late packets must not reach the backend on the new flow's tuple.
+        let _ = CONNS.remove(&holder);
+    }
+    true
 }

@@ -11,7 +11,8 @@ mod rewrite;
 use aya_ebpf::macros::xdp;
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::XdpContext;
-use lb_common::maps::{MODE_DSR, MODE_NAT, Reason, Traffic, VipKey, VipMeta};
+use lb_common::maps::{MODE_DSR, MODE_NAT, PROTO_TCP, Reason, Traffic, VipKey, VipMeta};
+use lb_common::nat::note_segment;
 use maps::{NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, VIPS};
 use parse::{Packet, parse, read};
 use rewrite::{Rewrite, set_flow, set_macs};
@@ -92,11 +93,16 @@ fn find_vip(packet: &Packet) -> Option<&'static VipMeta> {
 /// A backend's reply to a NAT flow goes back to the client as if it came from the VIP.
 #[inline(never)]
 fn translate_nat_reply(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
-    let Some(reverse) = NAT_REV.get_ptr(&packet.flow) else {
+    let Some(reverse) = NAT_REV.get_ptr_mut(&packet.flow) else {
         return Err(Reason::PassNotVip);
     };
     // SAFETY: a map value pointer stays valid for the program's run.
-    let reverse = unsafe { &*reverse };
+    let reverse = unsafe { &mut *reverse };
+    // What the allocator needs to judge when this port is free again.
+    reverse.last_seen = balance::now();
+    if packet.flow.proto == PROTO_TCP {
+        reverse.ended = note_segment(reverse.ended, packet.tcp_flags, true);
+    }
     let to = Rewrite {
         src: &reverse.vip_addr,
         sport: reverse.vip_port,

@@ -26,6 +26,8 @@ pub struct Packet {
     pub no_l4_checksum: bool,
     /// A TCP SYN without ACK: a new connection, whatever the connection table remembers.
     pub opens_connection: bool,
+    /// 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 /// Pointer to a `T` at `offset` in the packet, after the one bounds check the verifier needs.
@@ -76,6 +78,7 @@ impl Packet {
             flow: FlowKey { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0, family: 0, _pad: [0; 2] },
             no_l4_checksum: false,
             opens_connection: false,
+            tcp_flags: 0,
         }
     }
 }
@@ -150,7 +153,8 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Reason> {
                 return Err(Reason::PassBadHeader);
             }
             // SAFETY: the flags (offset 13) and the checksum (offset 16) are inside the 20 checked bytes.
-            packet.opens_connection = opens_connection(unsafe { field::<u8>(l4, l4::TCP_FLAGS) });
+            packet.tcp_flags = unsafe { field::<u8>(l4, l4::TCP_FLAGS) };
+            packet.opens_connection = opens_connection(packet.tcp_flags);
             (l4, unsafe { l4.add(l4::TCP_CHECK) })
         }
         PROTO_UDP => {

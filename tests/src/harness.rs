@@ -37,6 +37,16 @@ pub fn maglev_key(index: u32) -> u64 {
 }
 
 /// Map sizes small enough to load fast, large enough for every test here.
+/// The data plane's clock now ([`lb_common::nat::ticks`] of CLOCK_MONOTONIC_COARSE, which is
+/// what `bpf_ktime_get_coarse_ns` reads).
+pub fn kernel_clock_ticks() -> u32 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE)");
+    lb_common::nat::ticks(now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64)
+}
+
 pub fn test_sizes() -> DataplaneSizes {
     DataplaneSizes { max_vips: 16, ring_size: TEST_RING_SIZE, max_conns: 1 << 18 }
 }
@@ -80,6 +90,7 @@ impl Harness {
     /// Runs a packet through the kernel and the model; returns (kernel, model) outcomes.
     /// The kernel's reason is read from the per-reason counters around the run.
     pub fn run(&mut self, frame: &[u8]) -> Result<(Outcome, Outcome)> {
+        self.model.now = kernel_clock_ticks();
         let before = self.dataplane.reason_counters()?;
         let (action, packet) = self.dataplane.run_once(frame)?;
         let after = self.dataplane.reason_counters()?;
@@ -90,8 +101,25 @@ impl Harness {
         Ok((kernel, model))
     }
 
+    /// Moves every NAT flow's last activity `ticks` into the past, on both sides, as if the
+    /// flows had been quiet that long.
+    pub fn age_nat_flows(&mut self, ticks: u32) -> Result<()> {
+        for (flow, mut conn) in self.dataplane.connections()? {
+            conn.last_seen = conn.last_seen.wrapping_sub(ticks);
+            self.dataplane.insert_connection(&flow, &conn)?;
+        }
+        for (reply, mut reverse) in self.dataplane.nat_reverses()? {
+            reverse.last_seen = reverse.last_seen.wrapping_sub(ticks);
+            self.dataplane.insert_nat_reverse(&reply, &reverse)?;
+        }
+        self.model.conns.values_mut().for_each(|c| c.last_seen = c.last_seen.wrapping_sub(ticks));
+        self.model.nat_rev.values_mut().for_each(|r| r.last_seen = r.last_seen.wrapping_sub(ticks));
+        Ok(())
+    }
+
     /// Runs a packet without reading reason counters (fast path for bulk comparisons).
     pub fn run_fast(&mut self, frame: &[u8]) -> Result<((u32, Vec<u8>), Outcome)> {
+        self.model.now = kernel_clock_ticks();
         let kernel = self.dataplane.run_once(frame)?;
         Ok((kernel, self.model.process(frame)))
     }

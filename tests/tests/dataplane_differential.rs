@@ -6,7 +6,7 @@ use lb::dataplane::VipForwarding;
 use lb_common::maps::*;
 use lb_common::packet::ETH_HLEN;
 use lb_common::packet::build::Frame;
-use lb_tests::harness::{Harness, addr16, backend, vip_key};
+use lb_tests::harness::{Harness, addr16, backend, kernel_clock_ticks, vip_key};
 use lb_tests::privilege::require_root;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -128,6 +128,7 @@ fn random_packets_agree_with_the_reference_model() {
     if !require_root("random_packets_agree_with_the_reference_model") {
         return;
     }
+    let started = kernel_clock_ticks();
     let mut harness = Harness::new().unwrap();
     let mut vips = setup(&mut harness);
     let mut rng = StdRng::seed_from_u64(0x1b_2026);
@@ -191,14 +192,28 @@ fn random_packets_agree_with_the_reference_model() {
     for (reason, count) in &kernel_reasons {
         assert_eq!(*count, harness.model.reasons.get(&(*reason as u32)).copied().unwrap_or(0), "{reason:?} counter");
     }
+    // Timestamps follow the kernel's clock: each must fall inside this test's run (NAT entries)
+    // or be 0 (DSR), and the tables are then compared without them.
+    let (ended, window) = (kernel_clock_ticks(), |t: u32| t >= started && t <= kernel_clock_ticks() + 1);
     let mut kernel_conns = harness.dataplane.connections().unwrap();
+    for (flow, conn) in &mut kernel_conns {
+        let nat = conn.snat_port != 0;
+        assert!(if nat { window(conn.last_seen) } else { conn.last_seen == 0 }, "{flow:?}: {conn:?}, now {ended}");
+        conn.last_seen = 0;
+    }
     kernel_conns.sort_by_key(|(k, _)| format!("{k:?}"));
-    let mut model_conns: Vec<_> = harness.model.conns.iter().map(|(k, v)| (*k, *v)).collect();
+    let mut model_conns: Vec<_> =
+        harness.model.conns.iter().map(|(k, v)| (*k, ConnState { last_seen: 0, ..*v })).collect();
     model_conns.sort_by_key(|(k, _)| format!("{k:?}"));
     assert_eq!(kernel_conns, model_conns, "connection tables differ");
     let mut kernel_nat = harness.dataplane.nat_reverses().unwrap();
+    for (reply, reverse) in &mut kernel_nat {
+        assert!(window(reverse.last_seen), "{reply:?}: {reverse:?}, now {ended}");
+        reverse.last_seen = 0;
+    }
     kernel_nat.sort_by_key(|(k, _)| format!("{k:?}"));
-    let mut model_nat: Vec<_> = harness.model.nat_rev.iter().map(|(k, v)| (*k, *v)).collect();
+    let mut model_nat: Vec<_> =
+        harness.model.nat_rev.iter().map(|(k, v)| (*k, NatReverse { last_seen: 0, ..*v })).collect();
     model_nat.sort_by_key(|(k, _)| format!("{k:?}"));
     assert_eq!(kernel_nat, model_nat, "NAT tables differ");
 

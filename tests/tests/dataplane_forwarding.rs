@@ -6,7 +6,7 @@ use lb::dataplane::VipForwarding;
 use lb_common::hash::flow_hash;
 use lb_common::maps::*;
 use lb_common::packet::build::{Frame, TCP_ACK, verify_checksums};
-use lb_common::packet::{ETH_HLEN, ETH_P_IPV6};
+use lb_common::packet::{ETH_HLEN, ETH_P_IPV6, TCP_FLAG_FIN};
 use lb_tests::harness::{Harness, addr16, backend, vip_key};
 use lb_tests::privilege::require_root;
 use std::net::{IpAddr, SocketAddr};
@@ -320,6 +320,58 @@ fn frames_for_another_host_pass_untouched_once_the_own_mac_is_set() {
         assert_eq!(kernel, model);
         assert_eq!(kernel.reason, Reason::TxForward, "mode {mode}: a frame for us is still forwarded");
     }
+}
+
+#[test]
+fn a_nat_port_goes_to_a_new_flow_once_its_connection_has_ended() {
+    if !require_root("a_nat_port_goes_to_a_new_flow_once_its_connection_has_ended") {
+        return;
+    }
+    let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
+    let setup = &setups[0];
+    // One backend and one source port: every flow competes for the same reply tuple.
+    let one_port = VipForwarding { snat_port_min: 20000, snat_port_max: 20000, ..forwarding };
+    harness.publish_vip(&vip_key(setup.vip, setup.proto), &one_port, &[setup.backends[0].0]).unwrap();
+    let client = client_ip(setup);
+    let run = |harness: &mut Harness, frame: &Frame| {
+        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+        assert_eq!(kernel, model);
+        kernel
+    };
+    let first = client_frame(setup, client, 45000);
+    let opened = run(&mut harness, &first);
+    assert_eq!(opened.reason, Reason::TxForward);
+    let (snat, snat_port, backend_ip, backend_port) = flow_of(&opened.packet);
+    assert_eq!(snat_port, 20000);
+    let second = client_frame(setup, client, 45001);
+    assert_eq!(run(&mut harness, &second).reason, Reason::DropNatPorts, "the port belongs to an open connection");
+    // Even after CLOSED_WAIT of silence: an open TCP connection keeps its port for TCP_IDLE.
+    harness.age_nat_flows(lb_common::nat::CLOSED_WAIT).unwrap();
+    assert_eq!(run(&mut harness, &second).reason, Reason::DropNatPorts);
+
+    // The client closes, then the backend: the backend keeps nothing of the tuple.
+    let mut fin = established(first.clone());
+    fin.tcp_flags = TCP_ACK | TCP_FLAG_FIN;
+    assert_eq!(run(&mut harness, &fin).reason, Reason::TxForward);
+    let mut reply = first.clone();
+    (reply.src, reply.sport, reply.dst, reply.dport) = (backend_ip, backend_port, snat, snat_port);
+    (reply.src_mac, reply.dst_mac) = (opened.packet[0..6].try_into().unwrap(), LB_MAC);
+    reply.tcp_flags = TCP_ACK | TCP_FLAG_FIN;
+    assert_eq!(run(&mut harness, &reply).reason, Reason::TxNatReply);
+    assert_eq!(run(&mut harness, &second).reason, Reason::DropNatPorts, "a lost last ACK may still need it");
+
+    harness.age_nat_flows(lb_common::nat::CLOSED_WAIT).unwrap();
+    let taken = run(&mut harness, &second);
+    assert_eq!(taken.reason, Reason::TxForward, "the ended connection's port goes to the new flow");
+    assert_eq!(flow_of(&taken.packet).1, 20000);
+    // The backend's answers on that port now reach the new flow's client.
+    reply.tcp_flags = TCP_ACK;
+    let answer = run(&mut harness, &reply);
+    assert_eq!(answer.reason, Reason::TxNatReply);
+    assert_eq!(flow_of(&answer.packet), (setup.vip.ip(), setup.vip.port(), client, 45001));
+    // The old flow's late segment no longer rides on that tuple: it needs a port of its own,
+    // and there is none left.
+    assert_eq!(run(&mut harness, &fin).reason, Reason::DropNatPorts);
 }
 
 #[test]

@@ -55,7 +55,8 @@ pub fn run(root: &Path, quick: bool, print_json: bool) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     println!("[build] release benchmark binaries");
     let status = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "-p", "lb-tests", "--bins"])
+        // The `lb` daemon too: the benchmarks that run it take the one beside them.
+        .args(["build", "--release", "--quiet", "-p", "lb-tests", "-p", "lb-userspace", "--bins"])
         .current_dir(root)
         .status()
         .context("running cargo build")?;

@@ -280,6 +280,13 @@ impl Dataplane {
         Ok(conns.insert(flow, state, 0)?)
     }
 
+    /// Writes a NAT reverse entry, as the data plane would (tests age them).
+    pub fn insert_nat_reverse(&mut self, reply: &FlowKey, reverse: &NatReverse) -> Result<()> {
+        let mut nat: HashMap<&mut MapData, FlowKey, NatReverse> =
+            HashMap::try_from(map_mut(&mut self.ebpf, MAP_NAT_REV)?)?;
+        Ok(nat.insert(reply, reverse, 0)?)
+    }
+
     pub fn connections(&self) -> Result<Vec<(FlowKey, ConnState)>> {
         let conns: HashMap<&MapData, FlowKey, ConnState> = HashMap::try_from(map(&self.ebpf, MAP_CONNS)?)?;
         Ok(conns.iter().collect::<Result<_, _>>()?)

@@ -1,0 +1,162 @@
+//! How long a NAT source port stays with its connection. Each new NAT flow reserves a port
+//! towards its backend with a `NAT_REV` entry; nothing else ever frees that entry while the
+//! table has room, so the ports of finished connections must be taken back by the allocator:
+//! a port whose connection has ended, or gone quiet, goes to the next flow that needs it.
+//!
+//! The waits follow what the backend still remembers of the four-tuple: nothing once it has
+//! closed after the client (a few seconds for a lost last ACK), TIME_WAIT (60 s on Linux) when
+//! it closed first, and idle timeouts in the spirit of IPVS and conntrack otherwise.
+
+use crate::maps::{NatReverse, PROTO_TCP};
+use crate::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
+
+/// The program's clock: monotonic nanoseconds >> 20, about 1.05 ms per tick; a u32 of them
+/// wraps after about 52 days, far beyond any wait below.
+pub const TICK_SHIFT: u32 = 20;
+
+pub const fn ticks(monotonic_ns: u64) -> u32 {
+    (monotonic_ns >> TICK_SHIFT) as u32
+}
+
+pub const fn seconds(s: u64) -> u32 {
+    ticks(s * 1_000_000_000)
+}
+
+/// `ended` bits of a [`NatReverse`].
+pub const ENDED_FIN_CLIENT: u8 = 1;
+pub const ENDED_FIN_BACKEND: u8 = 2;
+/// The backend's FIN came before the client's: the backend keeps the tuple in TIME_WAIT.
+pub const ENDED_BACKEND_FIRST: u8 = 4;
+pub const ENDED_RESET: u8 = 8;
+
+/// Closed, the backend closing last: only a lost final ACK can still need the tuple.
+pub const CLOSED_WAIT: u32 = seconds(5);
+/// Closed, the backend closing first: Linux's TIME_WAIT length.
+pub const BACKEND_TIME_WAIT: u32 = seconds(60);
+/// The client flow no longer uses this port (its table entry moved or was evicted).
+pub const ORPHAN_WAIT: u32 = seconds(60);
+/// Open connections that went quiet (IPVS: 900 s for TCP; conntrack: 30 s for UDP).
+pub const TCP_IDLE: u32 = seconds(900);
+pub const UDP_IDLE: u32 = seconds(30);
+
+/// The `ended` bits after a TCP segment with `tcp_flags` (from the backend or from the client).
+pub const fn note_segment(ended: u8, tcp_flags: u8, from_backend: bool) -> u8 {
+    let mut ended = ended;
+    if tcp_flags & TCP_FLAG_RST != 0 {
+        ended |= ENDED_RESET;
+    }
+    if tcp_flags & TCP_FLAG_FIN != 0 {
+        if from_backend {
+            if ended & ENDED_FIN_CLIENT == 0 {
+                ended |= ENDED_BACKEND_FIRST;
+            }
+            ended |= ENDED_FIN_BACKEND;
+        } else {
+            ended |= ENDED_FIN_CLIENT;
+        }
+    }
+    ended
+}
+
+/// Ticks from `since` to `now`; a `since` just after `now` (another CPU wrote it meanwhile) is 0.
+const fn elapsed(since: u32, now: u32) -> u32 {
+    let d = now.wrapping_sub(since);
+    if d > u32::MAX / 2 { 0 } else { d }
+}
+
+/// Whether the port `reverse` holds may go to a new flow at `now`. `client_last_seen` is the
+/// client flow's `CONNS` timestamp when that entry still uses this port, None otherwise.
+pub const fn reclaimable(reverse: &NatReverse, proto: u8, client_last_seen: Option<u32>, now: u32) -> bool {
+    let backend_quiet = elapsed(reverse.last_seen, now);
+    let quiet = match client_last_seen {
+        Some(seen) => {
+            let client_quiet = elapsed(seen, now);
+            if client_quiet < backend_quiet { client_quiet } else { backend_quiet }
+        }
+        None => backend_quiet,
+    };
+    let ended = reverse.ended;
+    let wait = if ended & ENDED_RESET != 0 {
+        CLOSED_WAIT
+    } else if ended & (ENDED_FIN_CLIENT | ENDED_FIN_BACKEND) == ENDED_FIN_CLIENT | ENDED_FIN_BACKEND {
+        if ended & ENDED_BACKEND_FIRST != 0 { BACKEND_TIME_WAIT } else { CLOSED_WAIT }
+    } else if client_last_seen.is_none() {
+        ORPHAN_WAIT
+    } else if proto == PROTO_TCP {
+        TCP_IDLE
+    } else {
+        UDP_IDLE
+    };
+    quiet >= wait
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::PROTO_UDP;
+
+    const NOW: u32 = 1_000_000;
+
+    fn reverse(ended: u8, last_seen: u32) -> NatReverse {
+        NatReverse { ended, last_seen, ..Default::default() }
+    }
+
+    fn closed(backend_first: bool) -> u8 {
+        let client = [(TCP_FLAG_FIN, false), (TCP_FLAG_FIN, true)];
+        let order = if backend_first { [client[1], client[0]] } else { client };
+        order.iter().fold(0, |ended, &(flags, from_backend)| note_segment(ended, flags, from_backend))
+    }
+
+    #[test]
+    fn who_closed_first_is_remembered() {
+        assert_eq!(closed(false), ENDED_FIN_CLIENT | ENDED_FIN_BACKEND);
+        assert_eq!(closed(true), ENDED_FIN_CLIENT | ENDED_FIN_BACKEND | ENDED_BACKEND_FIRST);
+        assert_eq!(note_segment(0, TCP_FLAG_RST, false), ENDED_RESET);
+        assert_eq!(note_segment(0, 0x10, true), 0, "a plain ACK changes nothing");
+    }
+
+    #[test]
+    fn a_closed_connection_frees_its_port_after_the_backend_can_no_longer_need_it() {
+        let client_closed_first = reverse(closed(false), NOW - CLOSED_WAIT);
+        assert!(reclaimable(&client_closed_first, PROTO_TCP, Some(NOW - CLOSED_WAIT), NOW));
+        assert!(!reclaimable(&client_closed_first, PROTO_TCP, Some(NOW - 1), NOW), "the client is still sending");
+        // The backend closed first: it holds the tuple in TIME_WAIT for 60 s.
+        let backend_closed_first = reverse(closed(true), NOW - CLOSED_WAIT);
+        assert!(!reclaimable(&backend_closed_first, PROTO_TCP, Some(NOW - CLOSED_WAIT), NOW));
+        let later = reverse(closed(true), NOW - BACKEND_TIME_WAIT);
+        assert!(reclaimable(&later, PROTO_TCP, Some(NOW - BACKEND_TIME_WAIT), NOW));
+        assert!(reclaimable(&reverse(ENDED_RESET, NOW - CLOSED_WAIT), PROTO_TCP, None, NOW));
+    }
+
+    #[test]
+    fn an_open_connection_keeps_its_port_until_it_goes_quiet() {
+        let open = reverse(0, NOW - TCP_IDLE + 1);
+        assert!(!reclaimable(&open, PROTO_TCP, Some(NOW - TCP_IDLE), NOW));
+        assert!(reclaimable(&reverse(0, NOW - TCP_IDLE), PROTO_TCP, Some(NOW - TCP_IDLE), NOW));
+        // Half-closed is still open: the other side may send for as long as it likes.
+        let half = reverse(ENDED_FIN_CLIENT, NOW - seconds(600));
+        assert!(!reclaimable(&half, PROTO_TCP, Some(NOW - seconds(600)), NOW));
+        assert!(!reclaimable(&reverse(0, NOW - UDP_IDLE + 1), PROTO_UDP, Some(NOW), NOW));
+        assert!(reclaimable(&reverse(0, NOW - UDP_IDLE), PROTO_UDP, Some(NOW - UDP_IDLE), NOW));
+    }
+
+    #[test]
+    fn a_port_the_client_flow_left_waits_out_time_wait() {
+        let orphan = reverse(0, NOW - ORPHAN_WAIT + 1);
+        assert!(!reclaimable(&orphan, PROTO_TCP, None, NOW));
+        assert!(reclaimable(&reverse(0, NOW - ORPHAN_WAIT), PROTO_TCP, None, NOW));
+    }
+
+    #[test]
+    fn a_timestamp_from_just_after_now_counts_as_now() {
+        let racing = reverse(ENDED_RESET, NOW + 3);
+        assert!(!reclaimable(&racing, PROTO_TCP, None, NOW));
+    }
+
+    #[test]
+    fn the_clock_wraps_without_harm() {
+        let before_wrap = u32::MAX - CLOSED_WAIT / 2;
+        let after_wrap = before_wrap.wrapping_add(CLOSED_WAIT);
+        assert!(reclaimable(&reverse(ENDED_RESET, before_wrap), PROTO_TCP, None, after_wrap));
+    }
+}
