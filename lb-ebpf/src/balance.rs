@@ -51,7 +51,7 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         if let Some(backend) = usable_backend(index) {
             if vip.mode == MODE_NAT {
                 // SAFETY: as above; a plain store, racing only with the same flow on another CPU.
-                unsafe { (*conn).last_seen = now() };
+                touch(unsafe { &mut (*conn).last_seen });
                 if packet.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
                     note_client_end(packet, vip, backend, snat_port);
                 }
@@ -74,6 +74,16 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
     // A full table evicts its least recently used entry; an insert failure only costs stickiness.
     let _ = CONNS.insert(&packet.flow, &conn, 0);
     Ok(Chosen { index, backend, snat_port, new_flow: true })
+}
+
+/// Records activity at the current tick. Stores only when the tick changed: a burst of one
+/// flow's packets then dirties the entry's cache line once, not once per packet.
+#[inline(always)]
+pub fn touch(last_seen: &mut u32) {
+    let now = now();
+    if *last_seen != now {
+        *last_seen = now;
+    }
 }
 
 /// The key of the backend's replies to a NAT flow: backend → SNAT address and port.

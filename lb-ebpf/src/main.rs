@@ -99,7 +99,7 @@ fn translate_nat_reply(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reas
     // SAFETY: a map value pointer stays valid for the program's run.
     let reverse = unsafe { &mut *reverse };
     // What the allocator needs to judge when this port is free again.
-    reverse.last_seen = balance::now();
+    balance::touch(&mut reverse.last_seen);
     if packet.flow.proto == PROTO_TCP {
         reverse.ended = note_segment(reverse.ended, packet.tcp_flags, true);
     }
