@@ -10,8 +10,8 @@ use crate::hash::flow_hash;
 use crate::maps::*;
 use crate::nat;
 use crate::packet::{
-    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, ipv4, ipv6, is_ipv4_fragment,
-    TCP_FLAG_FIN, TCP_FLAG_RST, is_ipv6_extension, l4, opens_connection,
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_MIN_HLEN, UDP_HLEN, ipv4,
+    ipv6, is_ipv4_fragment, is_ipv6_extension, l4, opens_connection,
 };
 use std::collections::HashMap;
 

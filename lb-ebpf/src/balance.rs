@@ -2,8 +2,8 @@
 
 use crate::maps::{BACKENDS, CONNS, NAT_REV, RINGS};
 use crate::parse::Packet;
-use lb_common::hash::flow_hash;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::hash::flow_hash;
 use lb_common::maps::{
     BACKEND_USABLE, Backend, ConnState, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND, NatReverse, Reason, VipMeta,
     snat_port_candidate,
@@ -68,8 +68,11 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         return Err(Reason::DropNoBackend);
     }
     let backend = usable_backend(index).ok_or(Reason::DropNoBackend)?;
-    let (snat_port, last_seen) =
-        if vip.mode == MODE_NAT { (allocate_snat_port(packet, vip, backend, hash, &client_mac)?, now()) } else { (0, 0) };
+    let (snat_port, last_seen) = if vip.mode == MODE_NAT {
+        (allocate_snat_port(packet, vip, backend, hash, &client_mac)?, now())
+    } else {
+        (0, 0)
+    };
     let conn = ConnState { backend: index, snat_port, _pad: [0; 2], last_seen };
     // A full table evicts its least recently used entry; an insert failure only costs stickiness.
     let _ = CONNS.insert(&packet.flow, &conn, 0);

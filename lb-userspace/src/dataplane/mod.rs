@@ -174,7 +174,9 @@ impl Dataplane {
     /// frames a switch floods here for another host pass to the kernel untouched.
     pub fn set_own_mac(&mut self, mac: [u8; 6]) -> Result<()> {
         let mut settings: Array<&mut MapData, Settings> = Array::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)?;
-        settings.set(0, Settings { own_mac: mac, check_mac: 1, _pad: 0 }, 0).context("writing the program's settings")?;
+        settings
+            .set(0, Settings { own_mac: mac, check_mac: 1, _pad: 0 }, 0)
+            .context("writing the program's settings")?;
         Ok(())
     }
 

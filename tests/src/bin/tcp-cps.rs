@@ -11,9 +11,9 @@
 use anyhow::{Context, Result};
 use lb_tests::daemon::{LbDaemon, unique_instance};
 use lb_tests::topology::{SERVICE_PORT, Topology, VIP_V4};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
