@@ -1,10 +1,12 @@
-//! Prometheus text exposition of the data plane's counters, served at `/metrics`.
+//! Prometheus text exposition of the data plane's counters and the node's redundancy state,
+//! served at `/metrics`.
 
-use crate::report::StatsReport;
+use crate::report::{BgpStatus, StatsReport, VrrpStatus};
 use std::fmt::Write;
 
-/// Renders counters in the Prometheus text format (version 0.0.4).
-pub fn render(stats: &StatsReport, instance: &str) -> String {
+/// Renders counters in the Prometheus text format (version 0.0.4). `vrrp` and `bgp` are given
+/// when the node runs them.
+pub fn render(stats: &StatsReport, vrrp: Option<&VrrpStatus>, bgp: Option<&BgpStatus>, instance: &str) -> String {
     let mut out = String::new();
     let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     type Field = fn(&crate::report::TrafficRow) -> u64;
@@ -72,6 +74,54 @@ pub fn render(stats: &StatsReport, instance: &str) -> String {
     for (reason, count) in &stats.reasons {
         let _ = writeln!(out, "lb_packets_total{{instance=\"{}\",reason=\"{reason}\"}} {count}", label(instance));
     }
+    if let Some(vrrp) = vrrp {
+        let labels = format!("instance=\"{}\",vrid=\"{}\"", label(instance), vrrp.vrid);
+        let gauges: [(&str, &str, usize); 4] = [
+            (
+                "master",
+                "Whether this node is the VRRP master (for every address family it serves).",
+                usize::from(vrrp.state == "master"),
+            ),
+            (
+                "fault",
+                "Whether this node is unfit to be master (data plane not attached, or a VIP without usable backend).",
+                usize::from(vrrp.fault.is_some()),
+            ),
+            (
+                "router_errors",
+                "VRRP routers (one per address family) that cannot run; see `lb status`.",
+                vrrp.errors.len(),
+            ),
+            (
+                "peer_in_sync",
+                "Whether the other node confirmed the same desired state within the last 5 s.",
+                usize::from(vrrp.sync.starts_with("in sync")),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP lb_vrrp_{name} {help}\n# TYPE lb_vrrp_{name} gauge\nlb_vrrp_{name}{{{labels}}} {value}"
+            );
+        }
+    }
+    if let Some(bgp) = bgp {
+        let labels = format!("instance=\"{}\",neighbor=\"{}\"", label(instance), label(&bgp.neighbor));
+        let gauges: [(&str, &str, usize); 2] = [
+            (
+                "session_up",
+                "Whether the BGP session to the router is established.",
+                usize::from(bgp.session == "Established"),
+            ),
+            ("announced_routes", "VIP routes this node announces.", bgp.announced.len()),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP lb_bgp_{name} {help}\n# TYPE lb_bgp_{name} gauge\nlb_bgp_{name}{{{labels}}} {value}"
+            );
+        }
+    }
     out
 }
 
@@ -98,7 +148,7 @@ mod tests {
             reasons: vec![("tx_forward".into(), 5)],
             rate_interval_seconds: 1.0,
         };
-        let text = render(&stats, "lb");
+        let text = render(&stats, None, None, "lb");
         for line in [
             "# TYPE lb_vip_packets_total counter",
             "lb_vip_packets_total{instance=\"lb\",vip=\"we\\\"b\"} 5",
@@ -106,6 +156,41 @@ mod tests {
             "lb_backend_up{instance=\"lb\",vip=\"web\",backend=\"10.0.1.1:80\"} 0",
             "lb_backend_health_transitions_total{instance=\"lb\",vip=\"web\",backend=\"10.0.1.1:80\"} 2",
             "lb_packets_total{instance=\"lb\",reason=\"tx_forward\"} 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        assert!(!text.contains("lb_vrrp_") && !text.contains("lb_bgp_"), "no redundancy metrics without it");
+    }
+
+    #[test]
+    fn renders_the_redundancy_state() {
+        let stats = StatsReport { health: vec![], vips: vec![], reasons: vec![], rate_interval_seconds: 0.0 };
+        let vrrp = VrrpStatus {
+            vrid: 51,
+            priority: 100,
+            state: "master (IPv4), failed (IPv6)".into(),
+            fault: None,
+            errors: vec!["IPv6: eth0 has no IPv6 link-local address".into()],
+            master: Some("10.0.0.2".into()),
+            addresses: vec![],
+            peer: "10.0.0.4:7946".into(),
+            sync: "in sync (the standby confirmed 0.4 s ago)".into(),
+            digest: "0".into(),
+        };
+        let bgp = BgpStatus {
+            neighbor: "10.0.9.1".into(),
+            session: "Established".into(),
+            announced: vec!["10.0.0.100/32".into()],
+        };
+        let text = render(&stats, Some(&vrrp), Some(&bgp), "lb");
+        for line in [
+            "# TYPE lb_vrrp_master gauge",
+            "lb_vrrp_master{instance=\"lb\",vrid=\"51\"} 0",
+            "lb_vrrp_fault{instance=\"lb\",vrid=\"51\"} 0",
+            "lb_vrrp_router_errors{instance=\"lb\",vrid=\"51\"} 1",
+            "lb_vrrp_peer_in_sync{instance=\"lb\",vrid=\"51\"} 1",
+            "lb_bgp_session_up{instance=\"lb\",neighbor=\"10.0.9.1\"} 1",
+            "lb_bgp_announced_routes{instance=\"lb\",neighbor=\"10.0.9.1\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

@@ -21,7 +21,9 @@ pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 pub const NODES: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 4)];
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 pub const PORT: u16 = 8080;
-const ROUTER_AS: u32 = 65000;
+/// Each node serves /metrics on its own namespace's loopback.
+pub const METRICS_PORT: u16 = 9900;
+pub const ROUTER_AS: u32 = 65000;
 const NODE_AS: u32 = 65001;
 
 pub struct EcmpTopology {
@@ -117,7 +119,8 @@ impl EcmpTopology {
     /// A node's configuration: a DSR VIP over every backend, announced over BGP to the router.
     pub fn node_config(&self, node: usize) -> String {
         let mut config = format!(
-            "[daemon]\ninterface = \"eth0\"\ninstance = \"{{instance}}\"\nmax_vips = 4\nmax_conns = 65536\n\n\
+            "[daemon]\ninterface = \"eth0\"\ninstance = \"{{instance}}\"\nmax_vips = 4\nmax_conns = 65536\n\
+             metrics = \"127.0.0.1:{METRICS_PORT}\"\n\n\
              [bgp]\nlocal_as = {NODE_AS}\nrouter_id = \"{}\"\nneighbor = \"{ROUTER}\"\nneighbor_as = {ROUTER_AS}\nhold_time = 3\n\n\
              [[vip]]\nname = \"web\"\naddress = \"{VIP}:{PORT}\"\nprotocol = \"tcp\"\nmode = \"dsr\"\n\
              check = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2, initial = \"up\" }}\n",

@@ -16,6 +16,8 @@ pub const KEEPALIVED_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 pub const VRID: u8 = 51;
 pub const ADVERT_INTERVAL_MS: u64 = 500;
 pub const REPLICATION_PORT: u16 = 7946;
+/// Each node serves /metrics on its own namespace's loopback.
+pub const METRICS_PORT: u16 = 9900;
 const KEY: &str = "test-pair-shared-key-0123";
 
 pub struct PairTopology {
@@ -54,7 +56,8 @@ impl PairTopology {
     pub fn config(&self, b: bool, priority: u8) -> String {
         let (me, peer) = if b { (NODE_B_V4, LB_V4) } else { (LB_V4, NODE_B_V4) };
         let mut config = format!(
-            "[daemon]\ninterface = \"eth0\"\ninstance = \"{{instance}}\"\nmax_vips = 4\nmax_conns = 65536\n\n\
+            "[daemon]\ninterface = \"eth0\"\ninstance = \"{{instance}}\"\nmax_vips = 4\nmax_conns = 65536\n\
+             metrics = \"127.0.0.1:{METRICS_PORT}\"\n\n\
              [vrrp]\nvrid = {VRID}\npriority = {priority}\nadvert_interval = \"{ADVERT_INTERVAL_MS}ms\"\n\
              listen = \"{me}:{REPLICATION_PORT}\"\npeer = \"{peer}:{REPLICATION_PORT}\"\nkey = \"{KEY}\"\n\n\
              [[vip]]\nname = \"web\"\naddress = \"{VIP_V4}:80\"\nprotocol = \"tcp\"\nmode = \"nat\"\nsnat = \"{SNAT_V4}\"\n\

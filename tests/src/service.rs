@@ -84,3 +84,16 @@ pub fn udp_stream(vip: SocketAddr, count: usize, gap: Duration, sockets: usize) 
     }
     (count, answered)
 }
+
+/// The daemon's Prometheus page (the whole HTTP answer), fetched on `ns`'s loopback.
+pub fn scrape_metrics(ns: &crate::netns::Netns, port: u16) -> anyhow::Result<String> {
+    ns.enter(|| -> std::io::Result<String> {
+        let mut http = TcpStream::connect(("127.0.0.1", port))?;
+        http.set_read_timeout(Some(Duration::from_secs(5)))?;
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut http, &mut answer)?;
+        Ok(answer)
+    })?
+    .map_err(Into::into)
+}

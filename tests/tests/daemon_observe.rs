@@ -3,9 +3,9 @@
 
 use lb_tests::daemon::{LbDaemon, unique_instance};
 use lb_tests::privilege::require_root;
-use lb_tests::service::{nat_config, tcp_request, tcp_vip};
+use lb_tests::service::{nat_config, scrape_metrics, tcp_request, tcp_vip};
 use lb_tests::topology::{CLIENT_V4, Topology};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -60,16 +60,7 @@ fn stats_explain_and_metrics_describe_real_traffic() {
     assert_eq!(per_backend, 61, "backend counters add up to the VIP's");
     assert!(daemon.ok(&["stats"]).unwrap().contains("tx_forward"), "human stats list verdict reasons");
 
-    let metrics = topology
-        .lb
-        .enter(|| {
-            let mut http = TcpStream::connect("127.0.0.1:9900").unwrap();
-            http.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n").unwrap();
-            let mut body = String::new();
-            http.read_to_string(&mut body).unwrap();
-            body
-        })
-        .unwrap();
+    let metrics = scrape_metrics(&topology.lb, 9900).unwrap();
     assert!(metrics.contains("text/plain"), "{metrics}");
     assert!(
         metrics.contains(&format!("lb_vip_new_flows_total{{instance=\"{}\",vip=\"web\"}} 61", daemon.instance)),

@@ -3,8 +3,9 @@
 //! continue through the other node to the same backend (both compute the same Maglev table).
 
 use lb_tests::daemon::LbDaemon;
-use lb_tests::ecmp::{EcmpTopology, NODES, PORT, VIP};
+use lb_tests::ecmp::{EcmpTopology, METRICS_PORT, NODES, PORT, ROUTER, ROUTER_AS, VIP};
 use lb_tests::privilege::require_root;
+use lb_tests::service::scrape_metrics;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -41,6 +42,11 @@ fn connections_survive_the_loss_of_a_node() {
     let status: serde_json::Value = serde_json::from_str(&a.ok(&["--json", "status"]).unwrap()).unwrap();
     assert_eq!(status["bgp"]["session"], "Established", "{status}");
     assert_eq!(status["bgp"]["announced"], serde_json::json!([VIP.to_string()]));
+    let metrics = scrape_metrics(&topology.nodes[0], METRICS_PORT).unwrap();
+    let labels = format!("{{instance=\"{}\",neighbor=\"{ROUTER} (AS {ROUTER_AS})\"}}", a.instance);
+    for line in [format!("lb_bgp_session_up{labels} 1"), format!("lb_bgp_announced_routes{labels} 1")] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in:\n{metrics}");
+    }
 
     let vip = SocketAddr::new(VIP.into(), PORT);
     let streams: Vec<TcpStream> = topology

@@ -2,9 +2,11 @@
 //! SNAT address, the standby follows its desired state, and takes over when the active node is
 //! cut off or removed, while a client keeps requesting through the VIP.
 
-use lb_tests::pair::{ADVERT_INTERVAL_MS, PairTopology, holds, neighbour_mac, vrrp_status, wait_vrrp};
+use lb_tests::pair::{
+    ADVERT_INTERVAL_MS, METRICS_PORT, PairTopology, VRID, holds, neighbour_mac, vrrp_status, wait_vrrp,
+};
 use lb_tests::privilege::require_root;
-use lb_tests::service::{tcp_request, tcp_vip};
+use lb_tests::service::{scrape_metrics, tcp_request, tcp_vip};
 use lb_tests::topology::{SERVICE_PORT, VIP_V4, VIP_V6};
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -59,6 +61,14 @@ fn the_standby_takes_over_when_the_active_is_cut_off_or_removed() {
     });
     assert!(!holds(pair.node(true), VIP_V6));
     assert_ipv6_answers(&pair);
+    // What an operator's monitoring sees on each node.
+    for (name, node, daemon, master) in [("a", false, &a, 1), ("b", true, &b, 0)] {
+        let metrics = scrape_metrics(pair.node(node), METRICS_PORT).unwrap();
+        let labels = format!("{{instance=\"{}\",vrid=\"{VRID}\"}}", daemon.instance);
+        for line in [format!("lb_vrrp_master{labels} {master}"), format!("lb_vrrp_peer_in_sync{labels} 1")] {
+            assert!(metrics.lines().any(|l| l == line), "node {name}: missing {line:?} in:\n{metrics}");
+        }
+    }
 
     // The configuration stays identical: an edit on the active node reaches the standby;
     // the standby refuses edits of its own.

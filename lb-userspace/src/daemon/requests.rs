@@ -153,7 +153,7 @@ impl Daemon {
         Ok(format!("handing the VIPs over to the standby {}", pair.settings.peer.ip()))
     }
 
-    fn status(&self) -> Result<StatusReport> {
+    pub(crate) fn status(&self) -> Result<StatusReport> {
         Ok(StatusReport {
             instance: self.settings.instance.clone(),
             interface: self.settings.interface.clone(),

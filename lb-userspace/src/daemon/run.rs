@@ -258,8 +258,10 @@ async fn serve_metrics(address: std::net::SocketAddr, daemon: Arc<Mutex<Daemon>>
             let instance = instance.clone();
             async move {
                 let body = tokio::task::spawn_blocking(move || {
-                    let stats = daemon.lock().map(|d| d.stats_report()).ok();
-                    stats.map(|s| crate::metrics::render(&s, &instance)).unwrap_or_default()
+                    let Ok(daemon) = daemon.lock() else { return String::new() };
+                    let status = daemon.status().ok();
+                    let (vrrp, bgp) = status.as_ref().map_or((None, None), |s| (s.vrrp.as_ref(), s.bgp.as_ref()));
+                    crate::metrics::render(&daemon.stats_report(), vrrp, bgp, &instance)
                 })
                 .await
                 .unwrap_or_default();
