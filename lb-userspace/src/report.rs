@@ -34,7 +34,7 @@ pub struct VrrpStatus {
     pub state: String,
     /// Why this node is in fault, if it is.
     pub fault: Option<String>,
-    /// Why a family's router cannot run ("IPv6: …"), retried every second at most.
+    /// Why a family's router cannot run ("IPv6: …"); it is retried after 0.1 s, then up to 1 s.
     pub errors: Vec<String>,
     /// The current master's address, when known.
     pub master: Option<String>,

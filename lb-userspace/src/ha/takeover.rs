@@ -14,7 +14,7 @@ const ANNOUNCEMENTS: usize = 3;
 pub fn claim(interface: &str, addresses: &[IpAddr]) -> Result<()> {
     for address in addresses {
         let (prefix, extra): (&str, &[&str]) = match address {
-            // A /32 is never the source the kernel picks for the node's own traffic.
+            // The node's own traffic leaves from its subnet's primary address, never from this /32.
             IpAddr::V4(_) => ("32", &[]),
             // No duplicate address detection: the address must work now, and the peer gave it up.
             // Deprecated at once (preferred lifetime 0): it still receives and answers neighbour
