@@ -69,7 +69,18 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
     }
     let backend = usable_backend(index).ok_or(Reason::DropNoBackend)?;
     let (snat_port, last_seen) = if vip.mode == MODE_NAT {
-        (allocate_snat_port(packet, vip, backend, hash, &client_mac)?, now())
+        // The reply direction's entry: how to turn the backend's answers back to the client.
+        let reverse = NatReverse {
+            client_addr: packet.flow.src,
+            vip_addr: packet.flow.dst,
+            client_port: packet.flow.sport,
+            vip_port: packet.flow.dport,
+            client_mac,
+            ended: 0,
+            _pad: 0,
+            last_seen: now(),
+        };
+        (allocate_snat_port(packet, vip, backend, hash, &reverse)?, reverse.last_seen)
     } else {
         (0, 0)
     };
@@ -121,23 +132,12 @@ fn allocate_snat_port(
     vip: &VipMeta,
     backend: &Backend,
     hash: u32,
-    client_mac: &[u8; 6],
+    reverse: &NatReverse,
 ) -> Result<u16, Reason> {
-    let now = now();
-    let reverse = NatReverse {
-        client_addr: packet.flow.src,
-        vip_addr: packet.flow.dst,
-        client_port: packet.flow.sport,
-        vip_port: packet.flow.dport,
-        client_mac: *client_mac,
-        ended: 0,
-        _pad: 0,
-        last_seen: now,
-    };
     for attempt in 0..NAT_PORT_TRIES {
         let port = snat_port_candidate(hash, attempt, vip.snat_port_min, vip.snat_port_max).to_be();
         let reply = reply_key(packet, vip, backend, port);
-        if NAT_REV.insert(&reply, &reverse, BPF_NOEXIST).is_ok() || take_over_if_ended(&reply, &reverse, now) {
+        if NAT_REV.insert(&reply, reverse, BPF_NOEXIST).is_ok() || take_over_if_ended(&reply, reverse) {
             return Ok(port);
         }
     }
@@ -147,7 +147,7 @@ fn allocate_snat_port(
 /// Gives the port in `reply` to `reverse`'s flow when the connection holding it has ended or
 /// gone quiet; returns whether it did.
 #[inline(never)]
-fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse, now: u32) -> bool {
+fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse) -> bool {
     let Some(taken) = NAT_REV.get_ptr(reply) else {
         return NAT_REV.insert(reply, reverse, BPF_NOEXIST).is_ok(); // freed meanwhile
     };
@@ -168,6 +168,7 @@ fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse, now: u32) -> bool {
         Some(conn) if unsafe { (*conn).snat_port } == reply.dport => Some(unsafe { (*conn).last_seen }),
         _ => None,
     };
+    let now = reverse.last_seen;
     if !reclaimable(taken, reply.proto, client_last_seen, now) || NAT_REV.insert(reply, reverse, BPF_ANY).is_err() {
         return false;
     }
