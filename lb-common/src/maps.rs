@@ -32,6 +32,9 @@ pub const MAP_STATS_REASON: &str = "STATS_REASON";
 pub const MAP_STATS_VIP: &str = "STATS_VIP";
 pub const MAP_STATS_BACKEND: &str = "STATS_BACKEND";
 pub const MAP_SETTINGS: &str = "SETTINGS";
+pub const MAP_NEW_NAT_FLOWS: &str = "NEW_NAT_FLOWS";
+/// Ring buffer of new NAT flows for the standby: ~30,000 records between two drains.
+pub const NEW_NAT_FLOWS_BYTES: u32 = 4 << 20;
 /// The XDP program's function name.
 pub const PROGRAM_NAME: &str = "lb_xdp";
 /// A program that passes every frame (see `lb-ebpf/src/floor.rs`).
@@ -82,7 +85,21 @@ pub struct Settings {
     pub own_mac: [u8; 6],
     /// 0 (unset, e.g. BPF_PROG_TEST_RUN without a daemon): every destination MAC is accepted.
     pub check_mac: u8,
-    pub _pad: u8,
+    /// 1 in an active/standby pair: each new NAT flow is also written to `NEW_NAT_FLOWS`, for
+    /// the daemon to hand to the standby.
+    pub report_nat_flows: u8,
+}
+
+/// A new NAT flow, both table entries, as the program reports it in `NEW_NAT_FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatFlowRecord {
+    /// The client's flow and its `CONNS` entry.
+    pub flow: FlowKey,
+    pub conn: ConnState,
+    /// The backend's reply flow and its `NAT_REV` entry.
+    pub reply: FlowKey,
+    pub reverse: NatReverse,
 }
 
 /// Why a packet got the verdict it got. Indexes `STATS_REASON`.
@@ -275,6 +292,7 @@ mod pod {
     unsafe impl aya::Pod for super::NatReverse {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::NatFlowRecord {}
 }
 
 // Layouts are part of the contract with the kernel object: any change must be deliberate.
@@ -294,6 +312,7 @@ const _: () = {
     assert!(offset_of!(NatReverse, last_seen) == 44);
     assert!(size_of::<Traffic>() == 24);
     assert!(size_of::<Settings>() == 8);
+    assert!(size_of::<NatFlowRecord>() == 140);
 };
 
 #[cfg(test)]

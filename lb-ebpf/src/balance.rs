@@ -1,12 +1,12 @@
 //! Which backend a flow goes to: the connection table first, then the VIP's Maglev ring.
 
-use crate::maps::{BACKENDS, CONNS, NAT_REV, RINGS};
+use crate::maps::{BACKENDS, CONNS, NAT_REV, NEW_NAT_FLOWS, RINGS, SETTINGS};
 use crate::parse::Packet;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::hash::flow_hash;
 use lb_common::maps::{
-    BACKEND_USABLE, Backend, ConnState, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND, NatReverse, Reason, VipMeta,
-    snat_port_candidate,
+    BACKEND_USABLE, Backend, ConnState, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND, NatFlowRecord, NatReverse,
+    Reason, VipMeta, snat_port_candidate,
 };
 use lb_common::nat::{note_segment, reclaimable, ticks};
 use lb_common::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
@@ -80,7 +80,10 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
             _pad: 0,
             last_seen: now(),
         };
-        (allocate_snat_port(packet, vip, backend, hash, &reverse)?, reverse.last_seen)
+        let snat_port = allocate_snat_port(packet, vip, backend, hash, &reverse)?;
+        let conn = ConnState { backend: index, snat_port, _pad: [0; 2], last_seen: reverse.last_seen };
+        report_nat_flow(packet, vip, backend, &conn, &reverse);
+        (snat_port, reverse.last_seen)
     } else {
         (0, 0)
     };
@@ -88,6 +91,24 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
     // A full table evicts its least recently used entry; an insert failure only costs stickiness.
     let _ = CONNS.insert(&packet.flow, &conn, 0);
     Ok(Chosen { index, backend, snat_port, new_flow: true })
+}
+
+/// In a pair, tells the daemon about a new NAT flow so that the standby can take it over. A
+/// full ring only costs that flow its survival of a takeover.
+#[inline(never)]
+fn report_nat_flow(packet: &Packet, vip: &VipMeta, backend: &Backend, conn: &ConnState, reverse: &NatReverse) {
+    if SETTINGS.get(0).is_none_or(|s| s.report_nat_flows == 0) {
+        return;
+    }
+    if let Some(mut entry) = NEW_NAT_FLOWS.reserve::<NatFlowRecord>(0) {
+        entry.write(NatFlowRecord {
+            flow: packet.flow,
+            conn: *conn,
+            reply: reply_key(packet, vip, backend, conn.snat_port),
+            reverse: *reverse,
+        });
+        entry.submit(0);
+    }
 }
 
 /// Records activity at the current tick. Stores only when the tick changed: a burst of one

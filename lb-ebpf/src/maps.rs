@@ -2,10 +2,10 @@
 //! resize them at load time (layouts and names come from `lb_common::maps`).
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use lb_common::maps::{
-    Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS, NatReverse,
-    REASON_COUNT, Settings, Traffic, VipKey, VipMeta,
+    Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS,
+    NEW_NAT_FLOWS_BYTES, NatReverse, REASON_COUNT, Settings, Traffic, VipKey, VipMeta,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -26,6 +26,10 @@ pub static CONNS: LruHashMap<FlowKey, ConnState> = LruHashMap::with_max_entries(
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// New NAT flows for the standby of a pair (only when `Settings::report_nat_flows` is set).
+#[map(name = "NEW_NAT_FLOWS")]
+pub static NEW_NAT_FLOWS: RingBuf = RingBuf::with_byte_size(NEW_NAT_FLOWS_BYTES, 0);
 
 #[map(name = "NAT_REV")]
 pub static NAT_REV: LruHashMap<FlowKey, NatReverse> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);

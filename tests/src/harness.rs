@@ -37,15 +37,7 @@ pub fn maglev_key(index: u32) -> u64 {
 }
 
 /// Map sizes small enough to load fast, large enough for every test here.
-/// The data plane's clock now ([`lb_common::nat::ticks`] of CLOCK_MONOTONIC_COARSE, which is
-/// what `bpf_ktime_get_coarse_ns` reads).
-pub fn kernel_clock_ticks() -> u32 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE)");
-    lb_common::nat::ticks(now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64)
-}
+pub use lb::dataplane::clock_ticks as kernel_clock_ticks;
 
 pub fn test_sizes() -> DataplaneSizes {
     DataplaneSizes { max_vips: 16, ring_size: TEST_RING_SIZE, max_conns: 1 << 18 }
@@ -68,7 +60,7 @@ impl Harness {
     /// Sets the interface MAC the program accepts frames for, on both sides.
     pub fn set_own_mac(&mut self, mac: [u8; 6]) -> Result<()> {
         self.dataplane.set_own_mac(mac)?;
-        self.model.settings = Settings { own_mac: mac, check_mac: 1, _pad: 0 };
+        self.model.settings = Settings { own_mac: mac, check_mac: 1, ..self.model.settings };
         Ok(())
     }
 

@@ -8,7 +8,8 @@ use lb_tests::pair::{
 use lb_tests::privilege::require_root;
 use lb_tests::service::{scrape_metrics, tcp_request, tcp_vip};
 use lb_tests::topology::{SERVICE_PORT, VIP_V4, VIP_V6};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -127,6 +128,11 @@ fn scenarios(
     std::thread::sleep(Duration::from_millis(500));
     let (ok, failed) = outcomes.between(Instant::now() - Duration::from_millis(500), Instant::now());
     assert!(ok > 0 && failed == 0, "steady state through the master: {ok} answered, {failed} failed");
+    // Long-lived NAT connections through the active node; the standby learns them with the
+    // next replication push (every second).
+    let mut connections = LongLived::open(pair, 10);
+    std::thread::sleep(Duration::from_millis(1500));
+    connections.known_to(pair, b);
 
     // 1. The active node is cut off (its link goes down): the standby takes over.
     let cut = Instant::now();
@@ -134,6 +140,7 @@ fn scenarios(
     let took = wait_vrrp(b, "node b takes over", takeover_bound(), master).unwrap();
     assert!(holds(pair.node(true), VIP_V4));
     settle_and_report("active node cut off", cut, took, outcomes);
+    connections.still_answer("after the takeover by the standby");
 
     // It comes back with the higher priority and preempts.
     let back = Instant::now();
@@ -147,6 +154,7 @@ fn scenarios(
     let took = wait_vrrp(&a, "node a takes the VIP back", preemption_limit, master).unwrap();
     wait_vrrp(b, "node b steps back", Duration::from_secs(2), backup).unwrap();
     settle_and_report("active node back (preemption)", back, took, outcomes);
+    connections.still_answer("after the active node took the VIPs back");
 
     // 2. The active node's daemon and program are removed (`lb detach`): it gives up at once.
     let removed = Instant::now();
@@ -166,6 +174,74 @@ fn scenarios(
     assert_ipv6_answers(pair);
     settle_and_report("active node's daemon and program removed", removed, took, outcomes);
     a.kill();
+}
+
+/// TCP connections to the NAT VIPs (IPv4 and IPv6) kept open across takeovers, each with the
+/// backend that answered its first line.
+struct LongLived(Vec<(SocketAddr, BufReader<TcpStream>, String)>);
+
+impl LongLived {
+    fn open(pair: &PairTopology, per_family: usize) -> Self {
+        let vips = [SocketAddr::new(VIP_V4.into(), 80), SocketAddr::new(VIP_V6.into(), 80)];
+        let opened = pair.net.client.enter(|| {
+            let mut all = Vec::new();
+            for vip in vips {
+                for _ in 0..per_family {
+                    let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(1)).expect("connect");
+                    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut reader = BufReader::new(stream);
+                    let backend = exchange(&mut reader).expect("first answer");
+                    all.push((vip, reader, backend));
+                }
+            }
+            all
+        });
+        Self(opened.unwrap())
+    }
+
+    /// `standby` has every connection in its tables, pinned to the same backend. (Without that a
+    /// new master could still rebuild a flow when the client speaks first, as the same hash
+    /// gives the same first port candidate; but not when the backend speaks first, or when the
+    /// active had to take another port.)
+    fn known_to(&self, pair: &PairTopology, standby: &lb_tests::daemon::LbDaemon) {
+        for (vip, reader, backend) in &self.0 {
+            let client = reader.get_ref().local_addr().unwrap().to_string();
+            let answer = standby.ok(&["--json", "explain", "--src", &client, "--dst", &vip.to_string()]).unwrap();
+            let explained: serde_json::Value = serde_json::from_str(&answer).unwrap();
+            assert_eq!(explained["decided_by"], "connection table", "the standby does not know {client}: {explained}");
+            let host = pair.net.backends.iter().find(|h| &h.name == backend).expect("a backend of the topology");
+            let ip: std::net::IpAddr = if vip.is_ipv4() { host.v4.into() } else { host.v6.into() };
+            let expected = SocketAddr::new(ip, lb_tests::topology::SERVICE_PORT).to_string();
+            assert_eq!(explained["backend"], expected.as_str(), "{client} pinned elsewhere: {explained}");
+        }
+    }
+
+    /// Every connection answers again, from the same backend (same tuple at the backend).
+    fn still_answer(&mut self, when: &str) {
+        let total = self.0.len();
+        let mut answered = 0;
+        for (vip, reader, backend) in &mut self.0 {
+            match exchange(reader) {
+                Ok(name) => {
+                    assert_eq!(&name, backend, "{when}: a connection to {vip} moved to another backend");
+                    answered += 1;
+                }
+                Err(error) => println!("{when}: a connection to {vip} failed: {error}"),
+            }
+        }
+        println!("long-lived NAT connections {when}: {answered}/{total} answered by their backend");
+        assert_eq!(answered, total, "{when}: NAT connections must survive");
+    }
+}
+
+fn exchange(reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    reader.get_mut().write_all(b"again\n")?;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+    }
+    Ok(line.trim().to_string())
 }
 
 fn wait_until(what: &str, done: impl Fn() -> bool) {

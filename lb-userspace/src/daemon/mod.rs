@@ -295,9 +295,46 @@ impl Daemon {
         if push.digest != crate::store::digest(&self.state) {
             self.apply(push.state, "replicated from the active node")?;
         }
+        let flows = crate::ha::replication::decode_flows(&push.nat_flows)?;
+        if !flows.is_empty() {
+            let adopted = self.adopt_nat_flows(&flows);
+            tracing::debug!(received = flows.len(), adopted, "NAT flows of the active node installed");
+        }
         let digest = crate::store::digest(&self.state);
         self.sync.last_received = Some((Instant::now(), push.from, digest.clone()));
         Ok(digest)
+    }
+
+    /// NAT flows the active node opened, installed with our own slot for their backend so that
+    /// they continue through this node after a takeover. Returns how many were installed.
+    fn adopt_nat_flows(&mut self, flows: &[lb_common::maps::NatFlowRecord]) -> usize {
+        let now = crate::dataplane::clock_ticks();
+        let mut adopted = 0;
+        for record in flows {
+            let Some(index) = self.own_backend_slot(record) else { continue };
+            match self.dataplane.adopt_nat_flow(record, index, now) {
+                Ok(()) => adopted += 1,
+                Err(error) => tracing::warn!("installing a NAT flow of the active node failed: {error:#}"),
+            }
+        }
+        adopted
+    }
+
+    /// Our slot for the backend of a flow the active node opened (slots are per node).
+    fn own_backend_slot(&self, record: &lb_common::maps::NatFlowRecord) -> Option<u32> {
+        let flow = &record.flow;
+        let serves = |vip: &&crate::model::VipSpec| {
+            let key = crate::planner::vip_key(vip);
+            (key.addr, key.proto, key.family) == (flow.dst, flow.proto, flow.family)
+                && (key.port == flow.dport || key.port == 0)
+        };
+        // The exact port wins over the VIP's any-port entry, as in the data plane.
+        let vip = self.state.vips.iter().filter(serves).max_by_key(|vip| vip.address.port())?;
+        let backend = vip.backends.iter().find(|b| {
+            crate::planner::addr16(b.address.ip()) == record.reply.src
+                && (b.address.port().to_be() == record.reply.sport || b.address.port() == 0)
+        })?;
+        self.slots.backend(vip, backend.address)
     }
 
     /// Backends whose health check says down.

@@ -81,6 +81,10 @@ pub async fn run(config_file: &Path) -> Result<()> {
             tracing::info!(?key, "stale VIP removed from the data plane");
         }
     }
+    if settings.vrrp.is_some() {
+        // The standby gets every NAT flow, so that it continues them after a takeover.
+        daemon.dataplane.report_nat_flows()?;
+    }
     if settings.check_destination_mac {
         let own_mac = crate::neighbor::interface_mac(&settings.interface)?;
         daemon.dataplane.set_own_mac(own_mac)?;
@@ -198,25 +202,43 @@ async fn serve_connection(
     }
 }
 
-/// On the master, pushes the desired state to the standby after every change and every second.
+/// On the master, pushes the desired state to the standby after every change and every second,
+/// with the NAT flows opened since (kept for the next push while the standby does not answer).
 async fn replicate(daemon: Arc<Mutex<Daemon>>, vrrp: crate::config::VrrpSettings) {
+    use crate::ha::replication::{MAX_FLOWS_PER_PUSH, encode_flows};
+    /// NAT flows kept for a standby that does not answer; the oldest go first.
+    const MAX_PENDING_FLOWS: usize = 200_000;
     let wake = daemon.lock().map(|d| d.replicate_now.clone()).expect("daemon state poisoned");
+    let mut pending = std::collections::VecDeque::new();
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
-        let push = {
-            let Ok(daemon) = daemon.lock() else { return };
+        let (push, sending) = {
+            let Ok(mut daemon) = daemon.lock() else { return };
+            let fresh = daemon.dataplane.drain_new_nat_flows(MAX_PENDING_FLOWS);
             let master = daemon.pair.as_ref().is_some_and(|p| p.view.lock().is_ok_and(|v| v.is_master()));
             if !master {
+                pending.clear();
                 continue;
             }
-            crate::ha::replication::Push {
+            pending.extend(fresh);
+            while pending.len() > MAX_PENDING_FLOWS {
+                pending.pop_front();
+            }
+            let sending = pending.len().min(MAX_FLOWS_PER_PUSH);
+            let flows: Vec<_> = pending.iter().take(sending).copied().collect();
+            let push = crate::ha::replication::Push {
                 from: vrrp.listen,
                 digest: crate::store::digest(&daemon.state),
                 state: daemon.state.clone(),
-            }
+                nat_flows: encode_flows(&flows),
+            };
+            (push, sending)
         };
         let outcome = match crate::ha::replication::send(vrrp.peer, &vrrp.key, &push).await {
-            Ok(ack) if ack.ok => Ok(ack.digest.unwrap_or_default()),
+            Ok(ack) if ack.ok => {
+                pending.drain(..sending);
+                Ok(ack.digest.unwrap_or_default())
+            }
             Ok(ack) => Err(format!("the standby refused: {}", ack.error.unwrap_or_default())),
             Err(error) => Err(format!("{error:#}")),
         };

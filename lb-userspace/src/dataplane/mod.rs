@@ -9,7 +9,7 @@ pub use pins::{BPFFS_ROOT, PinDir};
 pub use probe::{PassThrough, Sink};
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{Xdp, XdpMode, xdp::XdpLink};
 use aya::{Ebpf, EbpfLoader, Pod};
@@ -20,6 +20,16 @@ use std::os::fd::AsFd;
 
 /// The XDP object, built by `build.rs` from `lb-ebpf` and embedded so `lb` is self-contained.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+/// The data plane's clock now ([`lb_common::nat::ticks`] of CLOCK_MONOTONIC_COARSE, which is
+/// what the program's `bpf_ktime_get_coarse_ns` reads).
+pub fn clock_ticks() -> u32 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    debug_assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE)");
+    lb_common::nat::ticks(now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64)
+}
 
 /// How the program is attached to the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +97,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     sizes: DataplaneSizes,
     rings: RingMemory,
+    /// The reading end of `NEW_NAT_FLOWS`, taken out of `ebpf` once.
+    new_nat_flows: RingBuf<MapData>,
 }
 
 impl Dataplane {
@@ -132,7 +144,9 @@ impl Dataplane {
             };
             RingMemory::map(data.fd().as_fd(), ring_entries)?
         };
-        Ok(Self { ebpf, sizes, rings })
+        let new_nat_flows = ebpf.take_map(MAP_NEW_NAT_FLOWS).ok_or_else(|| anyhow!("no map {MAP_NEW_NAT_FLOWS}"))?;
+        let new_nat_flows = RingBuf::try_from(new_nat_flows).context("opening the new-NAT-flow ring buffer")?;
+        Ok(Self { ebpf, sizes, rings, new_nat_flows })
     }
 
     pub fn sizes(&self) -> DataplaneSizes {
@@ -173,11 +187,46 @@ impl Dataplane {
     /// From now on the program forwards only frames addressed to `mac` (the attached interface's):
     /// frames a switch floods here for another host pass to the kernel untouched.
     pub fn set_own_mac(&mut self, mac: [u8; 6]) -> Result<()> {
+        self.update_settings(|s| {
+            s.own_mac = mac;
+            s.check_mac = 1;
+        })
+    }
+
+    /// From now on every new NAT flow is also reported, for [`Self::drain_new_nat_flows`].
+    pub fn report_nat_flows(&mut self) -> Result<()> {
+        self.update_settings(|s| s.report_nat_flows = 1)
+    }
+
+    fn update_settings(&mut self, change: impl FnOnce(&mut Settings)) -> Result<()> {
         let mut settings: Array<&mut MapData, Settings> = Array::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)?;
-        settings
-            .set(0, Settings { own_mac: mac, check_mac: 1, _pad: 0 }, 0)
-            .context("writing the program's settings")?;
+        let mut current = settings.get(&0, 0).context("reading the program's settings")?;
+        change(&mut current);
+        settings.set(0, current, 0).context("writing the program's settings")?;
         Ok(())
+    }
+
+    /// The NAT flows the program reported since the last call, at most `limit` of them (the
+    /// rest wait in the ring).
+    pub fn drain_new_nat_flows(&mut self, limit: usize) -> Vec<NatFlowRecord> {
+        let mut flows = Vec::new();
+        while flows.len() < limit {
+            let Some(item) = self.new_nat_flows.next() else { break };
+            if item.len() >= std::mem::size_of::<NatFlowRecord>() {
+                // SAFETY: the program writes whole NatFlowRecords (plain data, any bytes valid).
+                flows.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<NatFlowRecord>()) });
+            }
+        }
+        flows
+    }
+
+    /// Installs a NAT flow another node created (its backend given as our own slot `backend`),
+    /// with both entries stamped `now` ([`lb_common::nat::ticks`]).
+    pub fn adopt_nat_flow(&mut self, record: &NatFlowRecord, backend: u32, now: u32) -> Result<()> {
+        let conn = ConnState { backend, last_seen: now, ..record.conn };
+        let reverse = NatReverse { last_seen: now, ..record.reverse };
+        self.insert_nat_reverse(&record.reply, &reverse)?;
+        self.insert_connection(&record.flow, &conn)
     }
 
     /// Writes a backend's slot. Rings must only name slots written here.

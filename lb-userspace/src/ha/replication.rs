@@ -27,6 +27,29 @@ pub struct Push {
     pub from: SocketAddr,
     pub digest: String,
     pub state: DesiredState,
+    /// NAT flows the sender opened since its last push ([`encode_flows`]), so that they survive
+    /// a takeover.
+    #[serde(default)]
+    pub nat_flows: String,
+}
+
+/// Most NAT flows one push carries (~3 MB of hex); more wait for the next push.
+pub const MAX_FLOWS_PER_PUSH: usize = 10_000;
+
+/// NAT flow records as one hex string (plain `repr(C)` data, the same layout on both nodes).
+pub fn encode_flows(flows: &[lb_common::maps::NatFlowRecord]) -> String {
+    // SAFETY: repr(C) records of integers and byte arrays without padding, laid out back to back.
+    hex::encode(unsafe { std::slice::from_raw_parts(flows.as_ptr().cast::<u8>(), std::mem::size_of_val(flows)) })
+}
+
+pub fn decode_flows(text: &str) -> Result<Vec<lb_common::maps::NatFlowRecord>> {
+    let bytes = hex::decode(text).context("NAT flows are not hex")?;
+    let size = std::mem::size_of::<lb_common::maps::NatFlowRecord>();
+    if bytes.len() % size != 0 {
+        bail!("NAT flows: {} bytes is not a whole number of {size}-byte records", bytes.len());
+    }
+    // SAFETY: every byte pattern is a valid NatFlowRecord (integers and byte arrays).
+    Ok(bytes.chunks_exact(size).map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) }).collect())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -138,8 +161,36 @@ mod tests {
         (address, received)
     }
 
+    #[test]
+    fn nat_flows_cross_as_hex_and_come_back_whole() {
+        use lb_common::maps::{ConnState, FlowKey, NatFlowRecord, NatReverse};
+        let record = NatFlowRecord {
+            flow: FlowKey {
+                src: [1; 16],
+                dst: [2; 16],
+                sport: 7,
+                dport: 80u16.to_be(),
+                proto: 6,
+                family: 4,
+                _pad: [0; 2],
+            },
+            conn: ConnState { backend: 3, snat_port: 4000, _pad: [0; 2], last_seen: 9 },
+            reply: FlowKey { src: [3; 16], dst: [4; 16], sport: 8080, dport: 4000, proto: 6, family: 4, _pad: [0; 2] },
+            reverse: NatReverse { client_port: 7, vip_port: 80, client_mac: [2, 0, 0, 0, 0, 1], ..Default::default() },
+        };
+        let text = encode_flows(&[record, record]);
+        assert_eq!(decode_flows(&text).unwrap(), vec![record, record]);
+        assert!(decode_flows("").unwrap().is_empty());
+        assert!(decode_flows(&text[..text.len() - 2]).unwrap_err().to_string().contains("whole number"));
+    }
+
     fn push() -> Push {
-        Push { from: "127.0.0.1:1".parse().unwrap(), digest: "abc".into(), state: DesiredState::default() }
+        Push {
+            from: "127.0.0.1:1".parse().unwrap(),
+            digest: "abc".into(),
+            state: DesiredState::default(),
+            nat_flows: String::new(),
+        }
     }
 
     #[tokio::test]
