@@ -305,6 +305,8 @@ fn chart(document: &Value, svg: &Path) -> Result<PathBuf> {
     if !status.success() {
         bail!("rsvg-convert failed ({status})");
     }
+    // The SVG is only the drawing step; the PNG is the result the README links.
+    let _ = std::fs::remove_file(svg);
     Ok(png)
 }
 
