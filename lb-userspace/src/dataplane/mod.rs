@@ -6,7 +6,7 @@ mod probe;
 mod ring;
 
 pub use pins::{BPFFS_ROOT, PinDir};
-pub use probe::{PassThrough, Sink};
+pub use probe::{ForwardFloor, PassThrough, Sink};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};

@@ -5,7 +5,9 @@ use super::{AttachMode, Dataplane, EBPF_OBJECT, program_mut};
 use anyhow::{Context, Result, anyhow};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::maps::{MAP_CONNS, MAP_NAT_REV, MAP_RINGS, MAP_SINK_COUNT, PASS_PROGRAM_NAME, SINK_PROGRAM_NAME};
+use lb_common::maps::{
+    FLOOR_TX_PROGRAM_NAME, MAP_CONNS, MAP_NAT_REV, MAP_RINGS, MAP_SINK_COUNT, PASS_PROGRAM_NAME, SINK_PROGRAM_NAME,
+};
 use std::time::Duration;
 
 impl Dataplane {
@@ -101,6 +103,21 @@ impl PassThrough {
             aya::programs::links::FdLink::try_from(link).context("the pass-through attach gave no BPF link")?;
         fd_link.pin(path).with_context(|| format!("pinning the pass-through link at {}", path.display()))?;
         Ok(())
+    }
+}
+
+/// The floor of any forwarding XDP program on an interface: swaps the MAC addresses and sends
+/// every frame back out (XDP_TX). Throughput benchmarks run it in the balancer's place to measure
+/// what the topology itself carries. Detached when dropped.
+pub struct ForwardFloor {
+    _ebpf: Ebpf,
+}
+
+impl ForwardFloor {
+    pub fn attach(interface: &str, mode: AttachMode) -> Result<Self> {
+        // As for the sink, the link lives as long as the object.
+        let (ebpf, _link) = attach_small(FLOOR_TX_PROGRAM_NAME, interface, mode)?;
+        Ok(Self { _ebpf: ebpf })
     }
 }
 

@@ -8,12 +8,18 @@
 //! backends' addresses lead back to `g0` (static neighbour entries), so every forwarded packet is
 //! counted exactly once. Only loopback-free namespace traffic: nothing leaves the sandbox.
 //!
+//! veth delivers a frame in the sender's softirq, so generator, balancer and sink all run on the
+//! generator's CPU, one after the other: the forwarded rate is the inverse of their summed cost.
+//! The same run with a bare MAC swap + XDP_TX in the balancer's place gives the topology's own
+//! cost; the CPU time per packet above it is the balancer's own work, the figure a machine that
+//! only balances would see.
+//!
 //! Usage: e2e-pps [PACKETS] [RATE]   (default 1,000,000 per run, paced at 1,000,000 pps); prints
 //! a Markdown table. Frames cross veth as skbs (trafgen uses AF_PACKET), so the XDP program pays
 //! the skb-to-XDP conversion that a real NIC's driver avoids: these are lower bounds for XDP.
 
 use anyhow::{Context, Result, bail};
-use lb::dataplane::{AttachMode, Dataplane, DataplaneSizes, Sink, VipForwarding};
+use lb::dataplane::{AttachMode, Dataplane, DataplaneSizes, ForwardFloor, Sink, VipForwarding};
 use lb_common::maglev::{MaglevBackend, build_table};
 use lb_common::maps::{MODE_DSR, MODE_NAT, PROTO_UDP};
 use lb_tests::harness::{addr16, backend, maglev_key, vip_key};
@@ -31,6 +37,8 @@ const FLOWS: u32 = 64_512;
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Balancer {
+    /// No balancing: a MAC swap and XDP_TX in the balancer's place, what the topology carries.
+    Floor,
     XdpNat,
     XdpDsr,
     Nftables,
@@ -39,6 +47,7 @@ enum Balancer {
 impl Balancer {
     fn name(self) -> &'static str {
         match self {
+            Balancer::Floor => "XDP_TX floor, no balancing (MAC swap)",
             Balancer::XdpNat => "lb (XDP, nat)",
             Balancer::XdpDsr => "lb (XDP, dsr)",
             Balancer::Nftables => "nftables jhash DNAT+SNAT, conntrack",
@@ -50,6 +59,21 @@ struct Run {
     offered: u64,
     forwarded: u64,
     seconds: f64,
+    /// Busy time of all CPUs while the generator ran.
+    cpu_seconds: f64,
+}
+
+/// Time all CPUs have spent busy so far (user, system, interrupts, softirqs), from /proc/stat.
+fn busy_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, ..] = ticks[..] else {
+        bail!("/proc/stat: short cpu line {line:?}");
+    };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((user + nice + system + irq + softirq) as f64 / per_second)
 }
 
 fn mac_text(mac: [u8; 6]) -> String {
@@ -91,7 +115,12 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: 
     // absorbs that (trafgen uses the qdisc path), and what it cannot hold is counted as loss.
     generator.exec(&["tc", "qdisc", "replace", "dev", "g0", "root", "pfifo", "limit", "10000"])?;
 
+    let _floor = match balancer {
+        Balancer::Floor => Some(lb_ns.enter(|| ForwardFloor::attach("l0", AttachMode::Native))??),
+        _ => None,
+    };
     let _dataplane = match balancer {
+        Balancer::Floor => None,
         Balancer::XdpNat | Balancer::XdpDsr => Some(lb_ns.enter(|| -> Result<Dataplane> {
             let mut dataplane = Dataplane::load(DataplaneSizes {
                 max_vips: load.extra_vips + 4,
@@ -181,6 +210,7 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: 
     let file = std::env::temp_dir().join(format!("{}-trafgen.cfg", generator.name()));
     std::fs::write(&file, config)?;
     let offered_before = rx_packets(&lb_ns, "l0")?;
+    let busy_before = busy_cpu_seconds()?;
     let started = Instant::now();
     let output = generator
         .command(&[
@@ -200,6 +230,7 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: 
         .output()
         .context("running trafgen (Debian package netsniff-ng)")?;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = busy_cpu_seconds()? - busy_before;
     let _ = std::fs::remove_file(&file);
     if !output.status.success() {
         bail!("trafgen failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -207,45 +238,63 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: 
     std::thread::sleep(Duration::from_millis(200)); // frames still in flight
     let offered = rx_packets(&lb_ns, "l0")? - offered_before;
     let forwarded = sink.count()?;
-    Ok(Run { offered, forwarded, seconds })
+    Ok(Run { offered, forwarded, seconds, cpu_seconds })
 }
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let packets: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1_000_000);
     let rate: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1_000_000);
-    println!("# End-to-end UDP forwarding, one veth pair, generator and balancer sharing 2 cores\n");
+    println!("# End-to-end UDP forwarding through one veth pair, generator, balancer and sink on one machine\n");
     println!(
-        "{packets} frames per run from trafgen (1 CPU, paced at {rate} pps, qdisc path), {FLOWS} flows; forwarded = counted by an XDP sink behind the backends."
+        "{packets} frames per run from trafgen (paced at {rate} pps, qdisc path), {FLOWS} flows; forwarded = counted by an XDP sink behind the backends."
     );
     println!(
-        "The qdisc path pushes back on the generator, so loss stays near 0 and the forwarded rate is the capacity of generator + balancer + sink on this machine.\n"
+        "veth hands each frame over in the sender's softirq, so generator, balancer and sink run one after the other on the generator's CPU: \
+         the forwarded rate is the inverse of their summed cost, and loss stays near 0. \
+         CPU = busy time of all cores during the run, per forwarded packet.\n"
     );
-    println!("| balancer | frame | offered pps | forwarded pps | loss |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| balancer | frame | offered pps | forwarded pps | loss | CPU ns/packet |");
+    println!("|---|---:|---:|---:|---:|---:|");
     let mut results = Vec::new();
     for frame in [64usize, 512] {
-        for balancer in [Balancer::XdpNat, Balancer::XdpDsr, Balancer::Nftables] {
+        for balancer in [Balancer::Floor, Balancer::XdpNat, Balancer::XdpDsr, Balancer::Nftables] {
             let run = measure(balancer, frame, packets, rate, PLAIN)?;
             let offered_pps = run.offered as f64 / run.seconds;
             let forwarded_pps = run.forwarded as f64 / run.seconds;
             let loss = (1.0 - run.forwarded as f64 / run.offered.max(1) as f64).max(0.0);
+            let cpu_ns = run.cpu_seconds * 1e9 / run.forwarded.max(1) as f64;
             println!(
-                "| {} | {frame} B | {:.0} | {:.0} | {:.1}% |",
+                "| {} | {frame} B | {offered_pps:.0} | {forwarded_pps:.0} | {:.1}% | {cpu_ns:.0} |",
                 balancer.name(),
-                offered_pps,
-                forwarded_pps,
                 loss * 100.0
             );
-            results.push((balancer, frame, forwarded_pps));
+            results.push((balancer, frame, forwarded_pps, cpu_ns));
         }
     }
     for frame in [64usize, 512] {
-        let get = |b| results.iter().find(|(x, f, _)| *x == b && *f == frame).map_or(0.0, |r| r.2);
+        let get = |b| results.iter().find(|r| r.0 == b && r.1 == frame).map_or((0.0, 0.0), |r| (r.2, r.3));
+        let (nat, dsr, nft, floor) =
+            (get(Balancer::XdpNat), get(Balancer::XdpDsr), get(Balancer::Nftables), get(Balancer::Floor));
         println!(
-            "\n{frame} B: lb nat / nftables = {:.2}x, lb dsr / nftables = {:.2}x",
-            get(Balancer::XdpNat) / get(Balancer::Nftables).max(1.0),
-            get(Balancer::XdpDsr) / get(Balancer::Nftables).max(1.0)
+            "\n{frame} B: lb nat / nftables = {:.2}x, lb dsr / nftables = {:.2}x forwarded pps; \
+             share of the XDP_TX floor's rate: lb nat {:.0}%, lb dsr {:.0}%, nftables {:.0}%",
+            nat.0 / nft.0.max(1.0),
+            dsr.0 / nft.0.max(1.0),
+            100.0 * nat.0 / floor.0.max(1.0),
+            100.0 * dsr.0 / floor.0.max(1.0),
+            100.0 * nft.0 / floor.0.max(1.0)
+        );
+        // Above the floor is what the balancer itself costs: generator, veth and sink are the same.
+        let own = |run: (f64, f64)| (run.1 - floor.1).max(1.0);
+        println!(
+            "\n{frame} B, the balancer's own CPU per packet (above the floor): lb nat {:.0} ns, lb dsr {:.0} ns, \
+             nftables {:.0} ns; nftables / lb nat = {:.1}x, nftables / lb dsr = {:.1}x",
+            own(nat),
+            own(dsr),
+            own(nft),
+            own(nft) / own(nat),
+            own(nft) / own(dsr)
         );
     }
     scale(packets, rate)
