@@ -21,7 +21,7 @@ fn steps(quick: bool) -> Vec<Step> {
         Step {
             name: "per-packet cost (BPF_PROG_TEST_RUN)",
             binary: "dataplane-cost",
-            args: vec![pick("20000", "1000000"), "5".into()],
+            args: vec![pick("20000", "1000000"), pick("3", "5")],
         },
         Step {
             name: "control plane: Maglev build and publish",
