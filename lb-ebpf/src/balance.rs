@@ -68,7 +68,9 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         return Err(Reason::DropNoBackend);
     }
     let backend = usable_backend(index).ok_or(Reason::DropNoBackend)?;
-    let (snat_port, last_seen) = if vip.mode == MODE_NAT {
+    // DSR needs only the backend; NAT adds its source port and the time, below.
+    let mut conn = ConnState { backend: index, snat_port: 0, _pad: [0; 2], last_seen: 0 };
+    if vip.mode == MODE_NAT {
         // The reply direction's entry: how to turn the backend's answers back to the client.
         let reverse = NatReverse {
             client_addr: packet.flow.src,
@@ -80,17 +82,13 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
             _pad: 0,
             last_seen: now(),
         };
-        let snat_port = allocate_snat_port(packet, vip, backend, hash, &reverse)?;
-        let conn = ConnState { backend: index, snat_port, _pad: [0; 2], last_seen: reverse.last_seen };
+        conn.snat_port = allocate_snat_port(packet, vip, backend, hash, &reverse)?;
+        conn.last_seen = reverse.last_seen;
         report_nat_flow(packet, vip, backend, &conn, &reverse);
-        (snat_port, reverse.last_seen)
-    } else {
-        (0, 0)
-    };
-    let conn = ConnState { backend: index, snat_port, _pad: [0; 2], last_seen };
+    }
     // A full table evicts its least recently used entry; an insert failure only costs stickiness.
     let _ = CONNS.insert(&packet.flow, &conn, 0);
-    Ok(Chosen { index, backend, snat_port, new_flow: true })
+    Ok(Chosen { index, backend, snat_port: conn.snat_port, new_flow: true })
 }
 
 /// In a pair, tells the daemon about a new NAT flow so that the standby can take it over. A

@@ -36,9 +36,10 @@ pub fn maglev_key(index: u32) -> u64 {
     0x9e37_79b9_7f4a_7c15u64.wrapping_mul(index as u64 + 1)
 }
 
-/// Map sizes small enough to load fast, large enough for every test here.
+/// The program's clock, to set the model's and to bound the kernel's timestamps.
 pub use lb::dataplane::clock_ticks as kernel_clock_ticks;
 
+/// Map sizes small enough to load fast, large enough for every test here.
 pub fn test_sizes() -> DataplaneSizes {
     DataplaneSizes { max_vips: 16, ring_size: TEST_RING_SIZE, max_conns: 1 << 18 }
 }
