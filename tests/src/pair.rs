@@ -20,6 +20,20 @@ pub const REPLICATION_PORT: u16 = 7946;
 pub const METRICS_PORT: u16 = 9900;
 const KEY: &str = "test-pair-shared-key-0123";
 
+/// The issue's bound for a takeover: 3 x advertisement interval + 1 s.
+pub fn takeover_bound() -> Duration {
+    Duration::from_millis(3 * ADVERT_INTERVAL_MS + 1000)
+}
+
+/// How long a node whose link comes back may take to preempt. Longer than a takeover: its
+/// link-local address goes through duplicate address detection again (up to 1 s random delay +
+/// 1 s probe) before its IPv6 router can speak, its health checks (failed while cut off) must
+/// pass again, and then it waits Master_Down_Interval like any backup (RFC 5798 §6.4.2) before
+/// preempting. Not a target of the issue, so the limit leaves room for a slow host.
+pub fn preemption_bound() -> Duration {
+    Duration::from_secs(2) + takeover_bound() + Duration::from_secs(2)
+}
+
 pub struct PairTopology {
     pub net: Topology,
     pub node_b: Netns,

@@ -2,7 +2,9 @@
 //! virtual router: they elect one master and fail over to each other in both directions.
 
 use lb_tests::netns::{Netns, Process};
-use lb_tests::pair::{ADVERT_INTERVAL_MS, KEEPALIVED_V4, PairTopology, VRID, holds, wait_vrrp};
+use lb_tests::pair::{
+    ADVERT_INTERVAL_MS, KEEPALIVED_V4, PairTopology, VRID, holds, preemption_bound, takeover_bound, wait_vrrp,
+};
 use lb_tests::privilege::require_root;
 use lb_tests::topology::{SNAT_V4, VIP_V4};
 use std::time::{Duration, Instant};
@@ -67,7 +69,7 @@ fn lb_and_keepalived_elect_one_master_and_fail_over_to_each_other() {
     if !require_root("lb_and_keepalived_elect_one_master_and_fail_over_to_each_other") {
         return;
     }
-    let bound = Duration::from_millis(3 * ADVERT_INTERVAL_MS + 1000);
+    let bound = takeover_bound();
     let mut pair = PairTopology::new(1).unwrap();
     let keepalived_ns = Netns::new("keepalived").unwrap();
     pair.net.bridge.plug(&keepalived_ns, "eth0").unwrap();
@@ -93,8 +95,9 @@ fn lb_and_keepalived_elect_one_master_and_fail_over_to_each_other() {
 
     // It comes back and preempts again; keepalived sees our advertisements and steps back.
     pair.node(false).ip(&["link", "set", "eth0", "up"]).unwrap();
-    wait_vrrp(&lb, "lb preempts again", bound + Duration::from_secs(2), |s| s["state"] == "master").unwrap();
+    let took = wait_vrrp(&lb, "lb preempts again", preemption_bound(), |s| s["state"] == "master").unwrap();
     wait_holds(&keepalived_ns, false, "keepalived steps back again", bound);
+    println!("lb preempted keepalived again {took:?} after its link came back");
 
     // `lb failover`: our node hands over on purpose and keepalived takes over at once.
     let handed = Instant::now();

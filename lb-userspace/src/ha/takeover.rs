@@ -44,7 +44,7 @@ pub fn claim(interface: &str, addresses: &[IpAddr]) -> Result<()> {
 
 /// Removes those of `addresses` that `interface` holds.
 pub fn release(interface: &str, addresses: &[IpAddr]) -> Result<()> {
-    let held = held_addresses(interface)?;
+    let held: Vec<IpAddr> = held_addresses(interface)?.into_iter().map(|h| h.address).collect();
     for address in addresses.iter().filter(|a| held.contains(a)) {
         let prefix = if address.is_ipv4() { 32 } else { 128 };
         ip(&["addr", "del", &format!("{address}/{prefix}"), "dev", interface])?;
@@ -52,15 +52,29 @@ pub fn release(interface: &str, addresses: &[IpAddr]) -> Result<()> {
     Ok(())
 }
 
+/// An address configured on an interface.
+pub struct HeldAddress {
+    pub address: IpAddr,
+    /// IPv6 only: still in duplicate address detection (or failed it), so the kernel refuses
+    /// it as a source until it passes.
+    pub tentative: bool,
+}
+
 /// The addresses configured on `interface`.
-pub fn held_addresses(interface: &str) -> Result<Vec<IpAddr>> {
+pub fn held_addresses(interface: &str) -> Result<Vec<HeldAddress>> {
     let links = crate::neighbor::ip_json(&["addr", "show", "dev", interface])?;
     Ok(links
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
-        .filter_map(|info| info["local"].as_str()?.parse().ok())
+        .filter_map(|info| {
+            let flag = |name: &str| info[name].as_bool().unwrap_or(false);
+            Some(HeldAddress {
+                address: info["local"].as_str()?.parse().ok()?,
+                tentative: flag("tentative") || flag("dadfailed"),
+            })
+        })
         .collect())
 }
 

@@ -158,16 +158,26 @@ pub fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// Our VRRP source on `interface` for one family: the first IPv4 address not in `owned`, or the
-/// IPv6 link-local address.
+/// IPv6 link-local address once it has passed duplicate address detection (after a link comes
+/// up, that takes 1-2 s; until then the kernel refuses to bind or send from it).
 pub fn primary_address(interface: &str, ipv6: bool, owned: &[IpAddr]) -> Result<IpAddr> {
     let held = super::takeover::held_addresses(interface)?;
-    held.into_iter()
-        .find(|a| match a {
-            IpAddr::V4(_) => !ipv6 && !owned.contains(a),
+    let candidates: Vec<_> = held
+        .iter()
+        .filter(|h| match h.address {
+            IpAddr::V4(_) => !ipv6 && !owned.contains(&h.address),
             IpAddr::V6(v6) => ipv6 && v6.segments()[0] & 0xffc0 == 0xfe80,
         })
-        .with_context(|| {
-            let what = if ipv6 { "an IPv6 link-local address" } else { "an IPv4 address of its own" };
-            format!("{interface} has no {what} to send VRRP advertisements from")
-        })
+        .collect();
+    if let Some(usable) = candidates.iter().find(|h| !h.tentative) {
+        return Ok(usable.address);
+    }
+    if let Some(tentative) = candidates.first() {
+        bail!(
+            "{interface}'s IPv6 link-local address {} has not passed duplicate address detection yet",
+            tentative.address
+        );
+    }
+    let what = if ipv6 { "IPv6 link-local address" } else { "IPv4 address of its own" };
+    bail!("{interface} has no {what} to send VRRP advertisements from")
 }
