@@ -55,9 +55,11 @@ pub fn release(interface: &str, addresses: &[IpAddr]) -> Result<()> {
 /// An address configured on an interface.
 pub struct HeldAddress {
     pub address: IpAddr,
-    /// IPv6 only: still in duplicate address detection (or failed it), so the kernel refuses
-    /// it as a source until it passes.
+    /// IPv6 only: still in duplicate address detection, so the kernel refuses it as a source
+    /// until it passes.
     pub tentative: bool,
+    /// IPv6 only: duplicate address detection found another node using it.
+    pub dad_failed: bool,
 }
 
 /// The addresses configured on `interface`.
@@ -72,7 +74,8 @@ pub fn held_addresses(interface: &str) -> Result<Vec<HeldAddress>> {
             let flag = |name: &str| info[name].as_bool().unwrap_or(false);
             Some(HeldAddress {
                 address: info["local"].as_str()?.parse().ok()?,
-                tentative: flag("tentative") || flag("dadfailed"),
+                tentative: flag("tentative"),
+                dad_failed: flag("dadfailed"),
             })
         })
         .collect())

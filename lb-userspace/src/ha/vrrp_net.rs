@@ -2,6 +2,7 @@
 //! limit 255, on one interface. Receivers drop anything that arrived with another TTL: such a
 //! packet crossed a router and cannot come from our segment.
 
+use super::takeover::HeldAddress;
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::mem::MaybeUninit;
@@ -161,7 +162,10 @@ pub fn ifindex(interface: &str) -> Result<u32> {
 /// IPv6 link-local address once it has passed duplicate address detection (after a link comes
 /// up, that takes 1-2 s; until then the kernel refuses to bind or send from it).
 pub fn primary_address(interface: &str, ipv6: bool, owned: &[IpAddr]) -> Result<IpAddr> {
-    let held = super::takeover::held_addresses(interface)?;
+    choose_source(interface, &super::takeover::held_addresses(interface)?, ipv6, owned)
+}
+
+fn choose_source(interface: &str, held: &[HeldAddress], ipv6: bool, owned: &[IpAddr]) -> Result<IpAddr> {
     let candidates: Vec<_> = held
         .iter()
         .filter(|h| match h.address {
@@ -169,15 +173,52 @@ pub fn primary_address(interface: &str, ipv6: bool, owned: &[IpAddr]) -> Result<
             IpAddr::V6(v6) => ipv6 && v6.segments()[0] & 0xffc0 == 0xfe80,
         })
         .collect();
-    if let Some(usable) = candidates.iter().find(|h| !h.tentative) {
+    if let Some(usable) = candidates.iter().find(|h| !h.tentative && !h.dad_failed) {
         return Ok(usable.address);
     }
-    if let Some(tentative) = candidates.first() {
-        bail!(
-            "{interface}'s IPv6 link-local address {} has not passed duplicate address detection yet",
-            tentative.address
-        );
+    if let Some(unusable) = candidates.first() {
+        let why = if unusable.dad_failed {
+            "failed duplicate address detection: another node on the link uses it"
+        } else {
+            "has not passed duplicate address detection yet"
+        };
+        bail!("{interface}'s IPv6 link-local address {} {why}", unusable.address);
     }
     let what = if ipv6 { "IPv6 link-local address" } else { "IPv4 address of its own" };
     bail!("{interface} has no {what} to send VRRP advertisements from")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(address: &str, tentative: bool, dad_failed: bool) -> HeldAddress {
+        HeldAddress { address: address.parse().unwrap(), tentative, dad_failed }
+    }
+
+    #[test]
+    fn the_source_is_our_own_address_never_an_owned_one_and_never_a_tentative_one() {
+        let owned: Vec<IpAddr> = vec!["10.0.0.100".parse().unwrap()];
+        let addresses = [
+            held("10.0.0.100", false, false),
+            held("10.0.0.2", false, false),
+            held("fd00::2", false, false),
+            held("fe80::1", true, false),
+        ];
+        assert_eq!(choose_source("eth0", &addresses, false, &owned).unwrap().to_string(), "10.0.0.2");
+        let error = choose_source("eth0", &addresses, true, &owned).unwrap_err().to_string();
+        assert_eq!(error, "eth0's IPv6 link-local address fe80::1 has not passed duplicate address detection yet");
+
+        let passed = [held("fd00::2", false, false), held("fe80::1", false, false)];
+        assert_eq!(choose_source("eth0", &passed, true, &owned).unwrap().to_string(), "fe80::1");
+        let duplicate = [held("fe80::1", false, true)];
+        let error = choose_source("eth0", &duplicate, true, &owned).unwrap_err().to_string();
+        assert!(error.contains("failed duplicate address detection"), "{error}");
+
+        let only_owned = [held("10.0.0.100", false, false), held("fd00::2", false, false)];
+        let error = choose_source("eth0", &only_owned, false, &owned).unwrap_err().to_string();
+        assert_eq!(error, "eth0 has no IPv4 address of its own to send VRRP advertisements from");
+        let error = choose_source("eth0", &only_owned, true, &owned).unwrap_err().to_string();
+        assert_eq!(error, "eth0 has no IPv6 link-local address to send VRRP advertisements from");
+    }
 }
