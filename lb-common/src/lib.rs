@@ -6,6 +6,7 @@
 
 pub mod csum;
 pub mod hash;
+pub mod layout;
 pub mod maps;
 pub mod nat;
 pub mod packet;

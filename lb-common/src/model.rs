@@ -160,13 +160,7 @@ impl ModelMaps {
                     return Some((reply, port, None));
                 };
                 // A port still held by a finished or quiet connection goes to this flow.
-                let holder = FlowKey {
-                    src: taken.client_addr,
-                    dst: taken.vip_addr,
-                    sport: taken.client_port,
-                    dport: taken.vip_port,
-                    ..parsed.flow
-                };
+                let holder = nat::client_flow(&reply, taken);
                 let client_last_seen = self.conns.get(&holder).filter(|c| c.snat_port == port).map(|c| c.last_seen);
                 let pinned = client_last_seen.is_some().then_some(holder);
                 nat::reclaimable(taken, parsed.flow.proto, client_last_seen, self.now).then_some((reply, port, pinned))

@@ -7,7 +7,7 @@
 //! closed after the client (a few seconds for a lost last ACK), TIME_WAIT (60 s on Linux) when
 //! it closed first, and idle timeouts in the spirit of IPVS and conntrack otherwise.
 
-use crate::maps::{NatReverse, PROTO_TCP};
+use crate::maps::{FlowKey, NatReverse, PROTO_TCP};
 use crate::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
 
 /// The program's clock: monotonic nanoseconds >> 20, about 1.05 ms per tick; a u32 of them
@@ -56,6 +56,20 @@ pub const fn note_segment(ended: u8, tcp_flags: u8, from_backend: bool) -> u8 {
         }
     }
     ended
+}
+
+/// The client flow (its `CONNS` key) that holds the port of the reply flow `reply`.
+#[inline(always)]
+pub const fn client_flow(reply: &FlowKey, reverse: &NatReverse) -> FlowKey {
+    FlowKey {
+        src: reverse.client_addr,
+        dst: reverse.vip_addr,
+        sport: reverse.client_port,
+        dport: reverse.vip_port,
+        proto: reply.proto,
+        family: reply.family,
+        _pad: [0; 2],
+    }
 }
 
 /// Ticks from `since` to `now`; a `since` just after `now` (another CPU wrote it meanwhile) is 0.

@@ -8,7 +8,7 @@ use lb_common::maps::{
     BACKEND_USABLE, Backend, ConnState, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND, NatFlowRecord, NatReverse,
     Reason, VipMeta, snat_port_candidate,
 };
-use lb_common::nat::{note_segment, reclaimable, ticks};
+use lb_common::nat::{client_flow, note_segment, reclaimable, ticks};
 use lb_common::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
 
 const BPF_ANY: u64 = 0;
@@ -172,15 +172,7 @@ fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse) -> bool {
     };
     // SAFETY: a map value pointer stays valid for the program's run.
     let taken = unsafe { &*taken };
-    let holder = FlowKey {
-        src: taken.client_addr,
-        dst: taken.vip_addr,
-        sport: taken.client_port,
-        dport: taken.vip_port,
-        proto: reply.proto,
-        family: reply.family,
-        _pad: [0; 2],
-    };
+    let holder = client_flow(reply, taken);
     // The holder's own table entry tells when its client last sent, if it still uses the port.
     let client_last_seen = match CONNS.get_ptr(&holder) {
         // SAFETY: as above.

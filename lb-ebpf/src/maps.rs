@@ -1,11 +1,13 @@
-//! Every BPF map the program uses, declared in one place. Sizes are defaults; the daemon may
-//! resize them at load time (layouts and names come from `lb_common::maps`).
+//! Every BPF map the program uses, declared in one place. Names, layouts and sizes follow the
+//! table in `lb_common::layout` (a host test compares this object with it); the daemon resizes
+//! the per-deployment ones at load time.
 
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
+use lb_common::layout::REASON_SLOTS;
 use lb_common::maps::{
     Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS,
-    NEW_NAT_FLOWS_BYTES, NatReverse, REASON_COUNT, Settings, Traffic, VipKey, VipMeta,
+    NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, VipKey, VipMeta,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -35,7 +37,7 @@ pub static NEW_NAT_FLOWS: RingBuf = RingBuf::with_byte_size(NEW_NAT_FLOWS_BYTES,
 pub static NAT_REV: LruHashMap<FlowKey, NatReverse> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
 
 #[map(name = "STATS_REASON")]
-pub static STATS_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+pub static STATS_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);
 
 #[map(name = "STATS_VIP")]
 pub static STATS_VIP: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);

@@ -64,6 +64,19 @@ pub enum Command {
     Detach,
     /// Load the embedded XDP program through the verifier, without attaching it.
     Verify,
+    /// A veth peer of the load balancer's interface: attach a program that passes every frame,
+    /// so that the peer receives what the load balancer sends back out (XDP_TX). Run it where
+    /// the peer lives (the host, for a container's eth0); it stays attached until detached.
+    #[command(subcommand)]
+    XdpPass(XdpPassCommand),
+}
+
+#[derive(Subcommand)]
+pub enum XdpPassCommand {
+    /// Attach the pass-through program to INTERFACE (native XDP) and pin it.
+    Attach { interface: String },
+    /// Remove it again.
+    Detach { interface: String },
 }
 
 #[derive(Subcommand)]
@@ -170,7 +183,9 @@ pub async fn run_client(cli: Cli) -> Result<()> {
         Command::Failover => Request::Failover,
         Command::Stats => Request::Stats,
         Command::Explain { src, dst, proto } => Request::Explain { src, dst, protocol: proto },
-        Command::Daemon { .. } | Command::Detach | Command::Verify => unreachable!("handled by main"),
+        Command::Daemon { .. } | Command::Detach | Command::Verify | Command::XdpPass(_) => {
+            unreachable!("handled by main")
+        }
     };
     let data = api::call(&cli.instance, &request).await?;
     if cli.json {
@@ -263,10 +278,11 @@ fn print_status(s: &StatusReport) {
         ("uptime", format!("{} s", s.uptime_seconds)),
         ("config", s.config_file.clone()),
         ("state", s.state_file.clone()),
-        ("pins", s.pin_dir.clone()),
+        ("pins", s.pinned_maps.clone().unwrap_or_else(|| s.pin_dir.clone())),
     ] {
         t.add_row(vec![k.to_string(), v]);
     }
+
     if let Some(v) = &s.vrrp {
         let state = match &v.fault {
             Some(fault) => format!("{} ({fault})", v.state),
@@ -287,6 +303,9 @@ fn print_status(s: &StatusReport) {
         t.add_row(vec!["bgp announces".into(), announced]);
     }
     println!("{t}");
+    for warning in &s.warnings {
+        println!("WARNING: {warning}");
+    }
 }
 
 fn print_stats(s: &StatsReport) {
@@ -313,6 +332,10 @@ fn print_stats(s: &StatsReport) {
     let mut reasons = table(&["verdict reason", "packets"]);
     for (reason, count) in s.reasons.iter().filter(|(_, n)| *n > 0) {
         reasons.add_row(vec![reason.clone(), count.to_string()]);
+    }
+    if let Some(errors) = s.xdp_tx_errors {
+        // Not a verdict: frames the program sent back out and the driver then dropped.
+        reasons.add_row(vec!["xdp_tx_errors (driver)".into(), errors.to_string()]);
     }
     println!("\n{reasons}");
 }

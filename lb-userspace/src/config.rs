@@ -15,8 +15,9 @@ use std::ops::Range;
 use std::path::Path;
 use toml::Spanned;
 
-/// Settings of the daemon itself; changing them needs a restart.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Settings of the daemon itself; changing them needs a restart. Serialised with the names the
+/// file uses, so that [`DaemonSettings::differences`] can name them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DaemonSettings {
     pub interface: String,
     pub xdp_mode: AttachMode,
@@ -25,9 +26,33 @@ pub struct DaemonSettings {
     pub check_destination_mac: bool,
     pub instance: String,
     pub metrics: Option<SocketAddr>,
+    #[serde(flatten)]
     pub sizes: DataplaneSizes,
     pub vrrp: Option<VrrpSettings>,
     pub bgp: Option<BgpSettings>,
+}
+
+impl DaemonSettings {
+    /// The settings whose values differ from `other`'s, named as in the file (`[vrrp]` and
+    /// `[bgp]` for those sections). Every field is compared through its serialised form, so a
+    /// setting added later is compared without being listed anywhere.
+    pub fn differences(&self, other: &Self) -> Vec<String> {
+        let as_map = |settings: &Self| match serde_json::to_value(settings) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => unreachable!("daemon settings serialise to an object"),
+        };
+        let (ours, theirs) = (as_map(self), as_map(other));
+        let mut keys: Vec<&String> = ours.keys().chain(theirs.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|key| ours.get(*key) != theirs.get(*key))
+            .map(|key| match key.as_str() {
+                "vrrp" | "bgp" => format!("[{key}]"),
+                other => other.to_string(),
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -474,4 +499,52 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
         *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
     }
     Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[daemon]\ninterface = \"eth0\"\n";
+
+    fn settings(extra: &str) -> DaemonSettings {
+        parse("lb.toml", &format!("{BASE}{extra}")).expect("valid").daemon
+    }
+
+    #[test]
+    fn equal_settings_have_no_differences() {
+        assert_eq!(settings("").differences(&settings("")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_changed_setting_is_named_as_in_the_file() {
+        let base = settings("");
+        for (line, name) in [
+            ("check_destination_mac = false", "check_destination_mac"),
+            ("xdp_mode = \"generic\"", "xdp_mode"),
+            ("instance = \"other\"", "instance"),
+            ("metrics = \"127.0.0.1:9901\"", "metrics"),
+            ("ring_size = 1021", "ring_size"),
+            ("max_vips = 8", "max_vips"),
+            ("max_conns = 4096", "max_conns"),
+        ] {
+            assert_eq!(base.differences(&settings(&format!("{line}\n"))), vec![name.to_string()], "{line}");
+        }
+        let pair = settings(
+            "\n[vrrp]\nvrid = 1\nlisten = \"10.0.0.2:7946\"\npeer = \"10.0.0.4:7946\"\nkey = \"0123456789abcdef\"\n",
+        );
+        assert_eq!(base.differences(&pair), vec!["[vrrp]".to_string()]);
+    }
+
+    /// The comparison covers the whole section: settings that differ in any way are reported.
+    #[test]
+    fn differences_agree_with_equality() {
+        let variants = ["", "check_destination_mac = false\n", "max_conns = 4096\n", "xdp_mode = \"generic\"\n"];
+        for a in variants {
+            for b in variants {
+                let (a, b) = (settings(a), settings(b));
+                assert_eq!(a.differences(&b).is_empty(), a == b);
+            }
+        }
+    }
 }

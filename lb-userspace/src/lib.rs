@@ -10,6 +10,7 @@ pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod neighbor;
+pub mod netdev;
 pub mod planner;
 pub mod report;
 pub mod store;

@@ -1,9 +1,9 @@
 //! `lb`: the load balancer's daemon and command-line client.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
-use lb::cli::{Cli, Command, run_client};
-use lb::dataplane::{Dataplane, PinDir};
+use lb::cli::{Cli, Command, XdpPassCommand, run_client};
+use lb::dataplane::{AttachMode, Dataplane, PassThrough, PinDir};
 use lb::store::StateStore;
 use lb::{api, daemon};
 use tracing_subscriber::EnvFilter;
@@ -36,6 +36,28 @@ fn run() -> Result<()> {
             runtime.block_on(daemon::run::run(&config))
         }
         Command::Detach => runtime.block_on(detach(&cli.instance)),
+        Command::XdpPass(XdpPassCommand::Attach { interface }) => {
+            let pin = PassThrough::pin_path(&interface)?;
+            if pin.exists() {
+                println!("{interface} has the pass-through program already ({})", pin.display());
+                return Ok(());
+            }
+            PassThrough::attach(&interface, AttachMode::Native)?.pin(&pin)?;
+            println!("{interface}: pass-through XDP program attached and pinned at {}", pin.display());
+            Ok(())
+        }
+        Command::XdpPass(XdpPassCommand::Detach { interface }) => {
+            let pin = PassThrough::pin_path(&interface)?;
+            if !pin.exists() {
+                bail!(
+                    "{interface} has no pass-through program attached by `lb xdp-pass attach` ({} is missing)",
+                    pin.display()
+                );
+            }
+            std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            println!("{interface}: pass-through XDP program detached");
+            Ok(())
+        }
         Command::Verify => {
             let (object, translated, jited) = Dataplane::verify()?;
             println!(
@@ -64,6 +86,12 @@ async fn detach(instance: &str) -> Result<()> {
     }
     let pins = PinDir::for_instance(instance).remove()?;
     let state = StateStore::for_instance(instance).remove()?;
+    // What a killed daemon left: BIRD still announcing, its socket and BIRD's files in /run.
+    if lb::ha::bgp::stop_orphan(&api::run_dir(instance).join("bgp")) {
+        println!("instance {instance}: stopped the BIRD a killed daemon left running");
+    }
+    let _ = std::fs::remove_file(api::socket_path(instance));
+    let _ = std::fs::remove_dir_all(api::run_dir(instance));
     if pins || state {
         println!("instance {instance}: data plane removed (program, pins{})", if state { ", saved state" } else { "" });
     } else {

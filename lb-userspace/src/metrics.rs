@@ -74,6 +74,14 @@ pub fn render(stats: &StatsReport, vrrp: Option<&VrrpStatus>, bgp: Option<&BgpSt
     for (reason, count) in &stats.reasons {
         let _ = writeln!(out, "lb_packets_total{{instance=\"{}\",reason=\"{reason}\"}} {count}", label(instance));
     }
+    if let Some(errors) = stats.xdp_tx_errors {
+        let _ = writeln!(
+            out,
+            "# HELP lb_xdp_tx_errors_total Frames the interface's driver failed to send back out (XDP_TX).\n\
+             # TYPE lb_xdp_tx_errors_total counter\nlb_xdp_tx_errors_total{{instance=\"{}\"}} {errors}",
+            label(instance)
+        );
+    }
     if let Some(vrrp) = vrrp {
         let labels = format!("instance=\"{}\",vrid=\"{}\"", label(instance), vrrp.vrid);
         let gauges: [(&str, &str, usize); 4] = [
@@ -147,6 +155,7 @@ mod tests {
             }],
             reasons: vec![("tx_forward".into(), 5)],
             rate_interval_seconds: 1.0,
+            xdp_tx_errors: Some(7),
         };
         let text = render(&stats, None, None, "lb");
         for line in [
@@ -156,6 +165,7 @@ mod tests {
             "lb_backend_up{instance=\"lb\",vip=\"web\",backend=\"10.0.1.1:80\"} 0",
             "lb_backend_health_transitions_total{instance=\"lb\",vip=\"web\",backend=\"10.0.1.1:80\"} 2",
             "lb_packets_total{instance=\"lb\",reason=\"tx_forward\"} 5",
+            "lb_xdp_tx_errors_total{instance=\"lb\"} 7",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
@@ -164,7 +174,13 @@ mod tests {
 
     #[test]
     fn renders_the_redundancy_state() {
-        let stats = StatsReport { health: vec![], vips: vec![], reasons: vec![], rate_interval_seconds: 0.0 };
+        let stats = StatsReport {
+            health: vec![],
+            vips: vec![],
+            reasons: vec![],
+            rate_interval_seconds: 0.0,
+            xdp_tx_errors: None,
+        };
         let vrrp = VrrpStatus {
             vrid: 51,
             priority: 100,

@@ -10,6 +10,12 @@ pub struct StatusReport {
     /// "attached" or "took over a running data plane".
     pub attachment: String,
     pub pin_dir: String,
+    /// The pinned map set in use: layout version, generation, directory.
+    #[serde(default)]
+    pub pinned_maps: Option<String>,
+    /// What keeps this node from working as it should; empty when all is well.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub state_file: String,
     pub config_file: String,
     pub uptime_seconds: u64,
@@ -126,6 +132,10 @@ pub struct StatsReport {
     pub reasons: Vec<(String, u64)>,
     /// Seconds between the two samples the rates come from (0: no rate yet).
     pub rate_interval_seconds: f64,
+    /// Frames the interface's driver failed to send back out (XDP_TX), when the driver counts
+    /// them (veth does): forwarded by the program, lost on the wire.
+    #[serde(default)]
+    pub xdp_tx_errors: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -33,14 +33,28 @@ pub struct LbDaemon {
     pub instance: String,
     pub config: PathBuf,
     netns: String,
+    launcher: Launcher,
     child: Option<Child>,
     log: PathBuf,
+}
+
+/// How the daemon enters its namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    /// `nsenter --net=…`: only the network namespace changes (as an operator should run it).
+    Nsenter,
+    /// `ip netns exec`: also a mount namespace of its own with a fresh /sys, without bpffs.
+    IpNetnsExec,
 }
 
 impl LbDaemon {
     /// Writes `config` (with `{instance}` replaced) and starts the daemon in `ns`; returns once
     /// it answers `lb status`.
     pub fn start(ns: &Netns, instance: &str, config: &str) -> Result<Self> {
+        Self::start_with(ns, instance, config, Launcher::Nsenter)
+    }
+
+    pub fn start_with(ns: &Netns, instance: &str, config: &str, launcher: Launcher) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("lb-test-{instance}"));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("lb.toml");
@@ -49,6 +63,7 @@ impl LbDaemon {
             instance: instance.to_string(),
             config: path,
             netns: ns.name().to_string(),
+            launcher,
             child: None,
             log: dir.join("daemon.log"),
         };
@@ -58,9 +73,19 @@ impl LbDaemon {
 
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.netns))
-            .arg("--")
+        let mut command = match self.launcher {
+            Launcher::Nsenter => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{}", self.netns)).arg("--");
+                command
+            }
+            Launcher::IpNetnsExec => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &self.netns]);
+                command
+            }
+        };
+        let child = command
             .arg(lb_binary())
             .arg("daemon")
             .arg("--config")
@@ -103,6 +128,43 @@ impl LbDaemon {
             bail!("lb {args:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
         }
         Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// Waits until `lb backend list` shows `backend` (address, in every VIP that has it) in
+    /// `state` ("serving", "down", "standby", …): the state of the published tables, so traffic
+    /// sent afterwards sees it. Returns how long it took; fails with the row and the log.
+    pub fn wait_backend_state(&self, backend: &str, state: &str, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&self.ok(&["--json", "backend", "list"])?)?;
+            let mine: Vec<&serde_json::Value> = rows.iter().filter(|r| r["address"] == backend).collect();
+            if mine.is_empty() {
+                bail!("no backend {backend} in `lb backend list`");
+            }
+            if mine.iter().all(|r| r["state"] == state) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > limit {
+                bail!("{backend} not {state} after {limit:?}: {mine:?}\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until no backend of any VIP is down: every one is serving (or standing by, drained…)
+    /// in the published tables.
+    pub fn wait_none_down(&self, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&self.ok(&["--json", "backend", "list"])?)?;
+            if rows.iter().all(|r| r["state"] != "down") {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > limit {
+                bail!("backends still down after {limit:?}: {rows:?}\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The configured VIPs and backends as the CLI reports them, without runtime fields
@@ -152,6 +214,11 @@ impl LbDaemon {
 
 impl Drop for LbDaemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test failed: what the daemon saw is the first thing to read.
+            let stats = self.ok(&["stats"]).unwrap_or_default();
+            eprintln!("--- lb daemon {} log ---\n{}--- lb stats ---\n{stats}---", self.instance, self.log());
+        }
         // Stops a running daemon with detach, or removes what a dead one left pinned.
         let _ = self.cli(&["detach"]);
         self.kill();

@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod ecmp;
 pub mod harness;
 pub mod invalid_configs;
+pub mod legacy;
 pub mod netns;
 pub mod pair;
 pub mod privilege;

@@ -41,6 +41,12 @@ impl Netns {
         run(&mut self.command(args))
     }
 
+    /// Runs a command in the namespace's network only (`nsenter --net`): it keeps the host's
+    /// mounts, bpffs among them, which `ip netns exec` would replace.
+    pub fn nsenter(&self, args: &[&str]) -> Result<Output> {
+        run(Command::new("nsenter").arg(format!("--net=/run/netns/{}", self.name)).arg("--").args(args))
+    }
+
     /// A command that will run inside the namespace (not yet started).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");

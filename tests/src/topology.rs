@@ -75,6 +75,8 @@ pub struct Topology {
     pub backends: Vec<BackendHost>,
     pub client: Netns,
     pub lb: Netns,
+    /// The bridge's port that the load balancer's eth0 is plugged into (its veth peer).
+    pub lb_port: String,
     lb_port_pass: Option<PassThrough>,
     pub bridge: Bridge,
     dsr: bool,
@@ -93,20 +95,94 @@ impl Topology {
         let client = Netns::new("client")?;
         let lb = Netns::new("lb")?;
         bridge.plug(&client, "eth0")?;
-        let lb_port = bridge.plug(&lb, "eth0")?;
-        let lb_port_pass = bridge.accept_xdp_tx_from(&lb_port)?;
         client.addr("eth0", &format!("{CLIENT_V4}/24"))?;
         client.addr("eth0", &format!("{CLIENT_V6}/64"))?;
         client.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", &LB_V4.to_string()])?;
         client.ip(&["-6", "route", "add", &format!("{VIP_V6}/128"), "via", &LB_V6.to_string()])?;
-        for addr in [format!("{LB_V4}/24"), format!("{SNAT_V4}/24"), format!("{LB_V6}/64"), format!("{SNAT_V6}/64")] {
-            lb.addr("eth0", &addr)?;
-        }
-        let mut topology = Self { backends: Vec::new(), client, lb, lb_port_pass: Some(lb_port_pass), bridge, dsr };
+        let mut topology =
+            Self { backends: Vec::new(), client, lb, lb_port: String::new(), lb_port_pass: None, bridge, dsr };
+        topology.plug_lb()?;
+        topology.wait_reachable(&[LB_V4.into(), LB_V6.into()])?;
         for _ in 0..backends {
             topology.add_backend()?;
         }
         Ok(topology)
+    }
+
+    /// Plugs the load balancer into the bridge: a new eth0 with its addresses, and the
+    /// pass-through program on the bridge's side that lets it receive XDP_TX frames.
+    fn plug_lb(&mut self) -> Result<()> {
+        self.lb_port = self.bridge.plug(&self.lb, "eth0")?;
+        self.lb_port_pass = Some(self.bridge.accept_xdp_tx_from(&self.lb_port)?);
+        for addr in [format!("{LB_V4}/24"), format!("{SNAT_V4}/24"), format!("{LB_V6}/64"), format!("{SNAT_V6}/64")] {
+            self.lb.addr("eth0", &addr)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the load balancer's eth0 (and with it anything attached to it) and plugs in a
+    /// new one, as when a NIC goes away and comes back: same name, MAC and addresses, new ifindex.
+    pub fn replug_lb(&mut self) -> Result<()> {
+        let mac = self.lb.mac("eth0")?;
+        self.lb_port_pass = None;
+        self.lb.ip(&["link", "del", "eth0"])?;
+        self.plug_lb()?;
+        let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+        self.lb.ip(&["link", "set", "eth0", "address", &mac.join(":")])?;
+        self.wait_reachable(&[LB_V4.into(), LB_V6.into()])
+    }
+
+    /// Takes the pass-through program off the load balancer's veth peer: the peer no longer
+    /// receives what the load balancer sends back out (XDP_TX), as on a bare veth.
+    pub fn remove_lb_port_pass(&mut self) {
+        self.lb_port_pass = None;
+    }
+
+    /// Waits until the client reaches `targets`: the network is ready (links up, bridge ports
+    /// forwarding, neighbours answering) before a test sends its first packet through the data
+    /// plane, so a failure later is the data plane's, not the topology's.
+    pub fn wait_reachable(&self, targets: &[IpAddr]) -> Result<()> {
+        for target in targets {
+            let target = target.to_string();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while self.client.exec(&["ping", "-c1", "-W1", "-q", &target]).is_err() {
+                if std::time::Instant::now() > deadline {
+                    bail!("{target} is not reachable from the client after 10 s:\n{}", self.diagnose());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every namespace's links, addresses, neighbours and the bridge's forwarding database: what
+    /// a failed test prints to tell a network problem from a data-plane one.
+    pub fn diagnose(&self) -> String {
+        let mut report = String::new();
+        let mut namespaces = vec![("client", &self.client), ("lb", &self.lb), ("bridge", &self.bridge.ns)];
+        namespaces.extend(self.backends.iter().map(|b| (b.name.as_str(), &b.ns)));
+        for (name, ns) in namespaces {
+            for args in [&["-s", "link"][..], &["addr"], &["neigh"], &["-6", "neigh"]] {
+                let text = ns.ip(args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+                report.push_str(&format!(
+                    "--- {name}: ip {} ---\n{}\n",
+                    args.join(" "),
+                    text.unwrap_or_else(|e| e.to_string())
+                ));
+            }
+        }
+        for args in [&["fdb", "show", "br", "br0"][..], &["mdb", "show"]] {
+            let text = self
+                .bridge
+                .ns
+                .exec(&[&["bridge"][..], args].concat())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            report.push_str(&format!(
+                "--- bridge {} ---\n{}\n",
+                args.join(" "),
+                text.unwrap_or_else(|e| e.to_string())
+            ));
+        }
+        report
     }
 
     /// Keeps the network usable after this process exits (the demo's `--keep`): the bridge
@@ -139,6 +215,7 @@ impl Topology {
         let _ = std::fs::remove_file(&status_file);
         let mut host = BackendHost { server: None, ns, name, v4, v6, mac, status_file };
         host.start_server()?;
+        self.wait_reachable(&[v4.into(), v6.into()])?;
         self.backends.push(host);
         Ok(self.backends.last_mut().expect("just pushed"))
     }

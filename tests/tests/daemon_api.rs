@@ -145,6 +145,18 @@ fn invalid_configs_leave_the_running_daemon_unchanged() {
         assert_eq!(snapshot(), before, "{name}: the running state changed");
     }
     assert!(wrong.is_empty(), "{} of {} cases wrong:\n{}", wrong.len(), cases.len(), wrong.join("\n"));
+    // A valid file whose daemon settings differ from the running daemon's is refused whole,
+    // naming each setting (they need a restart).
+    let file = dir.join("settings.toml");
+    let changed = good(&daemon.instance, &b1, &b2)
+        .replace("[daemon]\n", "[daemon]\ncheck_destination_mac = false\nmax_conns = 4096\n")
+        .replace("weight = 1", "weight = 3");
+    std::fs::write(&file, changed).unwrap();
+    let output = daemon.cli(&["apply", "-f", file.to_str().unwrap()]).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "settings changes must be refused: {stderr}");
+    assert!(stderr.contains("check_destination_mac, max_conns") && stderr.contains("nothing was applied"), "{stderr}");
+    assert_eq!(snapshot(), before, "a refused settings change leaves everything as it was");
     // A valid file applies, and says what it changed.
     let file = dir.join("good.toml");
     std::fs::write(&file, good(&daemon.instance, &b1, &b2).replace("weight = 1", "weight = 3")).unwrap();

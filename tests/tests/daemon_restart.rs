@@ -24,12 +24,8 @@ fn sigkill_and_restart_lose_no_packet_and_keep_connections() {
     let mut daemon =
         LbDaemon::start(&topology.lb, &unique_instance(), &nat_config(&topology, 3, Some(RESTART_CHECK))).unwrap();
     let client = &topology.client;
-    // Wait until the checks have brought every backend up.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while daemon.ok(&["--json", "backend", "list"]).unwrap().contains("\"health\": \"down\"") {
-        assert!(Instant::now() < deadline, "backends did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Wait until the checks have brought every backend into the published tables.
+    daemon.wait_none_down(Duration::from_secs(10)).unwrap();
 
     let ((sent, answered), exchanges, restart_took) = std::thread::scope(|scope| {
         let udp =

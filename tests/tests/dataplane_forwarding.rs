@@ -448,3 +448,60 @@ fn a_syn_reusing_a_remembered_tuple_is_placed_by_the_current_table() {
         assert_eq!(&next.packet[0..6], &syn.packet[0..6], "mode {mode}: the new connection's packets follow its SYN");
     }
 }
+
+#[test]
+fn forgetting_a_backend_spares_other_vips_flows_to_the_same_address() {
+    if !require_root("forgetting_a_backend_spares_other_vips_flows_to_the_same_address") {
+        return;
+    }
+    // Two NAT VIPs share the backend 10.0.1.1:8080 (each under its own slot, as the planner gives
+    // them), and a third, any-port VIP reaches the same host with an any-port backend.
+    let mut harness = Harness::new().unwrap();
+    let vips = [
+        (sock("10.0.0.20:80"), 1, sock("10.0.1.1:8080")),
+        (sock("10.0.0.21:80"), 2, sock("10.0.1.1:8080")),
+        (sock("10.0.0.22:0"), 3, sock("10.0.1.1:0")),
+    ];
+    for (slot, (vip, index, address)) in vips.iter().enumerate() {
+        harness.set_backend(*index, &backend(*address, backend_mac(*index))).unwrap();
+        let forwarding = VipForwarding {
+            vip_index: slot as u32,
+            mode: MODE_NAT,
+            snat_addr: addr16(ip("10.0.0.2")),
+            snat_port_min: 20000,
+            snat_port_max: 60000,
+        };
+        harness.publish_vip(&vip_key(*vip, PROTO_TCP), &forwarding, &[*index]).unwrap();
+    }
+    const FLOWS: u16 = 20;
+    for (vip, _, _) in &vips {
+        let dport = if vip.port() == 0 { 5432 } else { vip.port() };
+        for sport in 40000..40000 + FLOWS {
+            let frame = Frame::tcp(ip("192.0.2.7"), sport, vip.ip(), dport).bytes();
+            assert_eq!(harness.run(&frame).unwrap().0.reason, Reason::TxForward);
+        }
+    }
+    let per_vip = |harness: &Harness| -> Vec<(usize, usize)> {
+        let conns = harness.dataplane.connections().unwrap();
+        let reverses = harness.dataplane.nat_reverses().unwrap();
+        vips.iter()
+            .map(|(vip, _, _)| {
+                let dst = addr16(vip.ip());
+                (
+                    conns.iter().filter(|(flow, _)| flow.dst == dst).count(),
+                    reverses.iter().filter(|(_, r)| r.vip_addr == dst).count(),
+                )
+            })
+            .collect()
+    };
+    let all = FLOWS as usize;
+    assert_eq!(per_vip(&harness), vec![(all, all); 3]);
+
+    let forgotten = harness.dataplane.forget_backend_connections(1).unwrap();
+    assert_eq!((forgotten.connections, forgotten.nat_entries), (all, all));
+    assert_eq!(per_vip(&harness), vec![(0, 0), (all, all), (all, all)], "only the first VIP's flows are gone");
+
+    let forgotten = harness.dataplane.forget_backend_connections(3).unwrap();
+    assert_eq!((forgotten.connections, forgotten.nat_entries), (all, all), "an any-port backend's entries go too");
+    assert_eq!(per_vip(&harness), vec![(0, 0), (all, all), (0, 0)]);
+}

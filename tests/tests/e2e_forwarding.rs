@@ -40,6 +40,12 @@ impl Lab {
         lab
     }
 
+    /// The network's state and the program's verdicts, for a failure message.
+    fn diagnose(&self) -> String {
+        let reasons = self.dataplane.reason_counters().map(|r| format!("{r:?}")).unwrap_or_else(|e| e.to_string());
+        format!("{}--- verdicts ---\n{reasons}", self.topology.diagnose())
+    }
+
     fn vip(&self) -> SocketAddr {
         let ip: IpAddr = if self.v6 { VIP_V6.into() } else { VIP_V4.into() };
         // DSR backends answer on the VIP's port, so the service port is the VIP's.
@@ -93,23 +99,24 @@ fn udp_request(vip: SocketAddr) -> std::io::Result<String> {
 fn spread_over_backends(mode: u8, v6: bool) {
     let lab = Lab::new(mode, v6);
     let vip = lab.vip();
-    let (tcp, udp) = lab
+    let answers = lab
         .topology
         .client
-        .enter(|| {
+        .enter(|| -> Result<_, String> {
             let mut tcp: HashMap<String, usize> = HashMap::new();
             for _ in 0..CONNECTIONS {
-                let name = tcp_request(vip).unwrap_or_else(|e| panic!("TCP request to {vip}: {e}"));
+                let name = tcp_request(vip).map_err(|e| format!("TCP request to {vip}: {e}"))?;
                 *tcp.entry(name).or_default() += 1;
             }
             let mut udp: HashMap<String, usize> = HashMap::new();
             for _ in 0..30 {
-                let name = udp_request(vip).unwrap_or_else(|e| panic!("UDP request to {vip}: {e}"));
+                let name = udp_request(vip).map_err(|e| format!("UDP request to {vip}: {e}"))?;
                 *udp.entry(name).or_default() += 1;
             }
-            (tcp, udp)
+            Ok((tcp, udp))
         })
         .unwrap();
+    let (tcp, udp) = answers.unwrap_or_else(|e| panic!("{e}\n{}", lab.diagnose()));
     eprintln!("mode {mode} v6 {v6}: TCP answers per backend {tcp:?}, UDP {udp:?}");
     assert_eq!(tcp.values().sum::<usize>(), CONNECTIONS);
     assert_eq!(tcp.len(), 3, "every backend answers: {tcp:?}");
@@ -125,18 +132,20 @@ fn spread_over_backends(mode: u8, v6: bool) {
 fn long_lived_connection_survives_a_new_backend(mode: u8, v6: bool) {
     let mut lab = Lab::new(mode, v6);
     let vip = lab.vip();
-    let (stream, first) = lab
+    let first_exchange = lab
         .topology
         .client
-        .enter(|| {
-            let stream = TcpStream::connect_timeout(&vip, TIMEOUT).unwrap();
-            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-            (&stream).write_all(b"first\n").unwrap();
+        .enter(|| -> std::io::Result<(TcpStream, String)> {
+            let stream = TcpStream::connect_timeout(&vip, TIMEOUT)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            (&stream).write_all(b"first\n")?;
             let mut line = String::new();
-            BufReader::new(&stream).read_line(&mut line).unwrap();
-            (stream, line.trim().to_string())
+            BufReader::new(&stream).read_line(&mut line)?;
+            Ok((stream, line.trim().to_string()))
         })
         .unwrap();
+    let (stream, first) =
+        first_exchange.unwrap_or_else(|e| panic!("first exchange with {vip}: {e}\n{}", lab.diagnose()));
     lab.topology.add_backend().unwrap();
     lab.publish(4);
     // The socket keeps its namespace; it can be used from this thread.
@@ -144,12 +153,15 @@ fn long_lived_connection_survives_a_new_backend(mode: u8, v6: bool) {
     for i in 0..20 {
         (&stream).write_all(format!("again {i}\n").as_bytes()).unwrap();
         let mut line = String::new();
-        reader.read_line(&mut line).unwrap_or_else(|e| panic!("exchange {i} after the new backend: {e}"));
+        reader
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("exchange {i} after the new backend: {e}\n{}", lab.diagnose()));
         assert_eq!(line.trim(), first, "the connection moved to another backend");
     }
     // New connections do reach the fourth backend.
-    let names: std::collections::HashSet<String> =
-        lab.topology.client.enter(|| (0..200).map(|_| tcp_request(vip).unwrap()).collect()).unwrap();
+    let names: std::io::Result<std::collections::HashSet<String>> =
+        lab.topology.client.enter(|| (0..200).map(|_| tcp_request(vip)).collect()).unwrap();
+    let names = names.unwrap_or_else(|e| panic!("new connection to {vip}: {e}\n{}", lab.diagnose()));
     assert!(names.contains("be4"), "no new connection reached the new backend: {names:?}");
 }
 

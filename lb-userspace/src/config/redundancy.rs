@@ -2,13 +2,13 @@
 //! never replicated (priorities and AS numbers differ between nodes).
 
 use super::{Report, parse_ip, parse_socket_addr};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use toml::Spanned;
 
 /// Active/standby with VRRPv3 (RFC 5798) and replication of the desired state to the peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct VrrpSettings {
     pub vrid: u8,
     pub priority: u8,
@@ -23,7 +23,7 @@ pub struct VrrpSettings {
 }
 
 /// Active/active: the healthy VIPs are announced over BGP by a BIRD the daemon runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BgpSettings {
     pub local_as: u32,
     pub router_id: std::net::Ipv4Addr,

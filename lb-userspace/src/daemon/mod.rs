@@ -26,6 +26,8 @@ struct Sample {
     at: Instant,
     vips: HashMap<String, Traffic>,
     backends: HashMap<String, Traffic>,
+    /// The driver's count of frames it failed to send back out, when it keeps one.
+    xdp_tx_errors: Option<u64>,
 }
 
 pub struct Daemon {
@@ -44,7 +46,17 @@ pub struct Daemon {
     /// The table members each table was built from: a VIP whose members did not change keeps
     /// its table without a rebuild.
     built_from: HashMap<String, Vec<lb_common::maglev::MaglevBackend>>,
+    /// The backends the published tables treat as down. The checks' own view (`health`) runs
+    /// ahead of it until the daemon has handled a transition: reports show what the data plane
+    /// does, so they use this.
+    published_down: HashSet<String>,
     attachment: Option<Attachment>,
+    /// What keeps this node from working as it should and holds for its lifetime (pins that
+    /// will not outlive the daemon): logged, and shown by `lb status`.
+    warnings: Vec<String>,
+    /// Why frames sent back out of the interface may not arrive (a veth peer without XDP),
+    /// checked again every few seconds: logged when it changes, shown by `lb status`.
+    xdp_tx_problem: Option<String>,
     health: HealthEngine,
     started: Instant,
     samples: (Option<Sample>, Option<Sample>),
@@ -144,8 +156,13 @@ impl Daemon {
                     continue;
                 }
                 if !held_before.contains(&index) && old != Default::default() {
-                    let forgotten = self.dataplane.forget_backend_connections(index, &old)?;
-                    tracing::info!(index, forgotten, "slot reused: connection entries of its former backend dropped");
+                    let forgotten = self.dataplane.forget_backend_connections(index)?;
+                    tracing::info!(
+                        index,
+                        connections = forgotten.connections,
+                        nat_entries = forgotten.nat_entries,
+                        "slot reused: connection entries of its former backend dropped"
+                    );
                 }
                 self.dataplane.set_backend(index, &entry)?;
             }
@@ -192,8 +209,7 @@ impl Daemon {
             }
             for backend in &vip.backends {
                 if let Some(index) = plan.slots.backend(vip, backend.address) {
-                    let entry = self.dataplane.backend(index)?;
-                    self.dataplane.forget_backend_connections(index, &entry)?;
+                    self.dataplane.forget_backend_connections(index)?;
                 }
             }
         }
@@ -203,6 +219,7 @@ impl Daemon {
             self.published.remove(&vip_id(vip));
             self.built_from.remove(&vip_id(vip));
         }
+        self.published_down = down;
         Ok(())
     }
 
@@ -232,11 +249,13 @@ impl Daemon {
 
     /// The VIP addresses this node can serve now: those with at least one usable backend.
     pub fn servable_addresses(&self) -> BTreeSet<IpAddr> {
-        let down = self.down_backends(&self.state);
         self.state
             .vips
             .iter()
-            .filter(|vip| !table_members(vip, &self.slots, &|b| !down.contains(&backend_id(vip, b.address))).is_empty())
+            .filter(|vip| {
+                !table_members(vip, &self.slots, &|b| !self.published_down.contains(&backend_id(vip, b.address)))
+                    .is_empty()
+            })
             .map(|vip| vip.address.ip())
             .collect()
     }
@@ -365,10 +384,15 @@ impl Daemon {
         if health == Health::Down
             && spec.mode == Mode::Nat
             && let Some(index) = self.slots.backend(spec, backend)
-            && let Ok(entry) = self.dataplane.backend(index)
         {
-            match self.dataplane.forget_backend_connections(index, &entry) {
-                Ok(forgotten) => tracing::info!(%vip, %backend, forgotten, "NAT connections of a down backend cleared"),
+            match self.dataplane.forget_backend_connections(index) {
+                Ok(forgotten) => tracing::info!(
+                    %vip,
+                    %backend,
+                    connections = forgotten.connections,
+                    nat_entries = forgotten.nat_entries,
+                    "NAT connections of a down backend cleared"
+                ),
                 Err(error) => tracing::error!(%vip, %backend, "clearing NAT connections failed: {error:#}"),
             }
         }
@@ -378,10 +402,39 @@ impl Daemon {
         self.store.save(&SavedState::new(self.config_digest.clone(), self.state.clone(), self.slots.clone()))
     }
 
-    /// Takes counters for rates (called every second).
+    /// Takes counters for rates (called every second), and watches the driver's XDP_TX failures.
     pub fn sample(&mut self) {
         let sample = self.read_counters();
+        if let (Some(before), Some(now)) = (self.samples.1.as_ref().and_then(|s| s.xdp_tx_errors), sample.xdp_tx_errors)
+            && now > before
+        {
+            tracing::warn!(
+                interface = %self.settings.interface,
+                dropped = now - before,
+                "the driver failed to send frames the data plane forwarded (XDP_TX errors)"
+            );
+        }
         self.samples = (self.samples.1.take(), Some(sample));
+    }
+
+    /// Records what the interface check found (see [`crate::netdev::xdp_tx_problem`]): said
+    /// loudly when it appears, and when it is gone.
+    pub fn set_xdp_tx_problem(&mut self, problem: Option<String>) {
+        if problem == self.xdp_tx_problem {
+            return;
+        }
+        match &problem {
+            Some(problem) => tracing::error!("{problem}"),
+            None => {
+                tracing::info!(interface = %self.settings.interface, "frames sent back out of the interface arrive again (XDP_TX)")
+            }
+        }
+        self.xdp_tx_problem = problem;
+    }
+
+    /// Everything `lb status` warns about now.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.iter().chain(&self.xdp_tx_problem).cloned().collect()
     }
 
     /// The counters of every VIP and backend, now.
@@ -402,7 +455,8 @@ impl Daemon {
                 }
             }
         }
-        Sample { at: Instant::now(), vips, backends }
+        let xdp_tx_errors = crate::netdev::xdp_tx_errors(&self.settings.interface).ok().flatten();
+        Sample { at: Instant::now(), vips, backends, xdp_tx_errors }
     }
 }
 

@@ -3,9 +3,9 @@
 use super::{Daemon, Sample};
 use crate::api::{Request, Response};
 use crate::config;
-use crate::dataplane::{Attachment, FlowRoute};
+use crate::dataplane::FlowRoute;
 use crate::model::{DesiredState, Protocol};
-use crate::planner::{addr16, backend_id, family, table_members};
+use crate::planner::{addr16, backend_id, family};
 use crate::report::*;
 use anyhow::{Result, anyhow, bail};
 use lb_common::maps::{FlowKey, Traffic};
@@ -91,33 +91,10 @@ impl Daemon {
 
     fn apply_file(&mut self, file: &str, source: &str, dry_run: bool) -> Result<ApplyReport> {
         let config = config::parse(file, source).map_err(|e| anyhow!("{e}"))?;
-        let ours = &self.settings;
-        let theirs = &config.daemon;
-        let mut differing = Vec::new();
-        if ours.interface != theirs.interface {
-            differing.push("interface");
-        }
-        if ours.xdp_mode != theirs.xdp_mode {
-            differing.push("xdp_mode");
-        }
-        if ours.instance != theirs.instance {
-            differing.push("instance");
-        }
-        if ours.metrics != theirs.metrics {
-            differing.push("metrics");
-        }
-        if ours.sizes != theirs.sizes {
-            differing.push("ring_size/max_vips/max_conns");
-        }
-        if ours.vrrp != theirs.vrrp {
-            differing.push("[vrrp]");
-        }
-        if ours.bgp != theirs.bgp {
-            differing.push("[bgp]");
-        }
+        let differing = self.settings.differences(&config.daemon);
         if !differing.is_empty() {
             bail!(
-                "{file}: [daemon] settings differ from the running daemon ({}): restart the daemon to change them",
+                "{file}: daemon settings differ from the running daemon's ({}): restart the daemon to change them; nothing was applied",
                 differing.join(", ")
             );
         }
@@ -158,12 +135,10 @@ impl Daemon {
             instance: self.settings.instance.clone(),
             interface: self.settings.interface.clone(),
             xdp_mode: format!("{:?}", self.settings.xdp_mode).to_lowercase(),
-            attachment: match self.attachment {
-                Some(Attachment::Fresh) => "attached".into(),
-                Some(Attachment::TookOver) => "took over the running data plane".into(),
-                None => "not attached".into(),
-            },
+            attachment: self.attachment.as_ref().map_or_else(|| "not attached".into(), |a| a.describe()),
             pin_dir: self.pins.path().display().to_string(),
+            pinned_maps: self.dataplane.map_set().map(ToString::to_string),
+            warnings: self.warnings(),
             state_file: self.store.path().display().to_string(),
             config_file: self.config_file.display().to_string(),
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -203,10 +178,7 @@ impl Daemon {
                 mode: vip.mode.to_string(),
                 snat: vip.snat.map(|s| s.to_string()),
                 backends: vip.backends.len(),
-                serving: table_members(vip, &self.slots, &|b| {
-                    self.health.is_up(&backend_id(vip, b.address)) != Some(false)
-                })
-                .len(),
+                serving: self.table_shares(vip).len(),
                 slot: self.slots.vip(vip),
             })
             .collect()
@@ -220,14 +192,14 @@ impl Daemon {
         }
         let mut rows = Vec::new();
         for vip in self.state.vips.iter().filter(|v| only.is_none_or(|n| n == v.name)) {
-            let members =
-                table_members(vip, &self.slots, &|b| self.health.is_up(&backend_id(vip, b.address)) != Some(false));
-            let table = self.published.get(&crate::planner::vip_id(vip));
+            // What the data plane does now: the published table, and the health it was built with.
+            let shares = self.table_shares(vip);
             for backend in &vip.backends {
                 let index = self.slots.backend(vip, backend.address);
-                let serving = members.iter().any(|m| Some(m.index) == index);
+                let share = index.and_then(|i| shares.get(&i)).copied().unwrap_or(0.0);
+                let serving = share > 0.0;
                 let status = self.health.status(&backend_id(vip, backend.address));
-                let down = status.as_ref().is_some_and(|s| s.health == crate::health::Health::Down);
+                let down = self.published_down.contains(&backend_id(vip, backend.address));
                 let state = if down {
                     "down"
                 } else if backend.drained {
@@ -240,12 +212,6 @@ impl Daemon {
                     "standby"
                 } else {
                     "out"
-                };
-                let share = match (table, index) {
-                    (Some(table), Some(index)) => {
-                        table.iter().filter(|&&b| b == index).count() as f64 / table.len() as f64
-                    }
-                    _ => 0.0,
                 };
                 rows.push(BackendRow {
                     vip: vip.name.clone(),
@@ -274,6 +240,18 @@ impl Daemon {
             }
         }
         Ok(rows)
+    }
+
+    /// Each backend slot's share of the VIP's published table (slots without a share are absent).
+    fn table_shares(&self, vip: &crate::model::VipSpec) -> std::collections::HashMap<u32, f64> {
+        let mut counts = std::collections::HashMap::<u32, usize>::new();
+        let Some(table) = self.published.get(&crate::planner::vip_id(vip)) else { return Default::default() };
+        for &index in table {
+            if index != lb_common::maps::NO_BACKEND {
+                *counts.entry(index).or_default() += 1;
+            }
+        }
+        counts.into_iter().map(|(index, n)| (index, n as f64 / table.len() as f64)).collect()
     }
 
     pub(crate) fn stats_report(&self) -> StatsReport {
@@ -345,7 +323,7 @@ impl Daemon {
                 })
             })
             .collect();
-        StatsReport { health, vips, reasons, rate_interval_seconds: interval }
+        StatsReport { health, vips, reasons, rate_interval_seconds: interval, xdp_tx_errors: current.xdp_tx_errors }
     }
 
     fn explain(&self, src: SocketAddr, dst: SocketAddr, protocol: Protocol) -> Result<Explanation> {

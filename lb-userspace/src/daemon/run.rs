@@ -21,8 +21,10 @@ pub async fn run(config_file: &Path) -> Result<()> {
     let pins = PinDir::for_instance(&instance);
     let store = StateStore::for_instance(&instance);
 
-    let (dataplane, reused) = Dataplane::load_pinned(settings.sizes, &pins)?;
-    tracing::info!(pin_dir = %pins.path().display(), reused, "data plane loaded");
+    let (dataplane, opened) = Dataplane::open_pinned(settings.sizes, &pins)?;
+    let reused = opened.carried_state;
+    let map_set = dataplane.map_set().map(ToString::to_string).unwrap_or_default();
+    tracing::info!(pins = %map_set, reused, "data plane loaded");
 
     // The saved state carries runtime edits; it wins unless the configuration file changed.
     let config_digest = digest(&config_state);
@@ -53,7 +55,10 @@ pub async fn run(config_file: &Path) -> Result<()> {
         macs: HashMap::new(),
         published: HashMap::new(),
         built_from: HashMap::new(),
+        published_down: Default::default(),
         attachment: None,
+        warnings: opened.warnings,
+        xdp_tx_problem: None,
         health: crate::health::HealthEngine::new(tokio::runtime::Handle::current(), transitions),
         started: Instant::now(),
         samples: (None, None),
@@ -92,8 +97,9 @@ pub async fn run(config_file: &Path) -> Result<()> {
         tracing::warn!(interface = %settings.interface, "destination MAC not checked: frames flooded here for other hosts are forwarded too");
     }
     let attachment = daemon.dataplane.attach_pinned(&pins, &settings.interface, settings.xdp_mode)?;
+    tracing::info!(interface = %settings.interface, attachment = %attachment.describe(), changes = changes.len(), "data plane attached; serving");
     daemon.attachment = Some(attachment);
-    tracing::info!(interface = %settings.interface, ?attachment, changes = changes.len(), "data plane attached; serving");
+    daemon.set_xdp_tx_problem(interface_problem(&settings.interface));
 
     if let Some(bgp) = &settings.bgp {
         let run_dir = api::run_dir(&instance).join("bgp");
@@ -122,7 +128,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
     if let Some(address) = settings.metrics {
         tokio::spawn(serve_metrics(address, daemon.clone(), instance.clone()));
     }
-    tokio::spawn(sample_counters(daemon.clone()));
+    tokio::spawn(sample_counters(daemon.clone(), settings.interface.clone()));
     {
         let daemon = daemon.clone();
         tokio::spawn(async move {
@@ -165,6 +171,13 @@ pub async fn run(config_file: &Path) -> Result<()> {
             Ok(()) => tracing::info!("BGP announcements withdrawn, BIRD stopped"),
             Err(error) => tracing::error!("stopping BIRD failed: {error:#}"),
         }
+    }
+    // BIRD's configuration and socket: nothing of this run is left in /run.
+    let run_dir = api::run_dir(&instance);
+    if run_dir.exists()
+        && let Err(error) = std::fs::remove_dir_all(&run_dir)
+    {
+        tracing::warn!("removing {}: {error}", run_dir.display());
     }
     let detach = daemon.lock().map(|d| d.stop == Some(true)).unwrap_or(false);
     if detach {
@@ -258,17 +271,34 @@ async fn replicate(daemon: Arc<Mutex<Daemon>>, vrrp: crate::config::VrrpSettings
     }
 }
 
-async fn sample_counters(daemon: Arc<Mutex<Daemon>>) {
+/// Takes the counters every second, and looks at the interface again every few seconds (its
+/// veth peer may gain or lose its XDP program at any time).
+async fn sample_counters(daemon: Arc<Mutex<Daemon>>, interface: String) {
+    const CHECK_INTERFACE_EVERY: u32 = 5;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    for round in 1u32.. {
         tick.tick().await;
         let daemon = daemon.clone();
+        let interface = interface.clone();
         let _ = tokio::task::spawn_blocking(move || {
+            // Inspecting the interface runs `ip`: not while holding the daemon.
+            let problem = (round % CHECK_INTERFACE_EVERY == 0).then(|| interface_problem(&interface));
             if let Ok(mut daemon) = daemon.lock() {
                 daemon.sample();
+                if let Some(problem) = problem {
+                    daemon.set_xdp_tx_problem(problem);
+                }
             }
         })
         .await;
+    }
+}
+
+/// Why frames the program sends back out of `interface` may not arrive, if they may not.
+fn interface_problem(interface: &str) -> Option<String> {
+    match crate::netdev::interface(interface) {
+        Ok(iface) => crate::netdev::xdp_tx_problem(&iface),
+        Err(error) => Some(format!("cannot inspect {interface}: {error:#}")),
     }
 }
 

@@ -1,17 +1,22 @@
 //! The only owner of the XDP program and its maps, exposing domain verbs: load (pinned or not),
 //! attach or take over, write backends, publish a VIP's table, forget connections, read counters.
 
+mod bpffs;
+mod migrate;
+mod pinned;
 mod pins;
 mod probe;
 mod ring;
+mod start;
 
-pub use pins::{BPFFS_ROOT, PinDir};
+pub use migrate::Carried;
+pub use pinned::{Attach, Attachment, MapsOrigin};
+pub use pins::{BPFFS_ROOT, MapSet, PinDir};
 pub use probe::{ForwardFloor, PassThrough, Sink};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{Xdp, XdpMode, xdp::XdpLink};
+use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, Pod};
 use lb_common::hash::flow_hash;
 use lb_common::maps::*;
@@ -32,7 +37,8 @@ pub fn clock_ticks() -> u32 {
 }
 
 /// How the program is attached to the interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// In the driver (XDP native): the fast path.
     Native,
@@ -50,20 +56,7 @@ impl AttachMode {
 }
 
 /// Map sizes chosen at load time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DataplaneSizes {
-    pub max_vips: u32,
-    /// Maglev table size M (prime).
-    pub ring_size: u32,
-    /// Connection-table and NAT-table entries.
-    pub max_conns: u32,
-}
-
-impl Default for DataplaneSizes {
-    fn default() -> Self {
-        Self { max_vips: DEFAULT_MAX_VIPS, ring_size: DEFAULT_RING_SIZE, max_conns: DEFAULT_MAX_CONNS }
-    }
-}
+pub use lb_common::layout::Sizes as DataplaneSizes;
 
 /// How a VIP forwards, as published to the data plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,13 +69,13 @@ pub struct VipForwarding {
     pub snat_port_max: u16,
 }
 
-/// How the program came to be on the interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Attachment {
-    /// Attached now, link pinned.
-    Fresh,
-    /// A pinned link existed: its program was replaced atomically, no packet saw no program.
-    TookOver,
+/// What [`Dataplane::forget_backend_connections`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Connection-table entries (client flows pinned to the backend).
+    pub connections: usize,
+    /// NAT reverse entries of those flows.
+    pub nat_entries: usize,
 }
 
 /// Why a flow goes where it goes (`lb explain`).
@@ -99,6 +92,8 @@ pub struct Dataplane {
     rings: RingMemory,
     /// The reading end of `NEW_NAT_FLOWS`, taken out of `ebpf` once.
     new_nat_flows: RingBuf<MapData>,
+    /// Where the maps came from; a migration is finished once the program is attached.
+    origin: pinned::Origin,
 }
 
 impl Dataplane {
@@ -107,35 +102,24 @@ impl Dataplane {
         Self::load_with(sizes, None)
     }
 
-    /// Loads the program with its maps pinned in `pins`, reusing maps a previous daemon left
-    /// there after checking their layout. Returns whether maps were reused.
-    pub fn load_pinned(sizes: DataplaneSizes, pins: &PinDir) -> Result<(Self, bool)> {
-        pins.create()?;
-        let reused = pins.check_reusable(&sizes)?;
-        Ok((Self::load_with(sizes, Some(pins))?, reused))
-    }
-
-    fn load_with(sizes: DataplaneSizes, pins: Option<&PinDir>) -> Result<Self> {
-        let ring_entries =
-            sizes.max_vips.checked_mul(2).and_then(|n| n.checked_mul(sizes.ring_size)).ok_or_else(|| {
-                anyhow!("2 x {} VIPs x ring size {} does not fit a BPF array", sizes.max_vips, sizes.ring_size)
+    fn load_with(sizes: DataplaneSizes, pins: Option<&MapSet>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        for spec in &lb_common::layout::MAPS {
+            let entries = spec.entries.resolve(&sizes).ok_or_else(|| {
+                anyhow!("{}: {:?} entries for {sizes:?} do not fit a BPF map", spec.name, spec.entries)
             })?;
+            loader.map_max_entries(spec.name, entries);
+        }
         let paths: Vec<(&str, std::path::PathBuf)> = match pins {
-            Some(pins) => pins::PINNED_MAPS.iter().map(|name| (*name, pins.map(name))).collect(),
+            Some(set) => lb_common::layout::pinned_maps().map(|spec| (spec.name, set.map(spec.name))).collect(),
             None => Vec::new(),
         };
-        let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(MAP_VIPS, sizes.max_vips)
-            .map_max_entries(MAP_STATS_VIP, sizes.max_vips)
-            .map_max_entries(MAP_RINGS, ring_entries)
-            .map_max_entries(MAP_CONNS, sizes.max_conns)
-            .map_max_entries(MAP_NAT_REV, sizes.max_conns);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).context("loading the XDP object")?;
         program_mut(&mut ebpf)?.load().context("verifying and loading the XDP program")?;
+        let ring_entries = lb_common::layout::Entries::Rings.resolve(&sizes).unwrap_or(0);
         let rings = {
             let map = map(&ebpf, MAP_RINGS)?;
             let data: &MapData = match map {
@@ -146,7 +130,7 @@ impl Dataplane {
         };
         let new_nat_flows = ebpf.take_map(MAP_NEW_NAT_FLOWS).ok_or_else(|| anyhow!("no map {MAP_NEW_NAT_FLOWS}"))?;
         let new_nat_flows = RingBuf::try_from(new_nat_flows).context("opening the new-NAT-flow ring buffer")?;
-        Ok(Self { ebpf, sizes, rings, new_nat_flows })
+        Ok(Self { ebpf, sizes, rings, new_nat_flows, origin: pinned::Origin::Unpinned })
     }
 
     pub fn sizes(&self) -> DataplaneSizes {
@@ -160,28 +144,6 @@ impl Dataplane {
             .attach(interface, mode.xdp_mode())
             .with_context(|| format!("attaching XDP ({mode:?}) to {interface}"))?;
         Ok(())
-    }
-
-    /// Puts this program on `interface` for good: if a previous daemon's link is pinned, swap
-    /// the program inside that link atomically; otherwise attach and pin the new link. Either
-    /// way the program stays attached when this process exits.
-    pub fn attach_pinned(&mut self, pins: &PinDir, interface: &str, mode: AttachMode) -> Result<Attachment> {
-        let link_path = pins.link();
-        let program = program_mut(&mut self.ebpf)?;
-        if link_path.exists() {
-            let pinned = PinnedLink::from_pin(&link_path)
-                .with_context(|| format!("opening pinned link {}", link_path.display()))?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
-            program.attach_to_link(link).context("replacing the program in the pinned XDP link")?;
-            return Ok(Attachment::TookOver);
-        }
-        let id = program
-            .attach(interface, mode.xdp_mode())
-            .with_context(|| format!("attaching XDP ({mode:?}) to {interface}"))?;
-        let link = program.take_link(id)?;
-        let fd_link = FdLink::try_from(link).context("XDP attach did not give a BPF link (kernel older than 5.9?)")?;
-        fd_link.pin(&link_path).with_context(|| format!("pinning the XDP link at {}", link_path.display()))?;
-        Ok(Attachment::Fresh)
     }
 
     /// From now on the program forwards only frames addressed to `mac` (the attached interface's):
@@ -295,25 +257,36 @@ impl Dataplane {
         }
     }
 
-    /// Drops the connection-table and NAT entries of a backend (NAT flows cannot move to
-    /// another backend, so their state is useless once the backend is gone). Returns how many.
-    pub fn forget_backend_connections(&mut self, index: u32, backend: &Backend) -> Result<usize> {
-        let mut forgotten = 0;
-        {
+    /// Drops the connection-table entries of backend slot `index` and the NAT reverse entries of
+    /// those flows (NAT flows cannot move to another backend, so their state is useless once the
+    /// backend is gone). A slot belongs to one VIP, and a reverse entry names its client flow, so
+    /// another VIP's flows to the same backend address are never touched, and an any-port backend
+    /// loses its entries like any other.
+    pub fn forget_backend_connections(&mut self, index: u32) -> Result<Forgotten> {
+        let mut forgotten = Forgotten::default();
+        let doomed: std::collections::HashSet<FlowKey> = {
             let mut conns: HashMap<&mut MapData, FlowKey, ConnState> =
                 HashMap::try_from(map_mut(&mut self.ebpf, MAP_CONNS)?)?;
-            let doomed: Vec<FlowKey> =
+            let doomed: std::collections::HashSet<FlowKey> =
                 conns.iter().filter_map(Result::ok).filter(|(_, c)| c.backend == index).map(|(k, _)| k).collect();
-            for key in doomed {
-                forgotten += conns.remove(&key).is_ok() as usize;
+            for key in &doomed {
+                forgotten.connections += conns.remove(key).is_ok() as usize;
             }
+            doomed
+        };
+        if doomed.is_empty() {
+            return Ok(forgotten);
         }
         let mut nat: HashMap<&mut MapData, FlowKey, NatReverse> =
             HashMap::try_from(map_mut(&mut self.ebpf, MAP_NAT_REV)?)?;
-        let doomed: Vec<FlowKey> =
-            nat.keys().filter_map(Result::ok).filter(|k| k.src == backend.addr && k.sport == backend.port).collect();
-        for key in doomed {
-            let _ = nat.remove(&key);
+        let replies: Vec<FlowKey> = nat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(reply, reverse)| doomed.contains(&lb_common::nat::client_flow(reply, reverse)))
+            .map(|(reply, _)| reply)
+            .collect();
+        for reply in replies {
+            forgotten.nat_entries += nat.remove(&reply).is_ok() as usize;
         }
         Ok(forgotten)
     }
@@ -431,4 +404,30 @@ fn sum_traffic(ebpf: &Ebpf, name: &str, index: u32) -> Result<Traffic> {
         bytes: sum.bytes + cpu.bytes,
         new_flows: sum.new_flows + cpu.new_flows,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EBPF_OBJECT;
+    use lb_common::layout::{MAPS, MapKind, Sizes};
+
+    /// The program declares its maps as the layout table says: name, type, key and value size,
+    /// and, for deployment-sized maps, the default sizes.
+    #[test]
+    fn the_object_declares_every_map_of_the_layout_table() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        let mut names: Vec<&str> = object.maps.keys().map(String::as_str).collect();
+        names.sort();
+        let mut table: Vec<&str> = MAPS.iter().map(|spec| spec.name).collect();
+        table.sort();
+        assert_eq!(names, table, "maps of the object vs. the layout table");
+        for spec in &MAPS {
+            let map = &object.maps[spec.name];
+            assert_eq!(map.map_type(), spec.kind.bpf_map_type(), "{}: type", spec.name);
+            if spec.kind != MapKind::RingBuf {
+                assert_eq!((map.key_size(), map.value_size()), (spec.key_size, spec.value_size), "{}", spec.name);
+            }
+            assert_eq!(Some(map.max_entries()), spec.entries.resolve(&Sizes::default()), "{}: entries", spec.name);
+        }
+    }
 }

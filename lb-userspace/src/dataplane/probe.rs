@@ -94,6 +94,24 @@ impl PassThrough {
         Ok(Self { ebpf, link: Some(link) })
     }
 
+    /// Where `lb xdp-pass attach` pins the program for `interface` of the current network
+    /// namespace (bpffs is shared by every namespace, so the path names this one).
+    pub fn pin_path(interface: &str) -> Result<std::path::PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        if interface.is_empty() || interface.contains('/') {
+            anyhow::bail!("{interface:?} is not an interface name");
+        }
+        let netns = std::fs::metadata("/proc/self/ns/net").context("reading this network namespace")?.ino();
+        let root = std::path::Path::new(super::BPFFS_ROOT);
+        if let Some(warning) = super::bpffs::ensure_mounted(root)? {
+            // A pin there would vanish with this command, and the program with it.
+            anyhow::bail!("{warning}");
+        }
+        let dir = root.join("lb-xdp-pass");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir.join(format!("netns{netns}-{interface}")))
+    }
+
     /// Keeps the program attached after this process exits, by pinning its link at `path`
     /// (remove the file, or the interface, to detach it).
     pub fn pin(mut self, path: &std::path::Path) -> Result<()> {

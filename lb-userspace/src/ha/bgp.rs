@@ -18,17 +18,34 @@ pub struct Announcer {
     settings: BgpSettings,
     config: PathBuf,
     socket: PathBuf,
-    bird: Option<Child>,
+    bird: Bird,
     announced: BTreeSet<IpAddr>,
+}
+
+/// The BIRD this daemon talks to.
+enum Bird {
+    Stopped,
+    /// Started by this daemon.
+    Child(Child),
+    /// Started by a previous daemon of the instance that was killed: taken over as it runs.
+    Adopted,
 }
 
 impl Announcer {
     /// Writes a BIRD configuration announcing nothing yet, starts BIRD and waits for its socket.
+    /// A BIRD that a killed daemon of this instance left running is taken over instead, with
+    /// its announcements, so that the BGP session (and the traffic it draws) never drops.
     pub fn start(settings: &BgpSettings, run_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         let config = run_dir.join("bird.conf");
         let socket = run_dir.join("bird.ctl");
-        let mut announcer = Self { settings: settings.clone(), config, socket, bird: None, announced: BTreeSet::new() };
+        let mut announcer =
+            Self { settings: settings.clone(), config, socket, bird: Bird::Stopped, announced: BTreeSet::new() };
+        if announcer.socket.exists() && announcer.birdc(&["show", "status"]).is_ok() {
+            tracing::warn!(socket = %announcer.socket.display(), "a BIRD of a previous run still runs: taking it over");
+            announcer.bird = Bird::Adopted;
+            return Ok(announcer);
+        }
         announcer.write_config(&BTreeSet::new())?;
         let _ = std::fs::remove_file(&announcer.socket);
         let child = Command::new(&settings.bird)
@@ -42,10 +59,12 @@ impl Announcer {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {} (bgp.bird; Debian package bird2)", settings.bird))?;
-        announcer.bird = Some(child);
+        announcer.bird = Bird::Child(child);
         let started = Instant::now();
         while announcer.birdc(&["show", "status"]).is_err() {
-            if let Some(status) = announcer.bird.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Bird::Child(child) = &mut announcer.bird
+                && let Some(status) = child.try_wait().ok().flatten()
+            {
                 bail!("BIRD exited at start ({status})");
             }
             if started.elapsed() > Duration::from_secs(5) {
@@ -77,17 +96,31 @@ impl Announcer {
     /// Withdraws everything and stops BIRD: the session closes with a notification, so peers
     /// drop our routes at once instead of waiting for the hold time.
     pub fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.bird.take() else { return Ok(()) };
+        let bird = std::mem::replace(&mut self.bird, Bird::Stopped);
+        if matches!(bird, Bird::Stopped) {
+            return Ok(());
+        }
         let _ = self.birdc(&["down"]);
         let started = Instant::now();
-        while child.try_wait()?.is_none() {
-            if started.elapsed() > Duration::from_secs(3) {
-                child.kill()?;
-                break;
+        match bird {
+            Bird::Child(mut child) => {
+                while child.try_wait()?.is_none() {
+                    if started.elapsed() > Duration::from_secs(3) {
+                        child.kill()?;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.wait();
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // Not our child: gone once its control socket no longer answers.
+            Bird::Adopted => {
+                while self.birdc(&["show", "status"]).is_ok() && started.elapsed() < Duration::from_secs(3) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            Bird::Stopped => {}
         }
-        let _ = child.wait();
         self.announced.clear();
         Ok(())
     }
@@ -132,6 +165,19 @@ impl Announcer {
         }
         Ok(text)
     }
+}
+
+/// Stops a BIRD that a killed daemon left running in `run_dir` (`lb detach` without a daemon).
+/// Returns whether one answered.
+pub fn stop_orphan(run_dir: &Path) -> bool {
+    let socket = run_dir.join("bird.ctl");
+    socket.exists()
+        && Command::new("birdc")
+            .arg("-s")
+            .arg(&socket)
+            .arg("down")
+            .output()
+            .is_ok_and(|o| o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("Unable to connect"))
 }
 
 impl Drop for Announcer {

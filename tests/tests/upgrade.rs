@@ -1,0 +1,188 @@
+//! Upgrades across pinned-layout versions: a daemon of this build finds the pins the first
+//! release (layout 1) left, forwarding live connections, and migrates them into maps of its own
+//! layout without losing one; pins of a layout newer than it knows are refused untouched.
+
+use lb::config::parse;
+use lb_common::maps::Reason;
+use lb_tests::daemon::{LbDaemon, unique_instance};
+
+use lb_tests::legacy::{layout1_reason_count, pin_layout1};
+use lb_tests::privilege::require_root;
+use lb_tests::service::{nat_config, tcp_vip, udp_stream, udp_vip};
+use lb_tests::topology::{CLIENT_V4, Topology};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, TcpStream};
+use std::time::Duration;
+
+const CONNECTIONS: usize = 20;
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One exchange on a long-lived connection: the backend's name.
+fn exchange(stream: &TcpStream) -> std::io::Result<String> {
+    (&*stream).write_all(b"still there?\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(line.trim().to_string())
+}
+
+#[test]
+fn pins_of_layout_1_are_migrated_without_losing_a_connection() {
+    if !require_root("pins_of_layout_1_are_migrated_without_losing_a_connection") {
+        return;
+    }
+    let topology = Topology::new(3, false).unwrap();
+    let instance = unique_instance();
+    let config_text = nat_config(&topology, 3, None);
+    let config = parse("lb.toml", &config_text.replace("{instance}", &instance)).unwrap();
+    let macs: Vec<(IpAddr, [u8; 6])> = topology.backends.iter().map(|b| (IpAddr::from(b.v4), b.mac)).collect();
+    let mac_of = |ip: IpAddr| macs.iter().find(|(a, _)| *a == ip).map(|(_, m)| *m).expect("a backend's MAC");
+    pin_layout1(&topology.lb, &instance, config.daemon.sizes, &config.state, &mac_of).unwrap();
+
+    // Long-lived connections through the old program, each answering from its backend.
+    let connections: Vec<(TcpStream, String)> = topology
+        .client
+        .enter(|| {
+            (0..CONNECTIONS)
+                .map(|_| {
+                    let stream = TcpStream::connect_timeout(&tcp_vip(), TIMEOUT).expect("connect through layout 1");
+                    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    let name = exchange(&stream).expect("an answer through layout 1");
+                    (stream, name)
+                })
+                .collect()
+        })
+        .unwrap();
+    let forwarded_before = layout1_reason_count(&instance, Reason::TxForward).unwrap();
+    assert!(forwarded_before >= 2 * CONNECTIONS as u64, "the old program forwarded: {forwarded_before}");
+
+    // A UDP stream runs across the migration and the program swap.
+    let (sent, answered, daemon) = std::thread::scope(|scope| {
+        let client = &topology.client;
+        let udp = scope.spawn(|| client.enter(|| udp_stream(udp_vip(), 1500, Duration::from_millis(1), 4)).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        let daemon = LbDaemon::start(&topology.lb, &instance, &config_text).unwrap();
+        let (sent, answered) = udp.join().unwrap();
+        (sent, answered, daemon)
+    });
+
+    let status: serde_json::Value = serde_json::from_str(&daemon.ok(&["--json", "status"]).unwrap()).unwrap();
+    let attachment = status["attachment"].as_str().unwrap();
+    assert!(
+        attachment.starts_with("took over the running data plane; state migrated from layout 1"),
+        "{attachment}\n{}",
+        daemon.log()
+    );
+    assert!(status["pinned_maps"].as_str().unwrap().starts_with("layout 2"), "{status}");
+    eprintln!("migration: {attachment}; UDP {answered} of {sent} answered");
+    assert_eq!(answered, sent, "datagrams lost across the migration");
+    for (i, (stream, name)) in connections.iter().enumerate() {
+        let now = exchange(stream).unwrap_or_else(|e| panic!("connection {i} to {name} broke: {e}\n{}", daemon.log()));
+        assert_eq!(&now, name, "connection {i} moved to another backend");
+        let local = stream.local_addr().unwrap();
+        let explained = daemon
+            .ok(&[
+                "--json",
+                "explain",
+                "--src",
+                &format!("{CLIENT_V4}:{}", local.port()),
+                "--dst",
+                &tcp_vip().to_string(),
+            ])
+            .unwrap();
+        assert!(explained.contains("connection table"), "the migrated table keeps connection {i}: {explained}");
+    }
+    let stats: serde_json::Value = serde_json::from_str(&daemon.ok(&["--json", "stats"]).unwrap()).unwrap();
+    let forwarded_after =
+        stats["reasons"].as_array().unwrap().iter().find(|r| r[0] == "tx_forward").unwrap()[1].as_u64().unwrap();
+    assert!(
+        forwarded_after >= forwarded_before + sent as u64,
+        "counters carried over: {forwarded_before} → {forwarded_after}"
+    );
+    // The old pins are gone; the new set is in its own directory.
+    let pins = lb::dataplane::PinDir::for_instance(&instance);
+    assert!(!pins.path().join("VIPS").exists(), "layout-1 pins removed");
+    assert!(pins.path().join("v2-1").join("CONNS").exists(), "layout-2 pins in place");
+}
+
+#[test]
+fn pins_of_a_newer_layout_are_refused_and_left_alone() {
+    if !require_root("pins_of_a_newer_layout_are_refused_and_left_alone") {
+        return;
+    }
+    let topology = Topology::new(1, false).unwrap();
+    let instance = unique_instance();
+    let pins = lb::dataplane::PinDir::for_instance(&instance);
+    pins.create().unwrap();
+    let newer = pins.path().join("v99-1");
+    std::fs::create_dir(&newer).unwrap();
+    let config = std::env::temp_dir().join(format!("lb-test-{instance}.toml"));
+    std::fs::write(&config, nat_config(&topology, 1, None).replace("{instance}", &instance)).unwrap();
+    let lb = lb_tests::daemon::lb_binary();
+    let started = topology.lb.nsenter(&[lb.to_str().unwrap(), "daemon", "--config", config.to_str().unwrap()]);
+    std::fs::remove_file(&config).unwrap();
+    let error = match started {
+        Ok(output) => panic!("a daemon must not start over pins of a newer layout: {output:?}"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("comes from a newer build") && error.contains("layout 99"), "{error}");
+    assert!(newer.exists(), "the newer pins are left as they were");
+    // What the refused start left is removed by `lb detach`.
+    let detached = std::process::Command::new(lb_tests::daemon::lb_binary())
+        .args(["--instance", &instance, "detach"])
+        .output()
+        .unwrap();
+    assert!(detached.status.success() && !pins.path().exists(), "{detached:?}");
+}
+
+#[test]
+fn new_table_sizes_are_migrated_at_a_restart_without_losing_a_connection() {
+    if !require_root("new_table_sizes_are_migrated_at_a_restart_without_losing_a_connection") {
+        return;
+    }
+    let topology = Topology::new(2, false).unwrap();
+    let config = nat_config(&topology, 2, None);
+    assert!(config.contains("max_conns = 262144\n"));
+    let mut daemon = LbDaemon::start(&topology.lb, &unique_instance(), &config).unwrap();
+    let connections: Vec<(TcpStream, String)> = topology
+        .client
+        .enter(|| {
+            (0..CONNECTIONS)
+                .map(|_| {
+                    let stream = TcpStream::connect_timeout(&tcp_vip(), TIMEOUT).expect("connect");
+                    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    let name = exchange(&stream).expect("an answer");
+                    (stream, name)
+                })
+                .collect()
+        })
+        .unwrap();
+    // The operator doubles the connection table: a restart with the new size.
+    daemon.terminate().unwrap();
+    std::fs::write(
+        &daemon.config,
+        config.replace("max_conns = 262144", "max_conns = 524288").replace("{instance}", &daemon.instance),
+    )
+    .unwrap();
+    daemon.restart().unwrap();
+    let status: serde_json::Value = serde_json::from_str(&daemon.ok(&["--json", "status"]).unwrap()).unwrap();
+    let attachment = status["attachment"].as_str().unwrap();
+    assert!(
+        attachment.contains(
+            "state migrated from layout 2 generation 1 (CONNS has 262144 entries, the configuration gives 524288"
+        ),
+        "{attachment}"
+    );
+    assert_eq!(status["max_conns"], 524288);
+    for (i, (stream, name)) in connections.iter().enumerate() {
+        let now = exchange(stream).unwrap_or_else(|e| panic!("connection {i} to {name} broke: {e}\n{}", daemon.log()));
+        assert_eq!(&now, name, "connection {i} moved to another backend");
+    }
+    let pins = lb::dataplane::PinDir::for_instance(&daemon.instance);
+    assert!(
+        !pins.path().join("v2-1").exists() && pins.path().join("v2-2").exists(),
+        "the new generation replaced the old"
+    );
+}
