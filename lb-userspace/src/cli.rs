@@ -238,7 +238,11 @@ fn print_vips(rows: &[VipRow]) {
             r.address.clone(),
             r.protocol.clone(),
             r.mode.clone(),
-            r.snat.clone().unwrap_or_else(|| "-".into()),
+            match (&r.snat, &r.snat_ports) {
+                (Some(snat), Some(ports)) => format!("{snat} ports {ports}"),
+                (Some(snat), None) => snat.clone(),
+                _ => "-".into(),
+            },
             r.backends.to_string(),
             r.serving.to_string(),
         ]);

@@ -55,6 +55,9 @@ fn run() -> Result<()> {
                 );
             }
             std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            if let Some(dir) = pin.parent() {
+                let _ = std::fs::remove_dir(dir); // only when no other interface's pin is left
+            }
             println!("{interface}: pass-through XDP program detached");
             Ok(())
         }
@@ -71,18 +74,17 @@ fn run() -> Result<()> {
 
 /// Stops a running daemon of the instance with detach, or removes what a stopped one left.
 async fn detach(instance: &str) -> Result<()> {
-    if api::socket_path(instance).exists()
-        && api::call(instance, &api::Request::Shutdown { detach: true }).await.is_ok()
-    {
-        // The daemon removes everything as it exits; wait for it to finish.
-        for _ in 0..50 {
-            if !PinDir::for_instance(instance).path().exists() {
+    let socket = api::socket_path(instance);
+    if socket.exists() && api::call(instance, &api::Request::Shutdown { detach: true }).await.is_ok() {
+        // The daemon removes everything as it exits, its socket last: wait for that.
+        for _ in 0..100 {
+            if !socket.exists() {
                 println!("instance {instance}: daemon stopped, data plane removed");
                 return Ok(());
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        bail!("instance {instance}: the daemon did not remove its data plane within 5 s");
+        bail!("instance {instance}: the daemon did not finish removing its data plane within 10 s");
     }
     let pins = PinDir::for_instance(instance).remove()?;
     let state = StateStore::for_instance(instance).remove()?;
@@ -90,7 +92,7 @@ async fn detach(instance: &str) -> Result<()> {
     if lb::ha::bgp::stop_orphan(&api::run_dir(instance).join("bgp")) {
         println!("instance {instance}: stopped the BIRD a killed daemon left running");
     }
-    let _ = std::fs::remove_file(api::socket_path(instance));
+    let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_dir_all(api::run_dir(instance));
     if pins || state {
         println!("instance {instance}: data plane removed (program, pins{})", if state { ", saved state" } else { "" });

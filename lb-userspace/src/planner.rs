@@ -139,10 +139,63 @@ pub fn table_members(vip: &VipSpec, slots: &Slots, healthy: &dyn Fn(&BackendSpec
         .collect()
 }
 
+/// The source ports NAT flows of a VIP take: `configured`, kept clear of the kernel's local
+/// port range `local` (`net.ipv4.ip_local_port_range`). The host's own connections take their
+/// source ports from there, health checks among them, and one that used the SNAT address and
+/// a port a NAT flow holds towards the same backend would have its answers translated into
+/// that flow. The default range means "every port outside it": the larger part is taken. An
+/// explicit range that overlaps it is refused, naming a range that fits.
+pub fn nat_source_ports(vip: &str, configured: (u16, u16), local: (u16, u16)) -> Result<(u16, u16)> {
+    let (first, last) = configured;
+    if last < local.0 || first > local.1 {
+        return Ok(configured);
+    }
+    let below = (first < local.0).then(|| (first, local.0 - 1));
+    let above = (last > local.1).then(|| (local.1 + 1, last));
+    let size = |range: Option<(u16, u16)>| range.map_or(0, |(a, b)| b as u32 - a as u32 + 1);
+    let larger = if size(below) >= size(above) { below } else { above };
+    if configured == crate::model::DEFAULT_SNAT_PORTS
+        && let Some(range) = larger
+    {
+        return Ok(range);
+    }
+    let suggestion = match larger.or(Some((crate::model::DEFAULT_SNAT_PORTS.0, local.0.saturating_sub(1)))) {
+        Some((a, b)) if a <= b => format!(", e.g. \"{a}-{b}\""),
+        _ => String::new(),
+    };
+    bail!(
+        "vip {vip:?}: snat_ports {first}-{last} overlaps the kernel's local port range {}-{} \
+         (net.ipv4.ip_local_port_range): the host's own connections, health checks among them, take their \
+         source ports from there and would collide with NAT flows. Choose ports outside it{suggestion}, or \
+         leave snat_ports unset (every port outside it)",
+        local.0,
+        local.1
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{DEFAULT_SNAT_PORTS, Mode, Protocol};
+
+    const LINUX_LOCAL: (u16, u16) = (32768, 60999);
+
+    #[test]
+    fn nat_ports_stay_clear_of_the_kernels_local_ports() {
+        assert_eq!(nat_source_ports("web", DEFAULT_SNAT_PORTS, LINUX_LOCAL).unwrap(), (1024, 32767));
+        assert_eq!(nat_source_ports("web", DEFAULT_SNAT_PORTS, (1024, 20000)).unwrap(), (20001, 65535));
+        assert_eq!(nat_source_ports("web", (1024, 30000), LINUX_LOCAL).unwrap(), (1024, 30000), "clear of it: kept");
+        assert_eq!(nat_source_ports("web", (61000, 65535), LINUX_LOCAL).unwrap(), (61000, 65535));
+        let overlap = nat_source_ports("web", (30000, 40000), LINUX_LOCAL).unwrap_err().to_string();
+        assert!(
+            overlap.contains("snat_ports 30000-40000 overlaps the kernel's local port range 32768-60999")
+                && overlap.contains("e.g. \"30000-32767\""),
+            "{overlap}"
+        );
+        let inside = nat_source_ports("web", (40000, 50000), LINUX_LOCAL).unwrap_err().to_string();
+        assert!(inside.contains("e.g. \"1024-32767\""), "{inside}");
+        assert!(nat_source_ports("web", DEFAULT_SNAT_PORTS, (1, 65535)).is_err(), "no port left");
+    }
 
     fn backend(addr: &str, backup: bool) -> BackendSpec {
         BackendSpec { address: addr.parse().unwrap(), weight: 1, backup, drained: false, mac: None, check: None }

@@ -68,6 +68,9 @@ pub struct VipRow {
     pub protocol: String,
     pub mode: String,
     pub snat: Option<String>,
+    /// NAT: the source ports its flows take ("1024-32767"), clear of the host's own.
+    #[serde(default)]
+    pub snat_ports: Option<String>,
     pub backends: usize,
     /// Backends in the VIP's current table.
     pub serving: usize,

@@ -3,6 +3,7 @@
 mod bench;
 #[path = "../../lb-userspace/build_ebpf.rs"]
 mod build_ebpf;
+mod leftovers;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -39,6 +40,15 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Run the load balancer for a long time (30 minutes) under mixed traffic with backend churn,
+    /// health flaps and daemon restarts; report failed requests, the daemon's memory and file
+    /// descriptors and the table entries over time (bench/results/<date>-soak.md). Not part of
+    /// `test`.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+    },
     /// Measure the XDP program's per-packet cost (BPF_PROG_TEST_RUN) beside floor programs,
     /// the control plane's table build and publish times, end-to-end pps against nftables and
     /// the health checks' CPU; writes bench/results/<date>-<kernel>.{md,json}.
@@ -72,6 +82,7 @@ fn main() -> Result<()> {
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo { keep } => demo(&root, keep),
         Task::Bench { quick, json } => bench(&root, quick, json),
+        Task::Soak { minutes } => soak(&root, minutes),
     }
 }
 
@@ -86,19 +97,30 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     }
     // The daemon tests run the `lb` binary itself: build it first so it is never stale.
     cargo(root, &["build", "--workspace", "--bins"])?;
+    leftovers::remove_stale();
+    let before = leftovers::snapshot();
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     if !cargo_args.is_empty() {
         args.push("--");
         args.extend(cargo_args.iter().map(String::as_str));
     }
-    cargo(root, &args)?;
-    // The demo is a test too: every step checks what it promises.
-    if cargo_args.is_empty() && setup::is_root() {
-        println!("xtask test: running the demo");
-        let status = Command::new(root.join("target/debug/lb-demo")).status().context("running the demo")?;
-        if !status.success() {
-            bail!("the demo did not behave as described ({status})");
+    let tests = cargo(root, &args).and_then(|()| {
+        // The demo is a test too: every step checks what it promises.
+        if cargo_args.is_empty() && setup::is_root() {
+            println!("xtask test: running the demo");
+            let status = Command::new(root.join("target/debug/lb-demo")).status().context("running the demo")?;
+            if !status.success() {
+                bail!("the demo did not behave as described ({status})");
+            }
         }
+        Ok(())
+    });
+    // Tests clean up after themselves, also when they fail.
+    let clean = leftovers::check(&before);
+    match (tests, clean) {
+        (Ok(()), Ok(())) => {}
+        (Err(error), Ok(())) | (Ok(()), Err(error)) => return Err(error),
+        (Err(error), Err(left)) => return Err(error.context(format!("{left:#}"))),
     }
     println!("xtask test: all tests passed in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -118,6 +140,24 @@ fn demo(root: &Path, keep: bool) -> Result<()> {
     let status = command.status().with_context(|| format!("running {}", demo.display()))?;
     if !status.success() {
         bail!("the demo did not behave as described ({status})");
+    }
+    Ok(())
+}
+
+fn soak(root: &Path, minutes: f64) -> Result<()> {
+    setup::ensure()?;
+    if !setup::is_root() {
+        bail!("the soak run creates network namespaces and loads XDP programs: run `sudo cargo xtask soak`");
+    }
+    // Release builds: the daemon's memory and CPU are measured as operators would run it.
+    cargo(root, &["build", "--release", "--workspace", "--bins"])?;
+    let status = Command::new(root.join("target/release/soak"))
+        .args(["--minutes", &minutes.to_string()])
+        .current_dir(root)
+        .status()
+        .context("running the soak")?;
+    if !status.success() {
+        bail!("the soak run failed ({status})");
     }
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct Daemon {
     /// The table members each table was built from: a VIP whose members did not change keeps
     /// its table without a rebuild.
     built_from: HashMap<String, Vec<lb_common::maglev::MaglevBackend>>,
+    /// The source ports each NAT VIP's flows take (see [`crate::planner::nat_source_ports`]).
+    nat_ports: HashMap<String, (u16, u16)>,
     /// The backends the published tables treat as down. The checks' own view (`health`) runs
     /// ahead of it until the daemon has handled a transition: reports show what the data plane
     /// does, so they use this.
@@ -76,6 +78,8 @@ struct Plan {
     state: DesiredState,
     slots: Slots,
     macs: HashMap<IpAddr, [u8; 6]>,
+    /// The source ports of each NAT VIP's flows (by VIP identity), clear of the host's own.
+    nat_ports: HashMap<String, (u16, u16)>,
 }
 
 impl Daemon {
@@ -83,7 +87,7 @@ impl Daemon {
     pub fn apply(&mut self, state: DesiredState, cause: &str) -> Result<Vec<String>> {
         let plan = self.plan(state)?;
         let changes = diff::changes(&self.state, &plan.state);
-        let previous = Plan { state: self.state.clone(), slots: self.slots.clone(), macs: self.macs.clone() };
+        let previous = self.current_plan();
         self.sync_health(&plan.state);
         if let Err(error) = self.write(&plan) {
             tracing::error!(%error, "writing the data plane failed; restoring the previous state");
@@ -96,6 +100,7 @@ impl Daemon {
         self.state = plan.state;
         self.slots = plan.slots;
         self.macs = plan.macs;
+        self.nat_ports = plan.nat_ports;
         for change in &changes {
             tracing::info!(cause, "{change}");
         }
@@ -133,7 +138,22 @@ impl Daemon {
             };
             macs.insert(ip, mac);
         }
-        Ok(Plan { state, slots, macs })
+        let local_ports = local_port_range()?;
+        let mut nat_ports = HashMap::new();
+        for vip in state.vips.iter().filter(|v| v.mode == Mode::Nat) {
+            nat_ports.insert(vip_id(vip), crate::planner::nat_source_ports(&vip.name, vip.snat_ports, local_ports)?);
+        }
+        Ok(Plan { state, slots, macs, nat_ports })
+    }
+
+    /// What is applied now, as a plan (to restore it, or to write it again with new health).
+    fn current_plan(&self) -> Plan {
+        Plan {
+            state: self.state.clone(),
+            slots: self.slots.clone(),
+            macs: self.macs.clone(),
+            nat_ports: self.nat_ports.clone(),
+        }
     }
 
     /// Writes a plan to the data plane: backends first, then whole tables, then VIP removals, so
@@ -175,7 +195,8 @@ impl Daemon {
                 _ => build_table(&members, ring_size)?,
             };
             let key = vip_key(vip);
-            let forwarding = forwarding(vip, plan.slots.vip(vip).context("VIP without a slot")?);
+            let ports = plan.nat_ports.get(&id).copied().unwrap_or(vip.snat_ports);
+            let forwarding = forwarding(vip, plan.slots.vip(vip).context("VIP without a slot")?, ports);
             let meta = self.dataplane.vip(&key)?;
             let same_forwarding = meta.is_some_and(|m| {
                 m.vip_index == forwarding.vip_index
@@ -374,7 +395,7 @@ impl Daemon {
             Health::Down => tracing::warn!(%vip, %backend, %reason, "backend down"),
             Health::Up => tracing::info!(%vip, %backend, %reason, "backend up"),
         }
-        let plan = Plan { state: self.state.clone(), slots: self.slots.clone(), macs: self.macs.clone() };
+        let plan = self.current_plan();
         if let Err(error) = self.write(&plan) {
             tracing::error!(%vip, %backend, "publishing after a health transition failed: {error:#}");
             return;
@@ -460,12 +481,24 @@ impl Daemon {
     }
 }
 
-fn forwarding(vip: &VipSpec, vip_index: u32) -> VipForwarding {
+fn forwarding(vip: &VipSpec, vip_index: u32, (snat_port_min, snat_port_max): (u16, u16)) -> VipForwarding {
     VipForwarding {
         vip_index,
         mode: vip.mode.number(),
         snat_addr: vip.snat.map(addr16).unwrap_or([0; 16]),
-        snat_port_min: vip.snat_ports.0,
-        snat_port_max: vip.snat_ports.1,
+        snat_port_min,
+        snat_port_max,
+    }
+}
+
+/// The kernel's local port range in this network namespace (`net.ipv4.ip_local_port_range`,
+/// which IPv6 sockets use too).
+fn local_port_range() -> Result<(u16, u16)> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next()) {
+        (Some(Ok(first)), Some(Ok(last))) => Ok((first, last)),
+        _ => bail!("{PATH} holds {text:?}, not two ports"),
     }
 }

@@ -177,6 +177,7 @@ impl Daemon {
                 protocol: vip.protocol.to_string(),
                 mode: vip.mode.to_string(),
                 snat: vip.snat.map(|s| s.to_string()),
+                snat_ports: self.nat_ports.get(&crate::planner::vip_id(vip)).map(|(a, b)| format!("{a}-{b}")),
                 backends: vip.backends.len(),
                 serving: self.table_shares(vip).len(),
                 slot: self.slots.vip(vip),

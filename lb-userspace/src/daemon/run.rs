@@ -56,6 +56,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
         published: HashMap::new(),
         built_from: HashMap::new(),
         published_down: Default::default(),
+        nat_ports: HashMap::new(),
         attachment: None,
         warnings: opened.warnings,
         xdp_tx_problem: None,
@@ -157,7 +158,8 @@ pub async fn run(config_file: &Path) -> Result<()> {
             }
         }
     }
-    let _ = std::fs::remove_file(api::socket_path(&instance));
+    // No more requests; the socket's file goes last, as the sign that the daemon is done.
+    drop(listener);
     let pair = daemon.lock().ok().and_then(|mut d| d.pair.take());
     if let Some(mut pair) = pair {
         // Going down: the standby takes over now (priority 0) rather than after a timeout.
@@ -189,6 +191,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
     } else {
         tracing::info!("exiting; the data plane keeps forwarding (`lb detach` removes it)");
     }
+    let _ = std::fs::remove_file(api::socket_path(&instance));
     Ok(())
 }
 
