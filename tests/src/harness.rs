@@ -94,6 +94,12 @@ impl Harness {
         Ok((kernel, model))
     }
 
+    /// Drops the connection-table entries of backend slot `index`, on both sides.
+    pub fn forget_backend_connections(&mut self, index: u32) -> Result<usize> {
+        self.model.conns.retain(|_, conn| conn.backend != index);
+        self.dataplane.forget_backend_connections(index)
+    }
+
     /// Moves every NAT flow's last activity `ticks` into the past, on both sides, as if the
     /// flows had been quiet that long.
     pub fn age_nat_flows(&mut self, ticks: u32) -> Result<()> {

@@ -450,8 +450,8 @@ fn a_syn_reusing_a_remembered_tuple_is_placed_by_the_current_table() {
 }
 
 #[test]
-fn forgetting_a_backend_spares_other_vips_flows_to_the_same_address() {
-    if !require_root("forgetting_a_backend_spares_other_vips_flows_to_the_same_address") {
+fn forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_reserved() {
+    if !require_root("forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_reserved") {
         return;
     }
     // Two NAT VIPs share the backend 10.0.1.1:8080 (each under its own slot, as the planner gives
@@ -474,34 +474,45 @@ fn forgetting_a_backend_spares_other_vips_flows_to_the_same_address() {
         harness.publish_vip(&vip_key(*vip, PROTO_TCP), &forwarding, &[*index]).unwrap();
     }
     const FLOWS: u16 = 20;
-    for (vip, _, _) in &vips {
+    let syns = |vip: &SocketAddr| -> Vec<Vec<u8>> {
         let dport = if vip.port() == 0 { 5432 } else { vip.port() };
-        for sport in 40000..40000 + FLOWS {
-            let frame = Frame::tcp(ip("192.0.2.7"), sport, vip.ip(), dport).bytes();
-            assert_eq!(harness.run(&frame).unwrap().0.reason, Reason::TxForward);
+        (40000..40000 + FLOWS).map(|sport| Frame::tcp(ip("192.0.2.7"), sport, vip.ip(), dport).bytes()).collect()
+    };
+    let mut ports_before = std::collections::HashSet::new();
+    for (vip, _, _) in &vips {
+        for frame in syns(vip) {
+            let (kernel, model) = harness.run(&frame).unwrap();
+            assert_eq!(kernel, model);
+            let (_, nat_port, _, backend_port) = flow_of(&kernel.packet);
+            ports_before.insert((backend_port, nat_port));
         }
     }
-    let per_vip = |harness: &Harness| -> Vec<(usize, usize)> {
+    let connections_per_vip = |harness: &Harness| -> Vec<usize> {
         let conns = harness.dataplane.connections().unwrap();
-        let reverses = harness.dataplane.nat_reverses().unwrap();
-        vips.iter()
-            .map(|(vip, _, _)| {
-                let dst = addr16(vip.ip());
-                (
-                    conns.iter().filter(|(flow, _)| flow.dst == dst).count(),
-                    reverses.iter().filter(|(_, r)| r.vip_addr == dst).count(),
-                )
-            })
-            .collect()
+        vips.iter().map(|(vip, _, _)| conns.iter().filter(|(flow, _)| flow.dst == addr16(vip.ip())).count()).collect()
     };
     let all = FLOWS as usize;
-    assert_eq!(per_vip(&harness), vec![(all, all); 3]);
+    assert_eq!(connections_per_vip(&harness), vec![all; 3]);
+    let nat_entries = harness.dataplane.nat_reverses().unwrap().len();
+    assert_eq!(nat_entries, 3 * all);
 
-    let forgotten = harness.dataplane.forget_backend_connections(1).unwrap();
-    assert_eq!((forgotten.connections, forgotten.nat_entries), (all, all));
-    assert_eq!(per_vip(&harness), vec![(0, 0), (all, all), (all, all)], "only the first VIP's flows are gone");
-
-    let forgotten = harness.dataplane.forget_backend_connections(3).unwrap();
-    assert_eq!((forgotten.connections, forgotten.nat_entries), (all, all), "an any-port backend's entries go too");
-    assert_eq!(per_vip(&harness), vec![(0, 0), (all, all), (0, 0)]);
+    assert_eq!(harness.forget_backend_connections(1).unwrap(), all);
+    assert_eq!(connections_per_vip(&harness), vec![0, all, all], "only the first VIP's flows are gone");
+    assert_eq!(harness.forget_backend_connections(3).unwrap(), all, "an any-port backend's flows go too");
+    assert_eq!(connections_per_vip(&harness), vec![0, all, 0]);
+    // Their NAT entries stay, and keep their ports from new flows (the backend may still hold
+    // those four-tuples in TIME_WAIT): the same clients connecting again get other ports.
+    assert_eq!(harness.dataplane.nat_reverses().unwrap().len(), nat_entries);
+    for vip in [&vips[0].0, &vips[2].0] {
+        for frame in syns(vip) {
+            let (kernel, model) = harness.run(&frame).unwrap();
+            assert_eq!(kernel, model);
+            assert_eq!(kernel.reason, Reason::TxForward);
+            let (_, nat_port, _, backend_port) = flow_of(&kernel.packet);
+            assert!(
+                !ports_before.contains(&(backend_port, nat_port)),
+                "a new flow took the reserved NAT port {nat_port}"
+            );
+        }
+    }
 }

@@ -28,6 +28,24 @@ fn exchange(stream: &TcpStream) -> std::io::Result<String> {
     Ok(line.trim().to_string())
 }
 
+/// Long-lived connections to the TCP VIP, each with the backend that answered its first line.
+fn open_connections(topology: &Topology) -> Vec<(TcpStream, String)> {
+    topology
+        .client
+        .enter(|| {
+            (0..CONNECTIONS)
+                .map(|i| {
+                    let stream = TcpStream::connect_timeout(&tcp_vip(), TIMEOUT)
+                        .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    let name = exchange(&stream).unwrap_or_else(|e| panic!("connection {i}, first answer: {e}"));
+                    (stream, name)
+                })
+                .collect()
+        })
+        .unwrap()
+}
+
 #[test]
 fn pins_of_layout_1_are_migrated_without_losing_a_connection() {
     if !require_root("pins_of_layout_1_are_migrated_without_losing_a_connection") {
@@ -42,19 +60,7 @@ fn pins_of_layout_1_are_migrated_without_losing_a_connection() {
     pin_layout1(&topology.lb, &instance, config.daemon.sizes, &config.state, &mac_of).unwrap();
 
     // Long-lived connections through the old program, each answering from its backend.
-    let connections: Vec<(TcpStream, String)> = topology
-        .client
-        .enter(|| {
-            (0..CONNECTIONS)
-                .map(|_| {
-                    let stream = TcpStream::connect_timeout(&tcp_vip(), TIMEOUT).expect("connect through layout 1");
-                    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-                    let name = exchange(&stream).expect("an answer through layout 1");
-                    (stream, name)
-                })
-                .collect()
-        })
-        .unwrap();
+    let connections = open_connections(&topology);
     let forwarded_before = layout1_reason_count(&instance, Reason::TxForward).unwrap();
     assert!(forwarded_before >= 2 * CONNECTIONS as u64, "the old program forwarded: {forwarded_before}");
 
@@ -146,19 +152,7 @@ fn new_table_sizes_are_migrated_at_a_restart_without_losing_a_connection() {
     let config = nat_config(&topology, 2, None);
     assert!(config.contains("max_conns = 262144\n"));
     let mut daemon = LbDaemon::start(&topology.lb, &unique_instance(), &config).unwrap();
-    let connections: Vec<(TcpStream, String)> = topology
-        .client
-        .enter(|| {
-            (0..CONNECTIONS)
-                .map(|_| {
-                    let stream = TcpStream::connect_timeout(&tcp_vip(), TIMEOUT).expect("connect");
-                    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-                    let name = exchange(&stream).expect("an answer");
-                    (stream, name)
-                })
-                .collect()
-        })
-        .unwrap();
+    let connections = open_connections(&topology);
     // The operator doubles the connection table: a restart with the new size.
     daemon.terminate().unwrap();
     std::fs::write(

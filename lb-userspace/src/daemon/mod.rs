@@ -177,12 +177,7 @@ impl Daemon {
                 }
                 if !held_before.contains(&index) && old != Default::default() {
                     let forgotten = self.dataplane.forget_backend_connections(index)?;
-                    tracing::info!(
-                        index,
-                        connections = forgotten.connections,
-                        nat_entries = forgotten.nat_entries,
-                        "slot reused: connection entries of its former backend dropped"
-                    );
+                    tracing::info!(index, forgotten, "slot reused: connection entries of its former backend dropped");
                 }
                 self.dataplane.set_backend(index, &entry)?;
             }
@@ -407,13 +402,7 @@ impl Daemon {
             && let Some(index) = self.slots.backend(spec, backend)
         {
             match self.dataplane.forget_backend_connections(index) {
-                Ok(forgotten) => tracing::info!(
-                    %vip,
-                    %backend,
-                    connections = forgotten.connections,
-                    nat_entries = forgotten.nat_entries,
-                    "NAT connections of a down backend cleared"
-                ),
+                Ok(forgotten) => tracing::info!(%vip, %backend, forgotten, "NAT connections of a down backend cleared"),
                 Err(error) => tracing::error!(%vip, %backend, "clearing NAT connections failed: {error:#}"),
             }
         }

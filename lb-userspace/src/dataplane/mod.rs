@@ -69,15 +69,6 @@ pub struct VipForwarding {
     pub snat_port_max: u16,
 }
 
-/// What [`Dataplane::forget_backend_connections`] removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Forgotten {
-    /// Connection-table entries (client flows pinned to the backend).
-    pub connections: usize,
-    /// NAT reverse entries of those flows.
-    pub nat_entries: usize,
-}
-
 /// Why a flow goes where it goes (`lb explain`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FlowRoute {
@@ -257,38 +248,20 @@ impl Dataplane {
         }
     }
 
-    /// Drops the connection-table entries of backend slot `index` and the NAT reverse entries of
-    /// those flows (NAT flows cannot move to another backend, so their state is useless once the
-    /// backend is gone). A slot belongs to one VIP, and a reverse entry names its client flow, so
-    /// another VIP's flows to the same backend address are never touched, and an any-port backend
-    /// loses its entries like any other.
-    pub fn forget_backend_connections(&mut self, index: u32) -> Result<Forgotten> {
-        let mut forgotten = Forgotten::default();
-        let doomed: std::collections::HashSet<FlowKey> = {
-            let mut conns: HashMap<&mut MapData, FlowKey, ConnState> =
-                HashMap::try_from(map_mut(&mut self.ebpf, MAP_CONNS)?)?;
-            let doomed: std::collections::HashSet<FlowKey> =
-                conns.iter().filter_map(Result::ok).filter(|(_, c)| c.backend == index).map(|(k, _)| k).collect();
-            for key in &doomed {
-                forgotten.connections += conns.remove(key).is_ok() as usize;
-            }
-            doomed
-        };
-        if doomed.is_empty() {
-            return Ok(forgotten);
-        }
-        let mut nat: HashMap<&mut MapData, FlowKey, NatReverse> =
-            HashMap::try_from(map_mut(&mut self.ebpf, MAP_NAT_REV)?)?;
-        let replies: Vec<FlowKey> = nat
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(reply, reverse)| doomed.contains(&lb_common::nat::client_flow(reply, reverse)))
-            .map(|(reply, _)| reply)
-            .collect();
-        for reply in replies {
-            forgotten.nat_entries += nat.remove(&reply).is_ok() as usize;
-        }
-        Ok(forgotten)
+    /// Drops the connection-table entries of backend slot `index`: those flows are placed anew
+    /// by their next packet. A slot belongs to one VIP, so another VIP's flows to the same
+    /// backend address are never touched. Returns how many entries were dropped.
+    ///
+    /// The NAT reverse entries of those flows stay: they reserve their source ports until the
+    /// allocator's rules free them (`lb_common::nat::reclaimable`: a minute for a flow whose
+    /// table entry is gone), as long as the backend may still hold the four-tuple in TIME_WAIT.
+    /// A port handed to a new flow at once could meet that TIME_WAIT when the backend returns.
+    pub fn forget_backend_connections(&mut self, index: u32) -> Result<usize> {
+        let mut conns: HashMap<&mut MapData, FlowKey, ConnState> =
+            HashMap::try_from(map_mut(&mut self.ebpf, MAP_CONNS)?)?;
+        let doomed: Vec<FlowKey> =
+            conns.iter().filter_map(Result::ok).filter(|(_, c)| c.backend == index).map(|(k, _)| k).collect();
+        Ok(doomed.iter().filter(|key| conns.remove(key).is_ok()).count())
     }
 
     /// The backend a client flow is pinned to, if any.

@@ -182,7 +182,12 @@ impl PinDir {
         let mut resized = Vec::new();
         for name in set.map_names() {
             let spec = lb_common::layout::map_spec(name).expect("every pinned map has a row in the layout table");
-            let info = MapInfo::from_pin(set.map(name)).with_context(|| format!("{set}: reading pinned map {name}"))?;
+            let info = MapInfo::from_pin(set.map(name)).with_context(|| {
+                format!(
+                    "{set}: pinned map {name} is missing or unreadable; remove the data plane with `lb detach` \
+                     (this drops connection state)"
+                )
+            })?;
             let found = (info.map_type().ok(), info.key_size(), info.value_size());
             let wanted = (Some(map_type(spec.kind)), spec.key_size, spec.value_size);
             if found != wanted {

@@ -34,11 +34,13 @@ fn vip6() -> SocketAddr {
 
 /// One HTTP request; the backend answers with its name.
 fn http_get(vip: SocketAddr) -> Result<String, String> {
-    let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(1)).map_err(|e| e.kind().to_string())?;
+    let mut stream =
+        TcpStream::connect_timeout(&vip, Duration::from_secs(1)).map_err(|e| format!("connect: {}", e.kind()))?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
-    write!(stream, "GET / HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    write!(stream, "GET / HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {}", e.kind()))?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|e| e.kind().to_string())?;
+    stream.read_to_string(&mut response).map_err(|e| format!("answer: {}", e.kind()))?;
     let status = response.split_whitespace().nth(1).unwrap_or("none").to_string();
     if status != "200" {
         return Err(format!("status {status}"));
@@ -78,22 +80,30 @@ impl Demo {
             ProgressStyle::with_template("  {bar:30} {pos}/{len} requests to {msg}").expect("valid template"),
         );
         bar.set_message(vip.to_string());
-        let answers = self.topology.client.enter(|| {
+        let (answers, errors) = self.topology.client.enter(|| {
             let mut answers = BTreeMap::new();
+            let mut errors = BTreeMap::<String, usize>::new();
             for _ in 0..count {
                 if INTERRUPTED.load(Ordering::Relaxed) {
                     break;
                 }
-                let key = http_get(vip).unwrap_or_else(|_| "failed".to_string());
+                let key = http_get(vip).unwrap_or_else(|error| {
+                    *errors.entry(error).or_insert(0) += 1;
+                    "failed".to_string()
+                });
                 *answers.entry(key).or_insert(0) += 1;
                 bar.inc(1);
             }
-            answers
+            (answers, errors)
         })?;
         bar.finish_and_clear();
         interrupted()?;
         let line: Vec<String> = answers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         println!("  {count} requests to {vip}: {}", line.join(", "));
+        if !errors.is_empty() {
+            let why: Vec<String> = errors.iter().map(|(k, v)| format!("{k} ({v})")).collect();
+            println!("  failures: {}", why.join(", "));
+        }
         Ok(answers)
     }
 
