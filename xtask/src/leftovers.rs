@@ -109,7 +109,10 @@ fn processes() -> Vec<(u32, String)> {
     for pid in entries(Path::new("/proc")).iter().filter_map(|p| p.parse::<u32>().ok()) {
         let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else { continue };
         let comm = comm.trim();
-        if PROGRAMS.contains(&comm) {
+        // A zombie holds nothing but its pid, until whoever inherited it reaps it.
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')));
+        if PROGRAMS.contains(&comm) && !zombie {
             found.push((pid, comm.to_string()));
         }
     }

@@ -154,97 +154,101 @@ fn main() -> Result<()> {
             });
         }
 
-        let mut next_event = started + EVENT_EVERY;
-        let mut next_restart = started + RESTART_EVERY;
-        let mut next_row = started + SAMPLE_EVERY;
-        let mut event_number = 0usize;
-        let mut last = (0u64, 0u64);
-        let mut flapped: Option<(usize, Instant)> = None;
-        while started.elapsed() < duration {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = Instant::now();
-            if let Some((backend, since)) = flapped
-                && now.duration_since(since) > Duration::from_secs(3)
-            {
-                topology.backends[backend].start_server()?;
-                flapped = None;
-            }
-            if now >= next_restart {
-                next_restart += RESTART_EVERY;
-                let took = Instant::now();
-                daemon.terminate()?;
-                daemon.restart()?;
-                note(&events, &started, format!("daemon restarted in {:.2} s", took.elapsed().as_secs_f64()));
-            } else if now >= next_event {
-                next_event += EVENT_EVERY;
-                let backend = event_number % BACKENDS;
-                let address = format!("{}:{SERVICE_PORT}", topology.backends[backend].v4);
-                let what = match event_number % 3 {
-                    0 => {
-                        topology.backends[backend].stop_server();
-                        flapped = Some((backend, now));
-                        format!("be{} server stopped for 3 s", backend + 1)
-                    }
-                    1 => {
-                        for vip in ["web-nat", "web-dsr", "dns-nat"] {
-                            daemon.ok(&["backend", "del", "--vip", vip, "--address", &address])?;
-                            daemon.ok(&["backend", "add", "--vip", vip, "--address", &address])?;
-                        }
-                        format!("be{} removed and added back", backend + 1)
-                    }
-                    _ => {
-                        daemon.ok(&["backend", "drain", "--vip", "web-nat", "--address", &address])?;
-                        std::thread::sleep(Duration::from_secs(2));
-                        daemon.ok(&["backend", "undrain", "--vip", "web-nat", "--address", &address])?;
-                        format!("be{} drained for 2 s", backend + 1)
-                    }
-                };
-                event_number += 1;
-                note(&events, &started, what);
-            }
-            if now >= next_row {
-                next_row += SAMPLE_EVERY;
-                let totals = [traffic.nat.read(), traffic.dsr.read(), traffic.udp.read()];
-                let requests: u64 = totals.iter().map(|(ok, failed)| ok + failed).sum();
-                let failed: u64 = totals.iter().map(|(_, failed)| failed).sum();
-                let (rss_kib, fds) = process_figures(daemon.pid().context("the daemon runs")?)?;
-                let (conns, nat_entries) = table_entries(&daemon.instance)?;
-                let happened = std::mem::take(&mut *events.lock().expect("events"));
-                let row = Row {
-                    at: started.elapsed(),
-                    requests: requests - last.0,
-                    failed: failed - last.1,
-                    rss_kib,
-                    fds,
-                    conns,
-                    nat_entries,
-                    events: happened.join("; "),
-                };
-                if row.failed > 0 {
-                    failures.push(format!(
-                        "{} failed around {:.0} s ({})",
-                        row.failed,
-                        row.at.as_secs_f64(),
-                        row.events
-                    ));
+        // The traffic threads stop however the run ends, or the scope would wait for them forever.
+        let run = (|| -> Result<()> {
+            let mut next_event = started + EVENT_EVERY;
+            let mut next_restart = started + RESTART_EVERY;
+            let mut next_row = started + SAMPLE_EVERY;
+            let mut event_number = 0usize;
+            let mut last = (0u64, 0u64);
+            let mut flapped: Option<(usize, Instant)> = None;
+            while started.elapsed() < duration {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = Instant::now();
+                if let Some((backend, since)) = flapped
+                    && now.duration_since(since) > Duration::from_secs(3)
+                {
+                    topology.backends[backend].start_server()?;
+                    flapped = None;
                 }
-                println!(
-                    "soak: {:>5.0} s  {:>6} requests  {:>3} failed  daemon {:>6} KiB, {:>3} fds  CONNS {:>6}  NAT_REV {:>6}  {}",
-                    row.at.as_secs_f64(),
-                    row.requests,
-                    row.failed,
-                    row.rss_kib,
-                    row.fds,
-                    row.conns,
-                    row.nat_entries,
-                    row.events
-                );
-                last = (requests, failed);
-                rows.push(row);
+                if now >= next_restart {
+                    next_restart += RESTART_EVERY;
+                    let took = Instant::now();
+                    daemon.terminate()?;
+                    daemon.restart()?;
+                    note(&events, &started, format!("daemon restarted in {:.2} s", took.elapsed().as_secs_f64()));
+                } else if now >= next_event {
+                    next_event += EVENT_EVERY;
+                    let backend = event_number % BACKENDS;
+                    let address = format!("{}:{SERVICE_PORT}", topology.backends[backend].v4);
+                    let what = match event_number % 3 {
+                        0 => {
+                            topology.backends[backend].stop_server();
+                            flapped = Some((backend, now));
+                            format!("be{} server stopped for 3 s", backend + 1)
+                        }
+                        1 => {
+                            for vip in ["web-nat", "web-dsr", "dns-nat"] {
+                                daemon.ok(&["backend", "del", "--vip", vip, "--address", &address])?;
+                                daemon.ok(&["backend", "add", "--vip", vip, "--address", &address])?;
+                            }
+                            format!("be{} removed and added back", backend + 1)
+                        }
+                        _ => {
+                            daemon.ok(&["backend", "drain", "--vip", "web-nat", "--address", &address])?;
+                            std::thread::sleep(Duration::from_secs(2));
+                            daemon.ok(&["backend", "undrain", "--vip", "web-nat", "--address", &address])?;
+                            format!("be{} drained for 2 s", backend + 1)
+                        }
+                    };
+                    event_number += 1;
+                    note(&events, &started, what);
+                }
+                if now >= next_row {
+                    next_row += SAMPLE_EVERY;
+                    let totals = [traffic.nat.read(), traffic.dsr.read(), traffic.udp.read()];
+                    let requests: u64 = totals.iter().map(|(ok, failed)| ok + failed).sum();
+                    let failed: u64 = totals.iter().map(|(_, failed)| failed).sum();
+                    let (rss_kib, fds) = process_figures(daemon.pid().context("the daemon runs")?)?;
+                    let (conns, nat_entries) = table_entries(&daemon.instance)?;
+                    let happened = std::mem::take(&mut *events.lock().expect("events"));
+                    let row = Row {
+                        at: started.elapsed(),
+                        requests: requests - last.0,
+                        failed: failed - last.1,
+                        rss_kib,
+                        fds,
+                        conns,
+                        nat_entries,
+                        events: happened.join("; "),
+                    };
+                    if row.failed > 0 {
+                        failures.push(format!(
+                            "{} failed around {:.0} s ({})",
+                            row.failed,
+                            row.at.as_secs_f64(),
+                            row.events
+                        ));
+                    }
+                    println!(
+                        "soak: {:>5.0} s  {:>6} requests  {:>3} failed  daemon {:>6} KiB, {:>3} fds  CONNS {:>6}  NAT_REV {:>6}  {}",
+                        row.at.as_secs_f64(),
+                        row.requests,
+                        row.failed,
+                        row.rss_kib,
+                        row.fds,
+                        row.conns,
+                        row.nat_entries,
+                        row.events
+                    );
+                    last = (requests, failed);
+                    rows.push(row);
+                }
             }
-        }
+            Ok(())
+        })();
         traffic.stop.store(true, Ordering::Relaxed);
-        Ok(())
+        run
     })?;
     if let Some((backend, _)) = topology.backends.iter().enumerate().find(|(_, b)| !b.server_running()) {
         topology.backends[backend].start_server()?;
