@@ -163,7 +163,8 @@ impl ModelMaps {
                 let holder = nat::client_flow(&reply, taken);
                 let client_last_seen = self.conns.get(&holder).filter(|c| c.snat_port == port).map(|c| c.last_seen);
                 let pinned = client_last_seen.is_some().then_some(holder);
-                nat::reclaimable(taken, parsed.flow.proto, client_last_seen, self.now).then_some((reply, port, pinned))
+                nat::may_take_port(taken, &reverse, parsed.flow.proto, client_last_seen, self.now)
+                    .then_some((reply, port, pinned))
             });
             let (reply, port, pinned) = free.ok_or(Reason::DropNatPorts)?;
             if let Some(holder) = pinned {

@@ -78,6 +78,42 @@ const fn elapsed(since: u32, now: u32) -> u32 {
     if d > u32::MAX / 2 { 0 } else { d }
 }
 
+/// Whether the port `taken` holds may go to the flow that asks for it (`claimant`, the reverse
+/// entry that flow would write): when it is the same client flow asking again (its table entry
+/// was lost: evicted, cleared with a down backend, or never synchronised to this node), so that
+/// the backend sees the same four-tuple and the connection goes on; or when the holder's
+/// connection has ended or gone quiet ([`reclaimable`]).
+#[inline(always)]
+pub const fn may_take_port(
+    taken: &NatReverse,
+    claimant: &NatReverse,
+    proto: u8,
+    client_last_seen: Option<u32>,
+    now: u32,
+) -> bool {
+    same_client_flow(taken, claimant) || reclaimable(taken, proto, client_last_seen, now)
+}
+
+/// Whether two reverse entries were made for the same client flow.
+#[inline(always)]
+pub const fn same_client_flow(a: &NatReverse, b: &NatReverse) -> bool {
+    a.client_port == b.client_port
+        && a.vip_port == b.vip_port
+        && same_address(&a.client_addr, &b.client_addr)
+        && same_address(&a.vip_addr, &b.vip_addr)
+}
+
+/// Two 16-byte addresses compared as two words (no byte loop, no memcmp in the program).
+#[inline(always)]
+const fn same_address(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    word(a, 0) == word(b, 0) && word(a, 8) == word(b, 8)
+}
+
+#[inline(always)]
+const fn word(x: &[u8; 16], at: usize) -> u64 {
+    u64::from_ne_bytes([x[at], x[at + 1], x[at + 2], x[at + 3], x[at + 4], x[at + 5], x[at + 6], x[at + 7]])
+}
+
 /// Whether the port `reverse` holds may go to a new flow at `now`. `client_last_seen` is the
 /// client flow's `CONNS` timestamp when that entry still uses this port, None otherwise.
 pub const fn reclaimable(reverse: &NatReverse, proto: u8, client_last_seen: Option<u32>, now: u32) -> bool {
@@ -165,6 +201,28 @@ mod tests {
     fn a_timestamp_from_just_after_now_counts_as_now() {
         let racing = reverse(ENDED_RESET, NOW + 3);
         assert!(!reclaimable(&racing, PROTO_TCP, None, NOW));
+    }
+
+    #[test]
+    fn a_flow_that_lost_its_entry_gets_its_own_port_back_at_once() {
+        let holder = NatReverse {
+            client_addr: [10; 16],
+            vip_addr: [20; 16],
+            client_port: 4000,
+            vip_port: 80,
+            last_seen: NOW,
+            ..Default::default()
+        };
+        assert!(!reclaimable(&holder, PROTO_TCP, None, NOW), "a fresh orphan waits out TIME_WAIT");
+        assert!(may_take_port(&holder, &holder, PROTO_TCP, None, NOW), "its own flow takes it back");
+        for other in [
+            NatReverse { client_port: 4001, ..holder },
+            NatReverse { vip_port: 443, ..holder },
+            NatReverse { client_addr: [11; 16], ..holder },
+            NatReverse { vip_addr: [21; 16], ..holder },
+        ] {
+            assert!(!may_take_port(&holder, &other, PROTO_TCP, None, NOW), "another flow waits: {other:?}");
+        }
     }
 
     #[test]

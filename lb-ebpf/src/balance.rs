@@ -8,7 +8,7 @@ use lb_common::maps::{
     BACKEND_USABLE, Backend, ConnState, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND, NatFlowRecord, NatReverse,
     Reason, VipMeta, snat_port_candidate,
 };
-use lb_common::nat::{client_flow, note_segment, reclaimable, ticks};
+use lb_common::nat::{client_flow, may_take_port, note_segment, ticks};
 use lb_common::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
 
 const BPF_ANY: u64 = 0;
@@ -163,8 +163,9 @@ fn allocate_snat_port(
     Err(Reason::DropNatPorts)
 }
 
-/// Gives the port in `reply` to `reverse`'s flow when the connection holding it has ended or
-/// gone quiet; returns whether it did.
+/// Gives the port in `reply` to `reverse`'s flow when that flow held it already, or when the
+/// connection holding it has ended or gone quiet (`lb_common::nat::may_take_port`); returns
+/// whether it did.
 #[inline(never)]
 fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse) -> bool {
     let Some(taken) = NAT_REV.get_ptr(reply) else {
@@ -180,7 +181,8 @@ fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse) -> bool {
         _ => None,
     };
     let now = reverse.last_seen;
-    if !reclaimable(taken, reply.proto, client_last_seen, now) || NAT_REV.insert(reply, reverse, BPF_ANY).is_err() {
+    if !may_take_port(taken, reverse, reply.proto, client_last_seen, now) || NAT_REV.insert(reply, reverse, BPF_ANY).is_err()
+    {
         return false;
     }
     if client_last_seen.is_some() {

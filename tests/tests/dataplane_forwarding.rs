@@ -450,8 +450,8 @@ fn a_syn_reusing_a_remembered_tuple_is_placed_by_the_current_table() {
 }
 
 #[test]
-fn forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_reserved() {
-    if !require_root("forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_reserved") {
+fn forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_for_its_flows() {
+    if !require_root("forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_for_its_flows") {
         return;
     }
     // Two NAT VIPs share the backend 10.0.1.1:8080 (each under its own slot, as the planner gives
@@ -474,14 +474,14 @@ fn forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_reserved
         harness.publish_vip(&vip_key(*vip, PROTO_TCP), &forwarding, &[*index]).unwrap();
     }
     const FLOWS: u16 = 20;
-    let syns = |vip: &SocketAddr| -> Vec<Vec<u8>> {
+    let syns = |vip: &SocketAddr| -> Vec<Frame> {
         let dport = if vip.port() == 0 { 5432 } else { vip.port() };
-        (40000..40000 + FLOWS).map(|sport| Frame::tcp(ip("192.0.2.7"), sport, vip.ip(), dport).bytes()).collect()
+        (40000..40000 + FLOWS).map(|sport| Frame::tcp(ip("192.0.2.7"), sport, vip.ip(), dport)).collect()
     };
     let mut ports_before = std::collections::HashSet::new();
     for (vip, _, _) in &vips {
         for frame in syns(vip) {
-            let (kernel, model) = harness.run(&frame).unwrap();
+            let (kernel, model) = harness.run(&frame.bytes()).unwrap();
             assert_eq!(kernel, model);
             let (_, nat_port, _, backend_port) = flow_of(&kernel.packet);
             ports_before.insert((backend_port, nat_port));
@@ -500,19 +500,31 @@ fn forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_reserved
     assert_eq!(connections_per_vip(&harness), vec![0, all, all], "only the first VIP's flows are gone");
     assert_eq!(harness.forget_backend_connections(3).unwrap(), all, "an any-port backend's flows go too");
     assert_eq!(connections_per_vip(&harness), vec![0, all, 0]);
-    // Their NAT entries stay, and keep their ports from new flows (the backend may still hold
-    // those four-tuples in TIME_WAIT): the same clients connecting again get other ports.
+    // Their NAT entries stay. The same flows' next packets get their own ports back, so the
+    // backend sees the same four-tuples and the connections go on...
     assert_eq!(harness.dataplane.nat_reverses().unwrap().len(), nat_entries);
     for vip in [&vips[0].0, &vips[2].0] {
         for frame in syns(vip) {
-            let (kernel, model) = harness.run(&frame).unwrap();
+            let (kernel, model) = harness.run(&established(frame).bytes()).unwrap();
             assert_eq!(kernel, model);
             assert_eq!(kernel.reason, Reason::TxForward);
             let (_, nat_port, _, backend_port) = flow_of(&kernel.packet);
-            assert!(
-                !ports_before.contains(&(backend_port, nat_port)),
-                "a new flow took the reserved NAT port {nat_port}"
-            );
+            assert!(ports_before.contains(&(backend_port, nat_port)), "{vip}: a flow lost its NAT port");
         }
     }
+    // ...while another client's new flow whose first choice is such a port takes another one:
+    // the backend may still hold that four-tuple in TIME_WAIT.
+    let vip = vips[0].0;
+    harness.forget_backend_connections(1).unwrap();
+    let stranger = (1024..u16::MAX)
+        .find(|&sport| {
+            let flow = flow_key(ip("192.0.2.99"), sport, vip.ip(), vip.port(), PROTO_TCP);
+            let first = snat_port_candidate(flow_hash(&flow), 0, 20000, 60000);
+            ports_before.contains(&(8080, first))
+        })
+        .expect("some client port's first candidate is a reserved port");
+    let (kernel, model) = harness.run(&Frame::tcp(ip("192.0.2.99"), stranger, vip.ip(), vip.port()).bytes()).unwrap();
+    assert_eq!(kernel, model);
+    let (_, nat_port, _, backend_port) = flow_of(&kernel.packet);
+    assert!(!ports_before.contains(&(backend_port, nat_port)), "a new flow took the reserved NAT port {nat_port}");
 }
