@@ -382,8 +382,11 @@ impl Daemon {
             .collect()
     }
 
-    /// A health check changed a backend's state: republish its VIP; a NAT backend that went
-    /// down also loses its connection state (its flows cannot move elsewhere).
+    /// A health check changed a backend's state: republish its VIP. The connection-table
+    /// entries of a backend that went down stay: the program does not use them while the
+    /// backend is down (a flow's next packet is placed anew), and a flow that was quiet meanwhile
+    /// continues on its backend, with its NAT source port, if the backend comes back (a node
+    /// whose own link failed sees every backend go down and come back).
     pub fn on_transition(&mut self, transition: Transition) {
         let Transition { vip, backend, health, reason } = transition;
         match health {
@@ -396,16 +399,6 @@ impl Daemon {
             return;
         }
         self.announce();
-        let Some(spec) = self.state.vip(&vip) else { return };
-        if health == Health::Down
-            && spec.mode == Mode::Nat
-            && let Some(index) = self.slots.backend(spec, backend)
-        {
-            match self.dataplane.forget_backend_connections(index) {
-                Ok(forgotten) => tracing::info!(%vip, %backend, forgotten, "NAT connections of a down backend cleared"),
-                Err(error) => tracing::error!(%vip, %backend, "clearing NAT connections failed: {error:#}"),
-            }
-        }
     }
 
     fn persist(&self) -> Result<()> {
