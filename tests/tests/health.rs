@@ -278,17 +278,20 @@ fn a_flapping_backend_gets_no_connection_inside_its_rise_window() {
     let check = format!(
         "{{ kind = \"http\", path = \"/\", interval = \"100ms\", timeout = \"50ms\", rise = 5, fall = {FALL} }}"
     );
+    // Failing before the daemon starts: its first check must not find it healthy (a first
+    // success puts a backend in service at once, and it would then serve until `fall` failures).
+    let flapper = &topology.backends[2];
+    flapper.set_http_status(503);
     let daemon = LbDaemon::start(
         &topology.lb,
         &unique_instance(),
         &config(&topology, &check, &[(0, false), (1, false), (2, false)]),
     )
     .unwrap();
-    let flapper = &topology.backends[2];
-    flapper.set_http_status(503);
     for b in &topology.backends[..2] {
         wait_for_state(&daemon, &format!("{}:{SERVICE_PORT}", b.v4), "serving", Duration::from_secs(5));
     }
+
     let mut answers = HashMap::<String, usize>::new();
     let end = Instant::now() + Duration::from_secs(4);
     let mut up = false;
