@@ -4,7 +4,7 @@
 //! that every load balancer node computes the same hash for a flow (active/active needs that).
 //! Fixed length and no data-dependent loops keep it cheap and verifier-friendly.
 
-use crate::maps::FlowKey;
+use crate::maps::{FlowKey, VIP_AFFINITY_CLIENT, VipMeta};
 
 pub const FLOW_HASH_SEED: u32 = 0x5eed_1b0b;
 
@@ -40,6 +40,35 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// The hash that picks a new flow's slot in `vip`'s Maglev ring. `flow_hash` is the flow's own
+/// hash (computed once: NAT source ports are drawn from it in either case).
+///
+/// With client affinity it is the hash of the client's address masked to the VIP's prefix,
+/// towards the VIP's address, with both ports zero: every connection of that client (or of
+/// that client network) reaches the same slot, whatever its ports. The protocol stays in the
+/// key, as it is part of the VIP.
+#[inline(always)]
+pub fn placement_hash(flow: &FlowKey, flow_hash: u32, vip: &VipMeta) -> u32 {
+    if vip.flags & VIP_AFFINITY_CLIENT == 0 {
+        return flow_hash;
+    }
+    self::flow_hash(&client_key(flow, vip.affinity_prefix))
+}
+
+/// `flow` reduced to its client: the source address masked to `prefix` bits, ports zero.
+#[inline(always)]
+pub fn client_key(flow: &FlowKey, prefix: u8) -> FlowKey {
+    let mut key = FlowKey { sport: 0, dport: 0, ..*flow };
+    let mut i = 0;
+    while i < 16 {
+        // Bits of byte i that lie inside the prefix: 0..=8.
+        let inside = (prefix as i32 - 8 * i as i32).clamp(0, 8) as u32;
+        key.src[i] &= !(0xffu16 >> inside) as u8;
+        i += 1;
+    }
+    key
 }
 
 #[cfg(test)]
@@ -109,6 +138,63 @@ mod tests {
         assert_eq!(flow_hash(&v4_flow([192, 0, 2, 1], 40000)), 0x70c1_7ad0);
         assert_eq!(flow_hash(&v4_flow([192, 0, 2, 2], 40000)), 0xaba6_b23d);
         assert_eq!(flow_hash(&FlowKey::default()), 0x76d4_48e0);
+    }
+
+    fn client_vip(prefix: u8) -> VipMeta {
+        VipMeta { flags: VIP_AFFINITY_CLIENT, affinity_prefix: prefix, ..Default::default() }
+    }
+
+    #[test]
+    fn connection_affinity_places_by_the_flow_hash() {
+        let flow = v4_flow([192, 0, 2, 1], 40000);
+        assert_eq!(placement_hash(&flow, flow_hash(&flow), &VipMeta::default()), flow_hash(&flow));
+    }
+
+    #[test]
+    fn client_affinity_ignores_ports_and_keeps_the_address() {
+        let vip = client_vip(32);
+        let a = v4_flow([192, 0, 2, 1], 40000);
+        let mut b = v4_flow([192, 0, 2, 1], 40001);
+        b.dport = 8080u16.to_be();
+        let place = |f: &FlowKey| placement_hash(f, flow_hash(f), &vip);
+        assert_eq!(place(&a), place(&b));
+        assert_ne!(place(&a), place(&v4_flow([192, 0, 2, 2], 40000)));
+        assert_ne!(place(&a), flow_hash(&a), "the client key is not the flow");
+    }
+
+    #[test]
+    fn the_affinity_prefix_groups_a_client_network() {
+        let vip = client_vip(24);
+        let place = |f: &FlowKey| placement_hash(f, flow_hash(f), &vip);
+        assert_eq!(place(&v4_flow([192, 0, 2, 1], 1)), place(&v4_flow([192, 0, 2, 254], 2)));
+        assert_ne!(place(&v4_flow([192, 0, 2, 1], 1)), place(&v4_flow([192, 0, 3, 1], 1)));
+    }
+
+    #[test]
+    fn client_key_masks_exactly_the_prefix_bits() {
+        let mut flow = FlowKey { src: [0xff; 16], sport: 7, dport: 9, ..Default::default() };
+        flow.dst = [0xaa; 16];
+        for (prefix, expected_first_bytes) in [
+            (0u8, [0u8, 0, 0, 0]),
+            (3, [0xe0, 0, 0, 0]),
+            (8, [0xff, 0, 0, 0]),
+            (24, [0xff, 0xff, 0xff, 0]),
+            (29, [0xff, 0xff, 0xff, 0xf8]),
+        ] {
+            let key = client_key(&flow, prefix);
+            assert_eq!(key.src[..4], expected_first_bytes, "prefix {prefix}");
+            assert_eq!((key.sport, key.dport, key.dst), (0, 0, flow.dst));
+        }
+        assert_eq!(client_key(&flow, 56).src, [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(client_key(&flow, 128).src, [0xff; 16]);
+    }
+
+    /// Part of the wire contract like the flow hash: nodes of a pair or an ECMP group and
+    /// releases must place a client alike.
+    #[test]
+    fn client_placement_is_stable_across_releases() {
+        let flow = v4_flow([192, 0, 2, 1], 40000);
+        assert_eq!(placement_hash(&flow, 0, &client_vip(32)), 0x7c3f_b3b6);
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub const FAMILY_V6: u8 = 6;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Default Maglev table size (prime), as in the Maglev paper.
 pub const DEFAULT_RING_SIZE: u32 = 65537;
@@ -33,6 +35,7 @@ pub const MAP_STATS_VIP: &str = "STATS_VIP";
 pub const MAP_STATS_BACKEND: &str = "STATS_BACKEND";
 pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_NEW_NAT_FLOWS: &str = "NEW_NAT_FLOWS";
+pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
 /// Ring buffer of new NAT flows for the standby: ~30,000 records between two drains.
 pub const NEW_NAT_FLOWS_BYTES: u32 = 4 << 20;
 /// The XDP program's function name.
@@ -126,9 +129,11 @@ pub enum Reason {
     DropInternal = 11,
     /// Addressed to another host's MAC (a switch flooded it here): not ours to forward.
     PassOtherHost = 12,
+    /// An ICMP echo request to a VIP address, answered by the program.
+    TxPingReply = 13,
 }
 
-pub const REASON_COUNT: u32 = 13;
+pub const REASON_COUNT: u32 = 14;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -145,6 +150,7 @@ impl Reason {
         Reason::DropNatPorts,
         Reason::DropInternal,
         Reason::PassOtherHost,
+        Reason::TxPingReply,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -162,13 +168,14 @@ impl Reason {
             Reason::DropNatPorts => "drop_nat_ports",
             Reason::DropInternal => "drop_internal",
             Reason::PassOtherHost => "pass_other_host",
+            Reason::TxPingReply => "tx_ping_reply",
         }
     }
 
     /// The XDP verdict that goes with the reason.
     pub const fn xdp_action(self) -> u32 {
         match self {
-            Reason::TxForward | Reason::TxNatReply => XDP_TX,
+            Reason::TxForward | Reason::TxNatReply | Reason::TxPingReply => XDP_TX,
             Reason::DropNoBackend | Reason::DropNatPorts | Reason::DropInternal => XDP_DROP,
             _ => XDP_PASS,
         }
@@ -201,14 +208,43 @@ pub struct VipMeta {
     pub ring_offset: u32,
     pub ring_size: u32,
     pub mode: u8,
+    /// `VIP_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// With [`VIP_AFFINITY_CLIENT`]: how many leading bits of the client's address place a new
+    /// flow (32 or 128 for the address itself). Zero in entries written before this field had
+    /// a meaning, together with a zero flag: the layout did not change.
+    pub affinity_prefix: u8,
+    pub _pad: u8,
     /// NAT mode: the load balancer's source address towards backends.
     pub snat_addr: [u8; 16],
     /// NAT mode: source ports are allocated in [port_min, port_max] (host order).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
 }
+
+/// `VipMeta::flags`: a new flow is placed by its client's address alone (masked to
+/// `affinity_prefix`), so that every connection of a client reaches the same backend.
+pub const VIP_AFFINITY_CLIENT: u8 = 1;
+
+/// `VIP_ADDRS` key: an address that VIPs use, whatever their ports and protocols.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipAddrKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `VIP_ADDRS` value: what the program does for the address itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipAddr {
+    /// `VIP_ADDR_*` bits.
+    pub flags: u32,
+}
+
+/// `VipAddr::flags`: ICMP echo requests to the address are answered by the program.
+pub const VIP_ADDR_ANSWER_PING: u32 = 1;
 
 /// Backend flags.
 pub const BACKEND_USABLE: u8 = 1;
@@ -286,6 +322,8 @@ mod pod {
     // with explicit padding fields, so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::VipAddrKey {}
+    unsafe impl aya::Pod for super::VipAddr {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::ConnState {}

@@ -10,6 +10,10 @@ pub const IPV4_MIN_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
 pub const TCP_MIN_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
+/// The ICMP/ICMPv6 header: type, code, checksum and 4 bytes that depend on the type.
+pub const ICMP_HLEN: usize = 8;
+/// TTL or hop limit of the packets the program originates (echo replies).
+pub const DEFAULT_TTL: u8 = 64;
 
 /// Offsets inside an IPv4 header.
 pub mod ipv4 {
@@ -42,6 +46,23 @@ pub mod l4 {
     pub const UDP_CHECK: usize = 6;
     pub const TCP_FLAGS: usize = 13;
     pub const TCP_CHECK: usize = 16;
+}
+
+/// Offsets and types of ICMP (IPv4) and ICMPv6 headers.
+pub mod icmp {
+    pub const TYPE: usize = 0;
+    pub const CODE: usize = 1;
+    pub const CHECK: usize = 2;
+    pub const ECHO_REQUEST_V4: u8 = 8;
+    pub const ECHO_REPLY_V4: u8 = 0;
+    pub const ECHO_REQUEST_V6: u8 = 128;
+    pub const ECHO_REPLY_V6: u8 = 129;
+}
+
+/// The ICMP protocol number of an address family: ICMP in IPv4, ICMPv6 in IPv6. ICMP of the
+/// other family (ICMPv6 in an IPv4 header) is not ICMP to the program.
+pub const fn icmp_protocol(family: u8) -> u8 {
+    if family == crate::maps::FAMILY_V4 { crate::maps::PROTO_ICMP } else { crate::maps::PROTO_ICMPV6 }
 }
 
 #[cfg(feature = "user")]

@@ -3,7 +3,7 @@
 use crate::maps::{BACKENDS, CONNS, NAT_REV, NEW_NAT_FLOWS, RINGS, SETTINGS};
 use crate::parse::Packet;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::hash::flow_hash;
+use lb_common::hash::{flow_hash, placement_hash};
 use lb_common::maps::{
     BACKEND_USABLE, Backend, ConnState, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND, NatFlowRecord, NatReverse,
     Reason, VipMeta, snat_port_candidate,
@@ -62,8 +62,11 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
     if vip.ring_size == 0 {
         return Err(Reason::DropInternal);
     }
+    // The flow's own hash also draws its NAT source ports: with client affinity a client's
+    // connections share a slot, and must not share their port candidates.
     let hash = flow_hash(&packet.flow);
-    let index = *RINGS.get(vip.ring_offset + hash % vip.ring_size).ok_or(Reason::DropInternal)?;
+    let slot = placement_hash(&packet.flow, hash, vip) % vip.ring_size;
+    let index = *RINGS.get(vip.ring_offset + slot).ok_or(Reason::DropInternal)?;
     if index == NO_BACKEND {
         return Err(Reason::DropNoBackend);
     }

@@ -1,9 +1,11 @@
 //! The XDP load balancer: for each packet, parse → find the VIP → choose a backend → rewrite → send.
+//! ICMP echo requests to a VIP's address are answered on the spot.
 #![no_std]
 #![no_main]
 
 mod balance;
 mod floor;
+mod icmp;
 mod maps;
 mod parse;
 mod rewrite;
@@ -13,6 +15,7 @@ use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::XdpContext;
 use lb_common::maps::{MODE_DSR, MODE_NAT, PROTO_TCP, Reason, Traffic, VipKey, VipMeta};
 use lb_common::nat::note_segment;
+use lb_common::packet::icmp_protocol;
 use maps::{NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, VIPS};
 use parse::{Packet, parse, read};
 use rewrite::{Rewrite, set_flow, set_macs};
@@ -37,6 +40,9 @@ fn balance_packet(ctx: &XdpContext) -> Result<Reason, Reason> {
     let mut packet = Packet::empty();
     parse(ctx, &mut packet)?;
     let packet = packet;
+    if packet.flow.proto == icmp_protocol(packet.family) {
+        return icmp::answer_ping(ctx, &packet);
+    }
     let Some(vip) = find_vip(&packet) else {
         return translate_nat_reply(ctx, &packet);
     };

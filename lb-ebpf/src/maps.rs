@@ -7,13 +7,17 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use lb_common::layout::REASON_SLOTS;
 use lb_common::maps::{
     Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS,
-    NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, VipKey, VipMeta,
+    NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, VipAddr, VipAddrKey, VipKey, VipMeta,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// The VIPs' addresses, for what concerns an address rather than a port (answering ping).
+#[map(name = "VIP_ADDRS")]
+pub static VIP_ADDRS: HashMap<VipAddrKey, VipAddr> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
 /// Two rings per VIP (active and the one being rewritten), each `ring_size` backend indexes.
 /// Memory-mappable, so the daemon writes a whole table with one copy instead of a syscall a slot.

@@ -7,8 +7,8 @@ use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
 use lb_common::maps::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 use lb_common::packet::{
-    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, ipv4, ipv6, is_ipv4_fragment,
-    is_ipv6_extension, l4, opens_connection,
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, icmp, icmp_protocol,
+    ipv4, ipv6, is_ipv4_fragment, is_ipv6_extension, l4, opens_connection,
 };
 
 /// A parsed packet: where its headers are and the flow it belongs to.
@@ -28,6 +28,10 @@ pub struct Packet {
     pub opens_connection: bool,
     /// 0 for UDP.
     pub tcp_flags: u8,
+    /// ICMP of the packet's family (`flow.proto == icmp_protocol(family)`): the type. `l4` then
+    /// points at the 8 checked bytes of the ICMP header, `l4_check` at its checksum, and the
+    /// flow's ports are 0.
+    pub icmp_type: u8,
 }
 
 /// Pointer to a `T` at `offset` in the packet, after the one bounds check the verifier needs.
@@ -79,6 +83,7 @@ impl Packet {
             no_l4_checksum: false,
             opens_connection: false,
             tcp_flags: 0,
+            icmp_type: 0,
         }
     }
 }
@@ -140,6 +145,18 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Reason> {
         _ => return Err(Reason::PassNotIp),
     };
     flow.family = family;
+    packet.family = family;
+    if flow.proto == icmp_protocol(family) {
+        let l4 = ptr_at::<[u8; ICMP_HLEN]>(ctx, l4_off)? as *mut u8;
+        if l4_len < ICMP_HLEN {
+            return Err(Reason::PassTruncated);
+        }
+        // SAFETY: type and checksum are inside the 8 checked bytes.
+        packet.icmp_type = unsafe { field::<u8>(l4, icmp::TYPE) };
+        packet.l4 = l4;
+        packet.l4_check = unsafe { l4.add(icmp::CHECK) };
+        return Ok(());
+    }
     let mut no_l4_checksum = false;
     let (l4, l4_check): (*mut u8, *mut u8) = match flow.proto {
         PROTO_TCP => {

@@ -3,7 +3,7 @@
 
 use crate::api::{self, Request};
 use crate::config::{parse_mac, parse_port_range};
-use crate::model::{BackendSpec, DEFAULT_SNAT_PORTS, Mode, Protocol, VipSpec};
+use crate::model::{Affinity, BackendSpec, DEFAULT_SNAT_PORTS, Mode, Protocol, VipSpec};
 use crate::report::*;
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
@@ -103,6 +103,17 @@ pub struct VipArgs {
     /// NAT mode: source ports, e.g. 1024-65535.
     #[arg(long, value_parser = parse_port_range)]
     snat_ports: Option<(u16, u16)>,
+    /// Which connections share a backend: each on its own (connection) or every connection
+    /// of a client (client).
+    #[arg(long, default_value = "connection", value_parser = Affinity::parse)]
+    affinity: Affinity,
+    /// Client affinity: leading bits of the client's address that count, e.g. 24 (IPv4) or
+    /// 56 (IPv6) to keep the clients behind one NAT pool together.
+    #[arg(long)]
+    affinity_prefix: Option<u8>,
+    /// Leave ICMP echo requests to the VIP's address unanswered (answered by default).
+    #[arg(long)]
+    no_answer_ping: bool,
 }
 
 #[derive(Subcommand)]
@@ -158,6 +169,9 @@ pub async fn run_client(cli: Cli) -> Result<()> {
                 mode: a.mode,
                 snat: a.snat,
                 snat_ports: a.snat_ports.unwrap_or(DEFAULT_SNAT_PORTS),
+                affinity: a.affinity,
+                affinity_prefix: a.affinity_prefix,
+                answer_ping: !a.no_answer_ping,
                 check: None,
                 backends: Vec::new(),
             },
@@ -231,13 +245,15 @@ fn table(header: &[&str]) -> Table {
 }
 
 fn print_vips(rows: &[VipRow]) {
-    let mut t = table(&["name", "address", "proto", "mode", "snat", "backends", "serving"]);
+    let mut t = table(&["name", "address", "proto", "mode", "affinity", "ping", "snat", "backends", "serving"]);
     for r in rows {
         t.add_row(vec![
             r.name.clone(),
             r.address.clone(),
             r.protocol.clone(),
             r.mode.clone(),
+            r.affinity.clone(),
+            if r.answer_ping { "yes" } else { "no" }.into(),
             match (&r.snat, &r.snat_ports) {
                 (Some(snat), Some(ports)) => format!("{snat} ports {ports}"),
                 (Some(snat), None) => snat.clone(),

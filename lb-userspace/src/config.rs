@@ -6,7 +6,9 @@ mod redundancy;
 pub use redundancy::{BgpSettings, VrrpSettings};
 
 use crate::dataplane::{AttachMode, DataplaneSizes};
-use crate::model::{BackendSpec, CheckKind, CheckSpec, DEFAULT_SNAT_PORTS, DesiredState, Mode, Protocol, VipSpec};
+use crate::model::{
+    Affinity, BackendSpec, CheckKind, CheckSpec, DEFAULT_SNAT_PORTS, DesiredState, Mode, Protocol, VipSpec,
+};
 use lb_common::maglev::is_prime;
 use lb_common::maps::{DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE};
 use serde::Deserialize;
@@ -107,6 +109,9 @@ struct RawVip {
     mode: Spanned<String>,
     snat: Option<Spanned<String>>,
     snat_ports: Option<Spanned<String>>,
+    affinity: Option<Spanned<String>>,
+    affinity_prefix: Option<Spanned<u8>>,
+    answer_ping: Option<Spanned<bool>>,
     check: Option<Spanned<RawCheck>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
@@ -234,6 +239,8 @@ fn vip_field_span(vip: &Spanned<RawVip>, field: &str) -> Range<usize> {
         "address" => Some(raw.address.span()),
         "snat" => raw.snat.as_ref().map(Spanned::span),
         "snat_ports" => raw.snat_ports.as_ref().map(Spanned::span),
+        "affinity_prefix" => raw.affinity_prefix.as_ref().map(Spanned::span),
+        "answer_ping" => raw.answer_ping.as_ref().map(Spanned::span),
         f if f.starts_with("check") => raw.check.as_ref().map(Spanned::span),
         _ => None,
     };
@@ -336,6 +343,10 @@ fn convert_vip(report: &mut Report, vip: &Spanned<RawVip>) -> Option<VipSpec> {
         None => Some(DEFAULT_SNAT_PORTS),
         Some(range) => report.parse(range, &field("snat_ports"), parse_port_range),
     };
+    let affinity = match &raw.affinity {
+        None => Some(Affinity::Connection),
+        Some(text) => report.parse(text, &field("affinity"), Affinity::parse),
+    };
     let check = raw.check.as_ref().and_then(|c| convert_check(report, c, &format!("vip {name:?}")));
     let backends: Vec<Option<BackendSpec>> = raw
         .backend
@@ -371,6 +382,9 @@ fn convert_vip(report: &mut Report, vip: &Spanned<RawVip>) -> Option<VipSpec> {
         mode: mode?,
         snat,
         snat_ports: snat_ports?,
+        affinity: affinity?,
+        affinity_prefix: raw.affinity_prefix.as_ref().map(|p| *p.get_ref()),
+        answer_ping: raw.answer_ping.as_ref().is_none_or(|a| *a.get_ref()),
         check,
         backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
     })

@@ -74,6 +74,37 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// Which connections of a VIP share a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    /// Each connection is placed by its own 5-tuple.
+    #[default]
+    Connection,
+    /// Every connection of a client address (or, with `affinity_prefix`, of its network)
+    /// reaches the same backend.
+    Client,
+}
+
+impl Affinity {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "connection" => Ok(Affinity::Connection),
+            "client" => Ok(Affinity::Client),
+            other => Err(format!("unknown affinity {other:?}: expected \"connection\" or \"client\"")),
+        }
+    }
+}
+
+impl std::fmt::Display for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Affinity::Connection => "connection",
+            Affinity::Client => "client",
+        })
+    }
+}
+
 /// A health check, as data (run by the health-check engine).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckSpec {
@@ -152,6 +183,14 @@ pub struct VipSpec {
     /// NAT source ports, inclusive.
     pub snat_ports: (u16, u16),
     #[serde(default)]
+    pub affinity: Affinity,
+    /// Client affinity: how many leading bits of the client's address count (default: all).
+    #[serde(default)]
+    pub affinity_prefix: Option<u8>,
+    /// ICMP echo requests to the VIP's address are answered by the data plane.
+    #[serde(default = "answer_ping_default")]
+    pub answer_ping: bool,
+    #[serde(default)]
     pub check: Option<CheckSpec>,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
@@ -159,10 +198,28 @@ pub struct VipSpec {
 
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 65535);
 
+fn answer_ping_default() -> bool {
+    true
+}
+
 impl VipSpec {
     /// The identity of a VIP in the data plane.
     pub fn key(&self) -> (SocketAddr, Protocol) {
         (self.address, self.protocol)
+    }
+
+    /// The client-address prefix that places new flows, or `None` for per-connection placement.
+    pub fn client_affinity_prefix(&self) -> Option<u8> {
+        let full = if self.address.is_ipv4() { 32 } else { 128 };
+        (self.affinity == Affinity::Client).then(|| self.affinity_prefix.unwrap_or(full))
+    }
+
+    /// `connection`, `client`, or `client/24` with a prefix.
+    pub fn affinity_text(&self) -> String {
+        match self.affinity_prefix {
+            Some(prefix) if self.affinity == Affinity::Client => format!("client/{prefix}"),
+            _ => self.affinity.to_string(),
+        }
     }
 
     pub fn backend(&self, address: SocketAddr) -> Option<&BackendSpec> {
@@ -234,6 +291,34 @@ impl DesiredState {
             let (min, max) = vip.snat_ports;
             if min == 0 || min > max {
                 at(i, None, "snat_ports", format!("port range {min}-{max} must satisfy 1 <= first <= last"));
+            }
+            if let Some(prefix) = vip.affinity_prefix {
+                let full = if vip.address.is_ipv4() { 32 } else { 128 };
+                if vip.affinity != Affinity::Client {
+                    at(i, None, "affinity_prefix", "affinity_prefix applies to affinity = \"client\" only".into());
+                } else if prefix == 0 || prefix > full {
+                    at(
+                        i,
+                        None,
+                        "affinity_prefix",
+                        format!("prefix length {prefix} must be 1-{full} for this VIP's address family"),
+                    );
+                }
+            }
+            if let Some(other) =
+                self.vips[..i].iter().find(|o| o.address.ip() == vip.address.ip() && o.answer_ping != vip.answer_ping)
+            {
+                at(
+                    i,
+                    None,
+                    "answer_ping",
+                    format!(
+                        "answer_ping = {} differs from VIP {:?} on the same address {}: ping is answered per address",
+                        vip.answer_ping,
+                        other.name,
+                        vip.address.ip()
+                    ),
+                );
             }
             if let Some(check) = &vip.check {
                 check_problems(check, &mut |field, message| at(i, None, field, message));

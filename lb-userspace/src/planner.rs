@@ -4,7 +4,9 @@
 use crate::model::{BackendSpec, DesiredState, VipSpec};
 use anyhow::{Result, bail};
 use lb_common::maglev::MaglevBackend;
-use lb_common::maps::{BACKEND_USABLE, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, VipKey};
+use lb_common::maps::{
+    BACKEND_USABLE, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, VIP_ADDR_ANSWER_PING, VipAddr, VipAddrKey, VipKey,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -80,6 +82,19 @@ pub fn vip_key(vip: &VipSpec) -> VipKey {
         proto: vip.protocol.number(),
         family: family(vip.address.ip()),
     }
+}
+
+/// The `VIP_ADDRS` entries of a state: every VIP address that answers ping, once.
+pub fn vip_addresses(state: &DesiredState) -> Vec<(VipAddrKey, VipAddr)> {
+    let mut out: Vec<(VipAddrKey, VipAddr)> = Vec::new();
+    for vip in state.vips.iter().filter(|v| v.answer_ping) {
+        let ip = vip.address.ip();
+        let key = VipAddrKey { addr: addr16(ip), family: family(ip), _pad: [0; 3] };
+        if !out.iter().any(|(k, _)| *k == key) {
+            out.push((key, VipAddr { flags: VIP_ADDR_ANSWER_PING }));
+        }
+    }
+    out
 }
 
 pub fn addr16(ip: IpAddr) -> [u8; 16] {
@@ -209,6 +224,9 @@ mod tests {
             mode: Mode::Dsr,
             snat: None,
             snat_ports: DEFAULT_SNAT_PORTS,
+            affinity: Default::default(),
+            affinity_prefix: None,
+            answer_ping: true,
             check: None,
             backends,
         }

@@ -67,6 +67,12 @@ pub struct VipRow {
     pub address: String,
     pub protocol: String,
     pub mode: String,
+    /// "connection", "client" or "client/24": which connections share a backend.
+    #[serde(default)]
+    pub affinity: String,
+    /// Echo requests to the address are answered by the data plane.
+    #[serde(default)]
+    pub answer_ping: bool,
     pub snat: Option<String>,
     /// NAT: the source ports its flows take ("1024-32767"), clear of the host's own.
     #[serde(default)]

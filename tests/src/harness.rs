@@ -6,7 +6,7 @@ pub use lb::planner::{addr16, family};
 use lb_common::maglev::{MaglevBackend, build_table};
 use lb_common::maps::*;
 use lb_common::model::{ModelMaps, Outcome};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// A small ring keeps publishing fast; the logic does not depend on M.
 pub const TEST_RING_SIZE: u32 = 1021;
@@ -18,6 +18,10 @@ pub struct Harness {
 
 pub fn vip_key(addr: SocketAddr, proto: u8) -> VipKey {
     VipKey { addr: addr16(addr.ip()), port: addr.port().to_be(), proto, family: family(addr.ip()) }
+}
+
+pub fn vip_addr_key(ip: IpAddr) -> VipAddrKey {
+    VipAddrKey { addr: addr16(ip), family: family(ip), _pad: [0; 3] }
 }
 
 pub fn backend(addr: SocketAddr, mac: [u8; 6]) -> Backend {
@@ -92,6 +96,15 @@ impl Harness {
         let kernel = Outcome { reason: changed[0], action, packet };
         let model = self.model.process(frame);
         Ok((kernel, model))
+    }
+
+    /// Makes the addresses whose echo requests are answered exactly `addresses`, on both sides.
+    pub fn answer_ping_on(&mut self, addresses: &[IpAddr]) -> Result<()> {
+        let entries: Vec<(VipAddrKey, VipAddr)> =
+            addresses.iter().map(|&ip| (vip_addr_key(ip), VipAddr { flags: VIP_ADDR_ANSWER_PING })).collect();
+        self.dataplane.set_vip_addresses(&entries)?;
+        self.model.vip_addrs = entries.into_iter().collect();
+        Ok(())
     }
 
     /// Drops the connection-table entries of backend slot `index`, on both sides.

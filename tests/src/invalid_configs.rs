@@ -211,6 +211,25 @@ pub fn cases(instance: &str, b1: &str, b2: &str) -> Vec<(&'static str, String, S
             format!("{FILE}:15: vip \"web\": snat_ports: port range 2000-1000 must satisfy"),
         ),
         (
+            "unknown affinity",
+            edit(r#"mode = "nat""#, "mode = \"nat\"\naffinity = \"sticky\""),
+            format!(
+                "{FILE}:14: vip \"web\": affinity: unknown affinity \"sticky\": expected \"connection\" or \"client\""
+            ),
+        ),
+        (
+            "affinity prefix without client affinity",
+            edit(r#"snat = "10.0.0.2""#, "snat = \"10.0.0.2\"\naffinity_prefix = 24"),
+            format!("{FILE}:15: vip \"web\": affinity_prefix: affinity_prefix applies to affinity = \"client\" only"),
+        ),
+        (
+            "affinity prefix longer than the address",
+            edit(r#"snat = "10.0.0.2""#, "snat = \"10.0.0.2\"\naffinity = \"client\"\naffinity_prefix = 33"),
+            format!(
+                "{FILE}:16: vip \"web\": affinity_prefix: prefix length 33 must be 1-32 for this VIP's address family"
+            ),
+        ),
+        (
             "bad backend MAC",
             edit("weight = 1", "weight = 1\nmac = \"02:00:00:00:01\""),
             format!("{FILE}:20: vip \"web\" backend #1: mac: \"02:00:00:00:01\" is not a MAC address"),

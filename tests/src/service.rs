@@ -2,7 +2,7 @@
 
 use crate::topology::{SERVICE_PORT, SNAT_V4, Topology, VIP_V4};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 pub const TCP_VIP_PORT: u16 = 80;
@@ -37,7 +37,18 @@ pub fn nat_config(topology: &Topology, backends: usize, check: Option<&str>) -> 
 
 /// One short TCP exchange: connect, send a line, read the backend's name.
 pub fn tcp_request(vip: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let stream = TcpStream::connect_timeout(&vip, timeout)?;
+    exchange(TcpStream::connect_timeout(&vip, timeout)?, timeout)
+}
+
+/// As [`tcp_request`], from the client address `from` (one the calling namespace holds).
+pub fn tcp_request_from(from: IpAddr, vip: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(vip), socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&vip.into(), timeout)?;
+    exchange(socket.into(), timeout)
+}
+
+fn exchange(stream: TcpStream, timeout: Duration) -> std::io::Result<String> {
     stream.set_read_timeout(Some(timeout))?;
     (&stream).write_all(b"hello\n")?;
     let mut line = String::new();

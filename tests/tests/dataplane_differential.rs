@@ -38,16 +38,20 @@ fn setup(harness: &mut Harness) -> Vec<Vip> {
             .unwrap();
     }
     let mut vips = Vec::new();
-    for (slot, (addr, proto, mode)) in [
-        ("10.0.0.10:80", PROTO_TCP, MODE_DSR),
-        ("10.0.0.10:53", PROTO_UDP, MODE_DSR),
-        ("10.0.0.20:80", PROTO_TCP, MODE_NAT),
-        ("10.0.0.20:53", PROTO_UDP, MODE_NAT),
-        ("[fd00::10]:80", PROTO_TCP, MODE_DSR),
-        ("[fd00::10]:53", PROTO_UDP, MODE_DSR),
-        ("[fd00::20]:80", PROTO_TCP, MODE_NAT),
-        ("[fd00::20]:53", PROTO_UDP, MODE_NAT),
-        ("10.0.0.30:0", PROTO_TCP, MODE_DSR),
+    // The last three place new flows by client (network): client affinity.
+    for (slot, (addr, proto, mode, client_affinity)) in [
+        ("10.0.0.10:80", PROTO_TCP, MODE_DSR, None),
+        ("10.0.0.10:53", PROTO_UDP, MODE_DSR, None),
+        ("10.0.0.20:80", PROTO_TCP, MODE_NAT, None),
+        ("10.0.0.20:53", PROTO_UDP, MODE_NAT, None),
+        ("[fd00::10]:80", PROTO_TCP, MODE_DSR, None),
+        ("[fd00::10]:53", PROTO_UDP, MODE_DSR, None),
+        ("[fd00::20]:80", PROTO_TCP, MODE_NAT, None),
+        ("[fd00::20]:53", PROTO_UDP, MODE_NAT, None),
+        ("10.0.0.30:0", PROTO_TCP, MODE_DSR, None),
+        ("10.0.0.40:80", PROTO_TCP, MODE_NAT, Some(30)),
+        ("[fd00::40]:53", PROTO_UDP, MODE_DSR, Some(126)),
+        ("10.0.0.50:0", PROTO_UDP, MODE_NAT, Some(32)),
     ]
     .into_iter()
     .enumerate()
@@ -63,6 +67,7 @@ fn setup(harness: &mut Harness) -> Vec<Vip> {
             snat_addr: addr16(snat),
             snat_port_min: 30000,
             snat_port_max: 30400,
+            client_affinity,
         };
         let backends: Vec<u32> = if v4 { vec![1, 2, 3] } else { vec![11, 12, 13] };
         let key = vip_key(addr, proto);
@@ -79,6 +84,13 @@ fn random_valid(rng: &mut StdRng, vips: &[Vip]) -> Frame {
     } else {
         IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, rng.random_range(1..40)])
     };
+    if rng.random_bool(0.05) {
+        // ICMP to a VIP's address: echo requests (answered where ping is on), replies, errors.
+        let mut frame = Frame::echo_request(client, vip.addr.ip(), rng.random(), rng.random());
+        frame.icmp_type = *[frame.icmp_type, frame.icmp_type, 0, 3, 129, rng.random()].choose(rng).unwrap();
+        frame.payload = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
+        return frame;
+    }
     let sport = rng.random_range(1024..1100);
     let dport = if vip.addr.port() == 0 { rng.random_range(1..100) } else { vip.addr.port() };
     let mut frame = if vip.proto == PROTO_TCP {
@@ -131,6 +143,8 @@ fn random_packets_agree_with_the_reference_model() {
     let started = kernel_clock_ticks();
     let mut harness = Harness::new().unwrap();
     let mut vips = setup(&mut harness);
+    // Ping is answered on some VIP addresses only.
+    harness.answer_ping_on(&[ip("10.0.0.10"), ip("fd00::20"), ip("10.0.0.50")]).unwrap();
     let mut rng = StdRng::seed_from_u64(0x1b_2026);
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let mut mismatches = Vec::new();
@@ -225,6 +239,8 @@ fn random_packets_agree_with_the_reference_model() {
         Reason::PassBadHeader,
         Reason::PassNotVip,
         Reason::DropNatPorts,
+        Reason::TxPingReply,
+        Reason::PassUnknownL4,
     ] {
         assert!(
             by_reason.get(&(reason as u32)).copied().unwrap_or(0) > 50,

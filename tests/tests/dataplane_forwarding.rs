@@ -77,6 +77,7 @@ fn harness_with(setups: &[Setup]) -> Harness {
             snat_addr: addr16(setup.snat),
             snat_port_min: 20000,
             snat_port_max: 60000,
+            client_affinity: None,
         };
         let indexes: Vec<u32> = setup.backends.iter().map(|(i, _)| *i).collect();
         harness.publish_vip(&vip_key(setup.vip, setup.proto), &forwarding, &indexes).unwrap();
@@ -113,6 +114,7 @@ fn ipv4_tcp(mode: u8) -> (Vec<Setup>, Harness, VipForwarding) {
         snat_addr: addr16(setups[0].snat),
         snat_port_min: 20000,
         snat_port_max: 60000,
+        client_affinity: None,
     };
     (setups, harness, forwarding)
 }
@@ -382,8 +384,14 @@ fn vip_without_backends_drops_and_counts() {
     let setups: Vec<Setup> = setups().into_iter().take(1).collect();
     let mut harness = harness_with(&setups);
     let setup = &setups[0];
-    let forwarding =
-        VipForwarding { vip_index: 0, mode: setup.mode, snat_addr: [0; 16], snat_port_min: 1, snat_port_max: 2 };
+    let forwarding = VipForwarding {
+        vip_index: 0,
+        mode: setup.mode,
+        snat_addr: [0; 16],
+        snat_port_min: 1,
+        snat_port_max: 2,
+        client_affinity: None,
+    };
     harness.publish_vip(&vip_key(setup.vip, setup.proto), &forwarding, &[]).unwrap();
     for sport in 43000..43010u16 {
         let (kernel, model) = harness.run(&client_frame(setup, client_ip(setup), sport).bytes()).unwrap();
@@ -406,6 +414,7 @@ fn any_port_vip_takes_every_port_and_exact_port_wins() {
         snat_addr: [0; 16],
         snat_port_min: 0,
         snat_port_max: 0,
+        client_affinity: None,
     };
     harness.publish_vip(&vip_key(sock("10.0.0.30:0"), PROTO_TCP), &dsr(0), &[1]).unwrap();
     harness.publish_vip(&vip_key(sock("10.0.0.30:443"), PROTO_TCP), &dsr(1), &[2]).unwrap();
@@ -470,6 +479,7 @@ fn forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_for_its_
             snat_addr: addr16(ip("10.0.0.2")),
             snat_port_min: 20000,
             snat_port_max: 60000,
+            client_affinity: None,
         };
         harness.publish_vip(&vip_key(*vip, PROTO_TCP), &forwarding, &[*index]).unwrap();
     }
@@ -527,4 +537,88 @@ fn forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_for_its_
     assert_eq!(kernel, model);
     let (_, nat_port, _, backend_port) = flow_of(&kernel.packet);
     assert!(!ports_before.contains(&(backend_port, nat_port)), "a new flow took the reserved NAT port {nat_port}");
+}
+
+#[test]
+fn client_affinity_sends_every_flow_of_a_client_to_one_backend_with_ports_of_their_own() {
+    if !require_root("client_affinity_sends_every_flow_of_a_client_to_one_backend_with_ports_of_their_own") {
+        return;
+    }
+    let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
+    let setup = &setups[0];
+    let members: Vec<u32> = setup.backends.iter().map(|b| b.0).collect();
+    let key = vip_key(setup.vip, setup.proto);
+    let backend_of = |packet: &[u8]| flow_of(packet).2;
+    // Narrow ports: clients' flows share a slot, never their port candidates.
+    let sticky = VipForwarding { client_affinity: Some(32), snat_port_min: 20000, snat_port_max: 20199, ..forwarding };
+    harness.publish_vip(&key, &sticky, &members).unwrap();
+    let run = |harness: &mut Harness, frame: &Frame| {
+        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+        assert_eq!(kernel, model);
+        assert_eq!(kernel.reason, Reason::TxForward);
+        kernel.packet
+    };
+    let client = client_ip(setup);
+    let flows: Vec<Vec<u8>> = (0..100).map(|i| run(&mut harness, &client_frame(setup, client, 30000 + i))).collect();
+    let backends: std::collections::HashSet<IpAddr> = flows.iter().map(|p| backend_of(p)).collect();
+    assert_eq!(backends.len(), 1, "one client's 100 flows went to {backends:?}");
+    let ports: std::collections::HashSet<u16> = flows.iter().map(|p| flow_of(p).1).collect();
+    assert_eq!(ports.len(), 100, "every flow has its own NAT port");
+
+    // Other clients spread over all three backends; each sticks whatever its ports.
+    let mut seen = std::collections::HashSet::new();
+    for host in 1..=60u8 {
+        let other = IpAddr::from([192, 0, 2, host]);
+        let first = backend_of(&run(&mut harness, &client_frame(setup, other, 40000)));
+        assert_eq!(backend_of(&run(&mut harness, &client_frame(setup, other, 40001))), first);
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 3, "60 clients reached only {seen:?}");
+
+    // A /24 prefix: the whole client network on one backend.
+    let grouped = VipForwarding { client_affinity: Some(24), ..sticky };
+    harness.publish_vip(&key, &grouped, &members).unwrap();
+    let network: std::collections::HashSet<IpAddr> = (100..160u8)
+        .map(|host| backend_of(&run(&mut harness, &client_frame(setup, IpAddr::from([192, 0, 2, host]), 41000))))
+        .collect();
+    assert_eq!(network.len(), 1, "192.0.2.0/24 went to {network:?}");
+}
+
+#[test]
+fn echo_requests_to_a_vip_address_are_answered_in_place() {
+    if !require_root("echo_requests_to_a_vip_address_are_answered_in_place") {
+        return;
+    }
+    let setups = setups();
+    let mut harness = harness_with(&setups);
+    let (v4_vip, v6_vip) = (ip("10.0.0.20"), ip("fd00::20"));
+    harness.answer_ping_on(&[v4_vip, v6_vip]).unwrap();
+    let run = |harness: &mut Harness, frame: &Frame| {
+        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+        assert_eq!(kernel, model);
+        kernel
+    };
+    for (client, vip) in [(ip("192.0.2.7"), v4_vip), (ip("2001:db8::7"), v6_vip)] {
+        let mut request = Frame::echo_request(client, vip, 0x1234, 7);
+        (request.src_mac, request.dst_mac, request.ttl) = (CLIENT_MAC, LB_MAC, 57);
+        let answered = run(&mut harness, &request);
+        assert_eq!((answered.reason, answered.action), (Reason::TxPingReply, XDP_TX), "{vip}");
+        let mut reply = request.clone();
+        (reply.src, reply.dst, reply.src_mac, reply.dst_mac, reply.ttl) = (vip, client, LB_MAC, CLIENT_MAC, 64);
+        reply.icmp_type = if vip.is_ipv4() { 0 } else { 129 };
+        assert_eq!(answered.packet, reply.bytes(), "{vip}: the echo reply, identifier, sequence and data kept");
+        verify_checksums(&answered.packet).unwrap();
+
+        // Other ICMP to the VIP address, and echo requests to other addresses, go to the kernel.
+        let unreachable = Frame { icmp_type: if vip.is_ipv4() { 3 } else { 1 }, ..request.clone() };
+        assert_eq!(run(&mut harness, &unreachable).reason, Reason::PassUnknownL4);
+        let elsewhere = Frame { dst: if vip.is_ipv4() { ip("10.0.0.99") } else { ip("fd00::99") }, ..request.clone() };
+        assert_eq!(run(&mut harness, &elsewhere).reason, Reason::PassNotVip);
+    }
+    // Switched off: the kernel gets them.
+    harness.answer_ping_on(&[v6_vip]).unwrap();
+    let request = Frame::echo_request(ip("192.0.2.7"), v4_vip, 1, 1);
+    assert_eq!(run(&mut harness, &request).reason, Reason::PassNotVip);
+    let request = Frame::echo_request(ip("2001:db8::7"), v6_vip, 1, 1);
+    assert_eq!(run(&mut harness, &request).reason, Reason::TxPingReply);
 }

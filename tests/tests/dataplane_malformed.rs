@@ -25,6 +25,12 @@ fn v6_tcp() -> Vec<u8> {
 fn v6_udp() -> Vec<u8> {
     Frame::udp(ip("2001:db8::1"), 1234, ip("fd00::10"), 53).bytes()
 }
+fn v4_ping() -> Vec<u8> {
+    Frame::echo_request(ip("192.0.2.1"), ip("10.0.0.10"), 1, 1).bytes()
+}
+fn v6_ping() -> Vec<u8> {
+    Frame::echo_request(ip("2001:db8::1"), ip("fd00::10"), 1, 1).bytes()
+}
 fn with(mut bytes: Vec<u8>, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     edit(&mut bytes);
     bytes
@@ -133,6 +139,39 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
         ),
         ("IPv6 TCP to the VIP", v6_tcp(), TxForward),
         ("IPv6 UDP to the VIP", v6_udp(), TxForward),
+        ("IPv4 echo request to the VIP address", v4_ping(), TxPingReply),
+        ("IPv6 echo request to the VIP address", v6_ping(), TxPingReply),
+        (
+            "IPv4 echo request cut inside the ICMP header",
+            with(v4_ping(), |b| {
+                b.truncate(L4_V4 + 6);
+                set16(b, IP + ipv4::TOTAL_LEN, 26)
+            }),
+            PassTruncated,
+        ),
+        (
+            "IPv4 echo request, total length ends in the ICMP header",
+            with(v4_ping(), |b| set16(b, IP + ipv4::TOTAL_LEN, 24)),
+            PassTruncated,
+        ),
+        (
+            "IPv6 echo request cut inside the ICMPv6 header",
+            with(v6_ping(), |b| {
+                b.truncate(L4_V6 + 4);
+                set16(b, IP + ipv6::PAYLOAD_LEN, 4)
+            }),
+            PassTruncated,
+        ),
+        ("ICMPv6 in an IPv4 header", with(v4_ping(), |b| b[IP + ipv4::PROTO] = 58), PassUnknownL4),
+        ("ICMP (IPv4's) in an IPv6 header", with(v6_ping(), |b| b[IP + ipv6::NEXT_HEADER] = 1), PassUnknownL4),
+        ("IPv4 echo reply to the VIP address", with(v4_ping(), |b| b[L4_V4] = 0), PassUnknownL4),
+        ("IPv6 echo reply to the VIP address", with(v6_ping(), |b| b[L4_V6] = 129), PassUnknownL4),
+        ("IPv4 echo request, first fragment", with(v4_ping(), |b| set16(b, IP + ipv4::FRAG, 0x2000)), PassFragment),
+        (
+            "IPv4 echo request to another address",
+            Frame::echo_request(ip("192.0.2.1"), ip("10.0.0.99"), 1, 1).bytes(),
+            PassNotVip,
+        ),
         ("IPv4 to another address", Frame::tcp(ip("192.0.2.1"), 1, ip("10.0.0.99"), 80).bytes(), PassNotVip),
         ("IPv4 to the VIP on another port", Frame::tcp(ip("192.0.2.1"), 1, ip("10.0.0.10"), 81).bytes(), PassNotVip),
         ("IPv4 UDP to a TCP-only VIP port", Frame::udp(ip("192.0.2.1"), 1, ip("10.0.0.10"), 80).bytes(), PassNotVip),
@@ -154,11 +193,14 @@ fn malformed_and_foreign_packets_get_their_expected_verdict() {
         snat_addr: addr16(ip("10.0.0.2")),
         snat_port_min: 1,
         snat_port_max: 2,
+        client_affinity: None,
     };
     harness.publish_vip(&vip_key("10.0.0.10:80".parse().unwrap(), PROTO_TCP), &dsr(0), &[1]).unwrap();
     harness.publish_vip(&vip_key("10.0.0.10:53".parse().unwrap(), PROTO_UDP), &dsr(1), &[1]).unwrap();
     harness.publish_vip(&vip_key("[fd00::10]:80".parse().unwrap(), PROTO_TCP), &dsr(2), &[2]).unwrap();
     harness.publish_vip(&vip_key("[fd00::10]:53".parse().unwrap(), PROTO_UDP), &dsr(3), &[2]).unwrap();
+
+    harness.answer_ping_on(&[ip("10.0.0.10"), ip("fd00::10")]).unwrap();
 
     let cases = cases();
     assert!(cases.len() >= 30);

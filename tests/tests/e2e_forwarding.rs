@@ -70,6 +70,7 @@ impl Lab {
                 snat_addr: addr16(snat),
                 snat_port_min: 20000,
                 snat_port_max: 60000,
+                client_affinity: None,
             };
             self.dataplane.publish_vip(&vip_key(self.vip(), proto), &forwarding, &table).unwrap();
         }

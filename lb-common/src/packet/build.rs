@@ -1,8 +1,10 @@
 //! Builds well-formed Ethernet/IP/TCP-or-UDP frames and verifies checksums (tests, benchmarks).
 
-use super::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, ipv4, ipv6, l4};
+use super::{
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, icmp, ipv4, ipv6, l4,
+};
 use crate::csum::{add_words, fold, udp_nonzero};
-use crate::maps::{PROTO_TCP, PROTO_UDP};
+use crate::maps::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use std::net::IpAddr;
 
 pub const TCP_SYN: u8 = 0x02;
@@ -19,6 +21,8 @@ pub struct Frame {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    /// ICMP/ICMPv6: the type; `sport` carries the echo identifier, `dport` the sequence number.
+    pub icmp_type: u8,
     pub ttl: u8,
     /// Extra IPv4 header bytes (options, multiple of 4, at most 40).
     pub ipv4_options: Vec<u8>,
@@ -36,6 +40,7 @@ impl Frame {
             sport,
             dport,
             tcp_flags: TCP_SYN,
+            icmp_type: 0,
             ttl: 64,
             ipv4_options: Vec::new(),
             payload: Vec::new(),
@@ -44,6 +49,13 @@ impl Frame {
 
     pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Self {
         Self { proto: PROTO_UDP, tcp_flags: 0, payload: b"ping".to_vec(), ..Self::tcp(src, sport, dst, dport) }
+    }
+
+    /// An echo request: ICMP for IPv4 addresses, ICMPv6 for IPv6.
+    pub fn echo_request(src: IpAddr, dst: IpAddr, id: u16, seq: u16) -> Self {
+        let (proto, icmp_type) =
+            if src.is_ipv4() { (PROTO_ICMP, icmp::ECHO_REQUEST_V4) } else { (PROTO_ICMPV6, icmp::ECHO_REQUEST_V6) };
+        Self { proto, icmp_type, tcp_flags: 0, payload: b"0123456789abcdef".to_vec(), ..Self::tcp(src, id, dst, seq) }
     }
 
     pub fn bytes(&self) -> Vec<u8> {
@@ -86,6 +98,16 @@ impl Frame {
     }
 
     fn l4_segment(&self) -> Vec<u8> {
+        if matches!(self.proto, PROTO_ICMP | PROTO_ICMPV6) {
+            let mut seg = vec![0u8; ICMP_HLEN];
+            seg[icmp::TYPE] = self.icmp_type;
+            seg[4..6].copy_from_slice(&self.sport.to_be_bytes());
+            seg[6..8].copy_from_slice(&self.dport.to_be_bytes());
+            seg.extend_from_slice(&self.payload);
+            let check = !fold(add_words(icmp_pseudo_header_sum(self.src, self.dst, self.proto, seg.len()), &seg));
+            seg[icmp::CHECK..icmp::CHECK + 2].copy_from_slice(&check.to_ne_bytes());
+            return seg;
+        }
         let mut seg = match self.proto {
             PROTO_TCP => {
                 let mut h = vec![0u8; TCP_MIN_HLEN];
@@ -135,7 +157,12 @@ pub fn pseudo_header_sum(src: IpAddr, dst: IpAddr, proto: u8, l4_len: usize) -> 
     add_words(sum, &(l4_len as u32).to_be_bytes())
 }
 
-/// Checks the IPv4 header checksum (if IPv4) and the TCP/UDP checksum of an Ethernet frame.
+/// The pseudo-header sum of an ICMP message: none for ICMP (IPv4), the usual one for ICMPv6.
+fn icmp_pseudo_header_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
+    if proto == PROTO_ICMP { 0 } else { pseudo_header_sum(src, dst, proto, len) }
+}
+
+/// Checks the IPv4 header checksum (if IPv4) and the TCP/UDP/ICMP checksum of an Ethernet frame.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
     let (src, dst, proto, l4_start, l4_end): (IpAddr, IpAddr, u8, usize, usize) = match ethertype {
@@ -163,7 +190,12 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     if proto == PROTO_UDP && src.is_ipv4() && u16::from_ne_bytes([seg[6], seg[7]]) == 0 {
         return Ok(()); // IPv4 UDP without checksum
     }
-    if fold(add_words(pseudo_header_sum(src, dst, proto, seg.len()), seg)) != 0xffff {
+    let pseudo = if matches!(proto, PROTO_ICMP | PROTO_ICMPV6) {
+        icmp_pseudo_header_sum(src, dst, proto, seg.len())
+    } else {
+        pseudo_header_sum(src, dst, proto, seg.len())
+    };
+    if fold(add_words(pseudo, seg)) != 0xffff {
         return Err(format!("L4 checksum (protocol {proto}) is wrong"));
     }
     Ok(())
@@ -182,6 +214,8 @@ mod tests {
             Frame::tcp(v4("2001:db8::1"), 40000, v4("fd00::10"), 80),
             Frame::udp(v4("2001:db8::1"), 40000, v4("fd00::10"), 53),
             Frame { ipv4_options: vec![1, 1, 1, 0], ..Frame::tcp(v4("192.0.2.1"), 1, v4("10.0.0.10"), 2) },
+            Frame::echo_request(v4("192.0.2.1"), v4("10.0.0.10"), 7, 1),
+            Frame::echo_request(v4("2001:db8::1"), v4("fd00::10"), 7, 1),
         ] {
             let bytes = frame.bytes();
             verify_checksums(&bytes).unwrap();

@@ -42,6 +42,12 @@ fn vip_changes(old: &VipSpec, new: &VipSpec, out: &mut Vec<String>) {
             old.snat, old.snat_ports, new.snat, new.snat_ports
         ));
     }
+    if (old.affinity, old.affinity_prefix) != (new.affinity, new.affinity_prefix) {
+        out.push(format!("~ vip {name}: affinity {} -> {}", old.affinity_text(), new.affinity_text()));
+    }
+    if old.answer_ping != new.answer_ping {
+        out.push(format!("~ vip {name}: answer_ping {} -> {}", old.answer_ping, new.answer_ping));
+    }
     if old.check != new.check {
         out.push(format!("~ vip {name}: health check changed"));
     }

@@ -193,12 +193,7 @@ impl Daemon {
             let ports = plan.nat_ports.get(&id).copied().unwrap_or(vip.snat_ports);
             let forwarding = forwarding(vip, plan.slots.vip(vip).context("VIP without a slot")?, ports);
             let meta = self.dataplane.vip(&key)?;
-            let same_forwarding = meta.is_some_and(|m| {
-                m.vip_index == forwarding.vip_index
-                    && m.mode == forwarding.mode
-                    && m.snat_addr == forwarding.snat_addr
-                    && (m.snat_port_min, m.snat_port_max) == (forwarding.snat_port_min, forwarding.snat_port_max)
-            });
+            let same_forwarding = meta.is_some_and(|m| forwarding.meta(m.ring_offset, m.ring_size) == m);
             if same_forwarding && self.published.get(&id) == Some(&table) {
                 self.built_from.insert(id, members);
                 continue;
@@ -217,6 +212,7 @@ impl Daemon {
             self.published.insert(id.clone(), table);
             self.built_from.insert(id, members);
         }
+        self.dataplane.set_vip_addresses(&crate::planner::vip_addresses(&plan.state))?;
         // Entries made under another mode would be misused (a DSR entry carries no NAT port).
         for vip in &plan.state.vips {
             let Some(before) = self.state.vips.iter().find(|o| vip_id(o) == vip_id(vip)) else { continue };
@@ -470,6 +466,7 @@ fn forwarding(vip: &VipSpec, vip_index: u32, (snat_port_min, snat_port_max): (u1
         snat_addr: vip.snat.map(addr16).unwrap_or([0; 16]),
         snat_port_min,
         snat_port_max,
+        client_affinity: vip.client_affinity_prefix(),
     }
 }
 

@@ -4,12 +4,12 @@ use super::{Daemon, Sample};
 use crate::api::{Request, Response};
 use crate::config;
 use crate::dataplane::FlowRoute;
-use crate::model::{DesiredState, Protocol};
+use crate::model::{DesiredState, Protocol, VipSpec};
 use crate::planner::{addr16, backend_id, family};
 use crate::report::*;
 use anyhow::{Result, anyhow, bail};
 use lb_common::maps::{FlowKey, Traffic};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 impl Daemon {
     pub fn handle(&mut self, request: Request) -> Response {
@@ -176,6 +176,8 @@ impl Daemon {
                 address: vip.address.to_string(),
                 protocol: vip.protocol.to_string(),
                 mode: vip.mode.to_string(),
+                affinity: vip.affinity_text(),
+                answer_ping: vip.answer_ping,
                 snat: vip.snat.map(|s| s.to_string()),
                 snat_ports: self.nat_ports.get(&crate::planner::vip_id(vip)).map(|(a, b)| format!("{a}-{b}")),
                 backends: vip.backends.len(),
@@ -365,7 +367,10 @@ impl Daemon {
             FlowRoute::Maglev { hash, slot, ring_size, backend: Some(index) } => (
                 "maglev".to_string(),
                 backend_at(index),
-                format!("a new flow: hash {hash:#010x}, Maglev slot {slot} of {ring_size}, backend slot {index}"),
+                format!(
+                    "a new flow{}: hash {hash:#010x}, Maglev slot {slot} of {ring_size}, backend slot {index}",
+                    placed_by(vip, src.ip())
+                ),
             ),
             FlowRoute::Maglev { hash, slot, ring_size, backend: None } => (
                 "no backend".to_string(),
@@ -376,5 +381,17 @@ impl Daemon {
             ),
         };
         Ok(Explanation { vip: vip.map(|v| v.name.clone()), backend, decided_by, detail })
+    }
+}
+
+/// How a new flow of `client` is placed, as words after "a new flow": nothing for per-connection
+/// placement, the client (network) for client affinity.
+fn placed_by(vip: Option<&VipSpec>, client: IpAddr) -> String {
+    let Some(prefix) = vip.and_then(VipSpec::client_affinity_prefix) else { return String::new() };
+    match ipnet::IpNet::new(client, prefix) {
+        Ok(net) if prefix < net.max_prefix_len() => {
+            format!(" of client network {} (client affinity: every connection from it goes alike)", net.trunc())
+        }
+        _ => format!(" of client {client} (client affinity: every connection from it goes alike)"),
     }
 }

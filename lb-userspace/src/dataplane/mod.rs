@@ -18,7 +18,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, Pod};
-use lb_common::hash::flow_hash;
+use lb_common::hash::{flow_hash, placement_hash};
 use lb_common::maps::*;
 use ring::RingMemory;
 use std::os::fd::AsFd;
@@ -67,6 +67,27 @@ pub struct VipForwarding {
     pub snat_addr: [u8; 16],
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// Client affinity: the prefix length of the client address that places new flows; `None`
+    /// places each connection by its own 5-tuple.
+    pub client_affinity: Option<u8>,
+}
+
+impl VipForwarding {
+    /// The VIP's entry in `VIPS` with its active ring at `ring_offset`.
+    pub fn meta(&self, ring_offset: u32, ring_size: u32) -> VipMeta {
+        VipMeta {
+            vip_index: self.vip_index,
+            ring_offset,
+            ring_size,
+            mode: self.mode,
+            flags: if self.client_affinity.is_some() { VIP_AFFINITY_CLIENT } else { 0 },
+            affinity_prefix: self.client_affinity.unwrap_or(0),
+            _pad: 0,
+            snat_addr: self.snat_addr,
+            snat_port_min: self.snat_port_min,
+            snat_port_max: self.snat_port_max,
+        }
+    }
 }
 
 /// Why a flow goes where it goes (`lb explain`).
@@ -208,17 +229,7 @@ impl Dataplane {
         let active = self.vip(key)?.map(|meta| meta.ring_offset);
         let inactive = if active == Some(base) { base + ring_size } else { base };
         self.rings.write(inactive, table)?;
-        let meta = VipMeta {
-            vip_index: forwarding.vip_index,
-            ring_offset: inactive,
-            ring_size,
-            mode: forwarding.mode,
-            flags: 0,
-            _pad: [0; 2],
-            snat_addr: forwarding.snat_addr,
-            snat_port_min: forwarding.snat_port_min,
-            snat_port_max: forwarding.snat_port_max,
-        };
+        let meta = forwarding.meta(inactive, ring_size);
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> = HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIPS)?)?;
         vips.insert(key, meta, 0).context("publishing the VIP")?;
         Ok(())
@@ -246,6 +257,27 @@ impl Dataplane {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(anyhow::Error::from(e).context("removing the VIP")),
         }
+    }
+
+    /// Makes `VIP_ADDRS` hold exactly `wanted`: entries are added or changed first, then the
+    /// ones no longer wanted removed.
+    pub fn set_vip_addresses(&mut self, wanted: &[(VipAddrKey, VipAddr)]) -> Result<()> {
+        let mut addrs: HashMap<&mut MapData, VipAddrKey, VipAddr> =
+            HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIP_ADDRS)?)?;
+        for (key, value) in wanted {
+            if not_found_is_none(addrs.get(key, 0))? != Some(*value) {
+                addrs.insert(key, value, 0).context("writing a VIP address")?;
+            }
+        }
+        let stale: Vec<VipAddrKey> =
+            addrs.keys().filter_map(|k| k.ok()).filter(|k| !wanted.iter().any(|(w, _)| w == k)).collect();
+        for key in stale {
+            match addrs.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(anyhow::Error::from(e).context("removing a VIP address")),
+            }
+        }
+        Ok(())
     }
 
     /// Drops the connection-table entries of backend slot `index`: those flows are placed anew
@@ -313,7 +345,7 @@ impl Dataplane {
         {
             return Ok(FlowRoute::ConnectionTable { backend: conn.backend });
         }
-        let hash = flow_hash(flow);
+        let hash = placement_hash(flow, flow_hash(flow), &meta);
         let slot = hash % meta.ring_size.max(1);
         let backend = self.rings.read(meta.ring_offset + slot).filter(|&b| b != NO_BACKEND);
         Ok(FlowRoute::Maglev { hash, slot, ring_size: meta.ring_size, backend })

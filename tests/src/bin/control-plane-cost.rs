@@ -31,8 +31,14 @@ fn main() -> Result<()> {
         let addr: SocketAddr = format!("10.{}.{}.{}:80", 1 + i / 65536, (i / 256) % 256, i % 256).parse()?;
         dataplane.set_backend(i, &backend(addr, [2, 0, 0, 0, 0, 1]))?;
     }
-    let forwarding =
-        VipForwarding { vip_index: 0, mode: MODE_DSR, snat_addr: [0; 16], snat_port_min: 1, snat_port_max: 2 };
+    let forwarding = VipForwarding {
+        vip_index: 0,
+        mode: MODE_DSR,
+        snat_addr: [0; 16],
+        snat_port_min: 1,
+        snat_port_max: 2,
+        client_affinity: None,
+    };
     for n in [10u32, 100, 1_000, 10_000] {
         let list = members(n);
         let mut builds = Vec::new();

@@ -74,6 +74,7 @@ fn dataplane_for(case: &Case, iterations: u32) -> Result<Dataplane> {
         snat_addr: addr16(snat(case.v6)),
         snat_port_min: 1024,
         snat_port_max: 65535,
+        client_affinity: None,
     };
     dataplane.publish_vip(&vip_key(vip_addr(case.v6), case.proto), &forwarding, &table)?;
     Ok(dataplane)
