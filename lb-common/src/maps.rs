@@ -131,9 +131,15 @@ pub enum Reason {
     PassOtherHost = 12,
     /// An ICMP echo request to a VIP address, answered by the program.
     TxPingReply = 13,
+    /// An ICMP error about a VIP flow, sent to the flow's backend (translated in NAT mode).
+    TxIcmpToBackend = 14,
+    /// An ICMP error about a NAT flow's packet to its backend, translated for the client.
+    TxIcmpToClient = 15,
+    /// An ICMP error that quotes no flow of a VIP (or quotes ICMP, or a later fragment).
+    PassIcmpNoFlow = 16,
 }
 
-pub const REASON_COUNT: u32 = 14;
+pub const REASON_COUNT: u32 = 17;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -151,6 +157,9 @@ impl Reason {
         Reason::DropInternal,
         Reason::PassOtherHost,
         Reason::TxPingReply,
+        Reason::TxIcmpToBackend,
+        Reason::TxIcmpToClient,
+        Reason::PassIcmpNoFlow,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -169,13 +178,20 @@ impl Reason {
             Reason::DropInternal => "drop_internal",
             Reason::PassOtherHost => "pass_other_host",
             Reason::TxPingReply => "tx_ping_reply",
+            Reason::TxIcmpToBackend => "tx_icmp_to_backend",
+            Reason::TxIcmpToClient => "tx_icmp_to_client",
+            Reason::PassIcmpNoFlow => "pass_icmp_no_flow",
         }
     }
 
     /// The XDP verdict that goes with the reason.
     pub const fn xdp_action(self) -> u32 {
         match self {
-            Reason::TxForward | Reason::TxNatReply | Reason::TxPingReply => XDP_TX,
+            Reason::TxForward
+            | Reason::TxNatReply
+            | Reason::TxPingReply
+            | Reason::TxIcmpToBackend
+            | Reason::TxIcmpToClient => XDP_TX,
             Reason::DropNoBackend | Reason::DropNatPorts | Reason::DropInternal => XDP_DROP,
             _ => XDP_PASS,
         }

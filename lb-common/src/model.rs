@@ -10,10 +10,12 @@ use crate::hash::{flow_hash, placement_hash};
 use crate::maps::*;
 use crate::nat;
 use crate::packet::{
-    DEFAULT_TTL, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, TCP_FLAG_FIN, TCP_FLAG_RST,
-    TCP_MIN_HLEN, UDP_HLEN, icmp, icmp_protocol, ipv4, ipv6, is_ipv4_fragment, is_ipv6_extension, l4, opens_connection,
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_MIN_HLEN,
+    UDP_HLEN, icmp, icmp_protocol, ipv4, ipv6, is_ipv4_fragment, is_ipv6_extension, l4, opens_connection,
 };
 use std::collections::HashMap;
+
+mod relay;
 
 /// The maps as the model sees them.
 #[derive(Clone, Debug, Default)]
@@ -53,6 +55,8 @@ struct Parsed {
     tcp_flags: u8,
     /// ICMP (of the packet's family): the type; 0 otherwise.
     icmp_type: u8,
+    /// Where the IP packet ends (before any padding of the frame).
+    l4_end: usize,
 }
 
 impl ModelMaps {
@@ -76,7 +80,7 @@ impl ModelMaps {
         }
         let parsed = parse(packet)?;
         if parsed.flow.proto == icmp_protocol(parsed.family) {
-            return self.answer_ping(packet, &parsed);
+            return self.icmp(packet, &parsed);
         }
         let vip = self.find_vip(&parsed.flow);
         let Some(vip) = vip else {
@@ -107,48 +111,6 @@ impl ModelMaps {
         }
         set_macs(packet, backend.mac);
         Ok(Reason::TxForward)
-    }
-
-    /// An echo request to an address whose VIPs answer ping becomes the echo reply, in place.
-    fn answer_ping(&self, p: &mut [u8], parsed: &Parsed) -> Result<Reason, Reason> {
-        let v4 = parsed.family == FAMILY_V4;
-        let (request, reply) = if v4 {
-            (icmp::ECHO_REQUEST_V4, icmp::ECHO_REPLY_V4)
-        } else {
-            (icmp::ECHO_REQUEST_V6, icmp::ECHO_REPLY_V6)
-        };
-        if parsed.icmp_type != request {
-            return Err(Reason::PassUnknownL4);
-        }
-        let key = VipAddrKey { addr: parsed.flow.dst, family: parsed.family, _pad: [0; 3] };
-        if self.vip_addrs.get(&key).is_none_or(|a| a.flags & VIP_ADDR_ANSWER_PING == 0) {
-            return Err(Reason::PassNotVip);
-        }
-        let at = parsed.l4_off;
-        let code = p[at + icmp::CODE];
-        let check = replace_u16(
-            get16(p, at + icmp::CHECK),
-            u16::from_ne_bytes([request, code]),
-            u16::from_ne_bytes([reply, code]),
-        );
-        p[at + icmp::TYPE] = reply;
-        put16(p, at + icmp::CHECK, check);
-        let (src, dst) = (parsed.flow.src, parsed.flow.dst);
-        if v4 {
-            let ttl_word = get16(p, ETH_HLEN + ipv4::TTL);
-            let new_word = u16::from_ne_bytes([DEFAULT_TTL, p[ETH_HLEN + ipv4::PROTO]]);
-            put16(p, ETH_HLEN + ipv4::CHECK, replace_u16(get16(p, ETH_HLEN + ipv4::CHECK), ttl_word, new_word));
-            p[ETH_HLEN + ipv4::TTL] = DEFAULT_TTL;
-            p[ETH_HLEN + ipv4::SRC..][..4].copy_from_slice(&dst[..4]);
-            p[ETH_HLEN + ipv4::DST..][..4].copy_from_slice(&src[..4]);
-        } else {
-            p[ETH_HLEN + ipv6::HOP_LIMIT] = DEFAULT_TTL;
-            p[ETH_HLEN + ipv6::SRC..][..16].copy_from_slice(&dst);
-            p[ETH_HLEN + ipv6::DST..][..16].copy_from_slice(&src);
-        }
-        let client_mac: [u8; 6] = p[6..12].try_into().unwrap();
-        set_macs(p, client_mac);
-        Ok(Reason::TxPingReply)
     }
 
     fn find_vip(&self, flow: &FlowKey) -> Option<VipMeta> {
@@ -298,7 +260,17 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
         }
         // No ports: an echo request is answered by address alone.
         let icmp_type = p[l4_off + icmp::TYPE];
-        return Ok(Parsed { family, l4_off, flow, no_l4_checksum, opens_connection: false, tcp_flags, icmp_type });
+        let l4_end = l4_off + l4_len;
+        return Ok(Parsed {
+            family,
+            l4_off,
+            flow,
+            no_l4_checksum,
+            opens_connection: false,
+            tcp_flags,
+            icmp_type,
+            l4_end,
+        });
     }
     match flow.proto {
         PROTO_TCP => {
@@ -333,7 +305,8 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
     }
     flow.sport = u16::from_ne_bytes([p[l4_off], p[l4_off + 1]]);
     flow.dport = u16::from_ne_bytes([p[l4_off + 2], p[l4_off + 3]]);
-    Ok(Parsed { family, l4_off, flow, no_l4_checksum, opens_connection: opens, tcp_flags, icmp_type: 0 })
+    let l4_end = l4_off + l4_len;
+    Ok(Parsed { family, l4_off, flow, no_l4_checksum, opens_connection: opens, tcp_flags, icmp_type: 0, l4_end })
 }
 
 fn set_macs(p: &mut [u8], next_hop: [u8; 6]) {

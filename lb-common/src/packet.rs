@@ -57,6 +57,24 @@ pub mod icmp {
     pub const ECHO_REPLY_V4: u8 = 0;
     pub const ECHO_REQUEST_V6: u8 = 128;
     pub const ECHO_REPLY_V6: u8 = 129;
+    pub const DEST_UNREACH_V4: u8 = 3;
+    pub const TIME_EXCEEDED_V4: u8 = 11;
+    /// Destination unreachable, code "fragmentation needed and DF set" (path MTU discovery).
+    pub const FRAG_NEEDED_CODE: u8 = 4;
+    pub const DEST_UNREACH_V6: u8 = 1;
+    pub const PACKET_TOO_BIG_V6: u8 = 2;
+    pub const TIME_EXCEEDED_V6: u8 = 3;
+}
+
+/// An ICMP error the program relays: it quotes a packet of a flow, and that flow's ends must
+/// hear of it (destination unreachable, including "fragmentation needed" / "packet too big"
+/// for path MTU discovery, and time exceeded).
+pub const fn is_icmp_error(family: u8, icmp_type: u8) -> bool {
+    if family == crate::maps::FAMILY_V4 {
+        matches!(icmp_type, icmp::DEST_UNREACH_V4 | icmp::TIME_EXCEEDED_V4)
+    } else {
+        matches!(icmp_type, icmp::DEST_UNREACH_V6 | icmp::PACKET_TOO_BIG_V6 | icmp::TIME_EXCEEDED_V6)
+    }
 }
 
 /// The ICMP protocol number of an address family: ICMP in IPv4, ICMPv6 in IPv6. ICMP of the

@@ -24,7 +24,13 @@ pub struct Chosen {
 /// The destination port towards the backend: its own, or the client's for an any-port backend.
 #[inline(always)]
 pub fn backend_port(backend: &Backend, packet: &Packet) -> u16 {
-    if backend.port == 0 { packet.flow.dport } else { backend.port }
+    port_towards(backend, packet.flow.dport)
+}
+
+/// `backend`'s port for a client flow to `vip_port`.
+#[inline(always)]
+pub fn port_towards(backend: &Backend, vip_port: u16) -> u16 {
+    if backend.port == 0 { vip_port } else { backend.port }
 }
 
 #[inline(always)]
@@ -92,6 +98,26 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
     // A full table evicts its least recently used entry; an insert failure only costs stickiness.
     let _ = CONNS.insert(&packet.flow, &conn, 0);
     Ok(Chosen { index, backend, snat_port: conn.snat_port, new_flow: true })
+}
+
+/// The backend an existing client flow goes to, without placing it: its connection-table entry,
+/// or for DSR (whose entries carry nothing else) the slot its next packet would take. `None`
+/// for a NAT flow without an entry: nothing tells its source port.
+#[inline(always)]
+pub fn backend_of_flow(flow: &FlowKey, vip: &VipMeta) -> Option<(&'static Backend, u16)> {
+    if let Some(conn) = CONNS.get_ptr(flow) {
+        // SAFETY: a map value pointer stays valid for the program's run.
+        let (index, snat_port) = unsafe { ((*conn).backend, (*conn).snat_port) };
+        if let Some(backend) = usable_backend(index) {
+            return Some((backend, snat_port));
+        }
+    }
+    if vip.mode == MODE_NAT || vip.ring_size == 0 {
+        return None;
+    }
+    let slot = placement_hash(flow, flow_hash(flow), vip) % vip.ring_size;
+    let index = *RINGS.get(vip.ring_offset + slot)?;
+    Some((usable_backend(index)?, 0))
 }
 
 /// In a pair, tells the daemon about a new NAT flow so that the standby can take it over. A

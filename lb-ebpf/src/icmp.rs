@@ -1,18 +1,41 @@
-//! ICMP for VIP addresses: echo requests are answered here, so that operators can ping a VIP;
-//! every other ICMP message passes to the kernel.
+//! ICMP: echo requests to a VIP's address are answered here, so that operators can ping a VIP;
+//! errors that quote a packet of a VIP's flow (unreachable, fragmentation needed / packet too
+//! big, time exceeded) go where that flow goes, translated in NAT mode; the rest passes to the
+//! kernel.
 
-use crate::maps::VIP_ADDRS;
-use crate::parse::{Packet, field, read, set_field, write};
+use crate::balance::{backend_of_flow, port_towards};
+use crate::maps::{NAT_REV, VIP_ADDRS};
+use crate::parse::{Packet, field, ptr_at, read, set_field, write};
+use crate::rewrite::set_macs;
 use aya_ebpf::programs::XdpContext;
-use lb_common::csum::replace_u16;
-use lb_common::maps::{FAMILY_V4, Reason, VIP_ADDR_ANSWER_PING, VipAddrKey};
-use lb_common::packet::{DEFAULT_TTL, ETH_HLEN, icmp, ipv4, ipv6};
+use core::mem::size_of;
+use lb_common::csum::{replace_bytes, replace_u16, udp_nonzero};
+use lb_common::maps::{
+    FAMILY_V4, FlowKey, MODE_DSR, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, VIP_ADDR_ANSWER_PING, VipAddrKey,
+};
+use lb_common::packet::{
+    DEFAULT_TTL, ETH_HLEN, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,
+};
+
+/// ICMP of the packet's family, parsed up to its 8-byte header. Returns a plain `Reason` (see
+/// `balance` in main.rs).
+#[inline(never)]
+pub fn handle(ctx: &XdpContext, packet: &Packet) -> Reason {
+    let verdict = if is_icmp_error(packet.family, packet.icmp_type) {
+        relay_error(ctx, packet)
+    } else {
+        answer_ping(ctx, packet)
+    };
+    match verdict {
+        Ok(reason) | Err(reason) => reason,
+    }
+}
 
 /// Turns an echo request to a VIP address that answers ping into its echo reply, in place:
 /// type, addresses and MACs swapped, a fresh TTL. Swapping the addresses changes no checksum
 /// (ICMPv6's pseudo-header sums them in either order).
-#[inline(never)]
-pub fn answer_ping(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
+#[inline(always)]
+fn answer_ping(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
     let v4 = packet.family == FAMILY_V4;
     let (request, reply) =
         if v4 { (icmp::ECHO_REQUEST_V4, icmp::ECHO_REPLY_V4) } else { (icmp::ECHO_REQUEST_V6, icmp::ECHO_REPLY_V6) };
@@ -49,6 +72,218 @@ pub fn answer_ping(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> 
         write(ctx, ETH_HLEN + ipv6::DST, *src)?;
     }
     let client_mac: [u8; 6] = read(ctx, 6)?;
-    crate::rewrite::set_macs(ctx, client_mac)?;
+    set_macs(ctx, client_mac)?;
     Ok(Reason::TxPingReply)
+}
+
+/// The packet an ICMP error quotes, as it was sent: where its headers sit and its flow.
+struct Quoted {
+    ip_off: usize,
+    l4_off: usize,
+    flow: FlowKey,
+}
+
+/// `T` at `offset` of the ICMP message: inside the IP packet (not a frame's padding after it)
+/// as well as inside the frame.
+#[inline(always)]
+fn quoted_ptr<T>(ctx: &XdpContext, packet: &Packet, offset: usize) -> Result<*mut T, Reason> {
+    if offset + size_of::<T>() > packet.l4_end {
+        return Err(Reason::PassTruncated);
+    }
+    ptr_at(ctx, offset)
+}
+
+#[inline(always)]
+fn read_quoted<T: Copy>(ctx: &XdpContext, packet: &Packet, offset: usize) -> Result<T, Reason> {
+    // SAFETY: quoted_ptr checked the bytes.
+    Ok(unsafe { quoted_ptr::<T>(ctx, packet, offset)?.read_unaligned() })
+}
+
+/// Parses the quoted IP header and the first 8 bytes of its TCP or UDP header (all that RFC 792
+/// promises) into `quoted` (owned by the caller: a separate frame keeps the stack small). The
+/// same checks as `lb_common::model`, in the same order.
+#[inline(never)]
+fn parse_quoted(ctx: &XdpContext, packet: &Packet, out: &mut Quoted) -> Result<(), Reason> {
+    let ip_off = packet.l4_off + ICMP_HLEN;
+    let flow = &mut out.flow;
+    flow.family = packet.family;
+    let l4_off = if packet.family == FAMILY_V4 {
+        quoted_ptr::<[u8; IPV4_MIN_HLEN]>(ctx, packet, ip_off)?;
+        let version_ihl: u8 = read(ctx, ip_off + ipv4::VERSION_IHL)?;
+        let ihl = ((version_ihl & 0x0f) as usize) * 4;
+        if version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+            return Err(Reason::PassBadHeader);
+        }
+        // A later fragment carries no ports: nothing tells its flow.
+        if u16::from_be(read::<u16>(ctx, ip_off + ipv4::FRAG)?) & 0x1fff != 0 {
+            return Err(Reason::PassIcmpNoFlow);
+        }
+        flow.proto = read(ctx, ip_off + ipv4::PROTO)?;
+        let src: [u8; 4] = read(ctx, ip_off + ipv4::SRC)?;
+        let dst: [u8; 4] = read(ctx, ip_off + ipv4::DST)?;
+        flow.src[..4].copy_from_slice(&src);
+        flow.dst[..4].copy_from_slice(&dst);
+        ip_off + ihl
+    } else {
+        let first: u8 = read_quoted(ctx, packet, ip_off)?;
+        quoted_ptr::<[u8; IPV6_HLEN]>(ctx, packet, ip_off)?;
+        if first >> 4 != 6 {
+            return Err(Reason::PassBadHeader);
+        }
+        flow.proto = read(ctx, ip_off + ipv6::NEXT_HEADER)?;
+        flow.src = read(ctx, ip_off + ipv6::SRC)?;
+        flow.dst = read(ctx, ip_off + ipv6::DST)?;
+        ip_off + IPV6_HLEN
+    };
+    if flow.proto != PROTO_TCP && flow.proto != PROTO_UDP {
+        return Err(Reason::PassIcmpNoFlow);
+    }
+    let ports: [u16; 4] = read_quoted(ctx, packet, l4_off)?;
+    flow.sport = ports[0];
+    flow.dport = ports[1];
+    out.ip_off = ip_off;
+    out.l4_off = l4_off;
+    Ok(())
+}
+
+/// An ICMP error about a packet that a VIP's flow sent: to the VIP's backend when the packet
+/// went to the client (sent from the VIP, by a DSR backend or translated by us), to the client
+/// when it was a NAT flow's packet to its backend (sent from the SNAT address). The error must
+/// be addressed to the quoted packet's source, as routers address them.
+#[inline(always)]
+fn relay_error(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
+    let mut quoted = Quoted {
+        ip_off: 0,
+        l4_off: 0,
+        flow: FlowKey { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0, family: 0, _pad: [0; 2] },
+    };
+    parse_quoted(ctx, packet, &mut quoted)?;
+    let quoted = quoted;
+    let sent = &quoted.flow;
+    if packet.flow.dst != sent.src {
+        return Err(Reason::PassIcmpNoFlow);
+    }
+    // The flow in the direction towards us: a client's flow to a VIP, or a backend's replies.
+    let towards_us = FlowKey {
+        src: sent.dst,
+        dst: sent.src,
+        sport: sent.dport,
+        dport: sent.sport,
+        proto: sent.proto,
+        family: sent.family,
+        _pad: [0; 2],
+    };
+    if let Some(vip) = crate::find_vip(&towards_us) {
+        let (backend, snat_port) = backend_of_flow(&towards_us, vip).ok_or(Reason::PassIcmpNoFlow)?;
+        match vip.mode {
+            MODE_DSR => {}
+            MODE_NAT => {
+                let to = Translation {
+                    outer_src: &vip.snat_addr,
+                    outer_dst: &backend.addr,
+                    src: &backend.addr,
+                    sport: port_towards(backend, towards_us.dport),
+                    dst: &vip.snat_addr,
+                    dport: snat_port,
+                };
+                translate(ctx, packet, &quoted, &to)?;
+            }
+            _ => return Err(Reason::DropInternal),
+        }
+        set_macs(ctx, backend.mac)?;
+        return Ok(Reason::TxIcmpToBackend);
+    }
+    let Some(reverse) = NAT_REV.get_ptr(&towards_us) else {
+        return Err(Reason::PassIcmpNoFlow);
+    };
+    // SAFETY: a map value pointer stays valid for the program's run.
+    let reverse = unsafe { &*reverse };
+    let to = Translation {
+        outer_src: &reverse.vip_addr,
+        outer_dst: &reverse.client_addr,
+        src: &reverse.client_addr,
+        sport: reverse.client_port,
+        dst: &reverse.vip_addr,
+        dport: reverse.vip_port,
+    };
+    translate(ctx, packet, &quoted, &to)?;
+    set_macs(ctx, reverse.client_mac)?;
+    Ok(Reason::TxIcmpToClient)
+}
+
+/// What a translated error looks like: its own addresses, and the quoted packet's flow.
+struct Translation<'a> {
+    outer_src: &'a [u8; 16],
+    outer_dst: &'a [u8; 16],
+    src: &'a [u8; 16],
+    sport: u16,
+    dst: &'a [u8; 16],
+    dport: u16,
+}
+
+/// Rewrites the error and the packet it quotes, with every checksum kept right by incremental
+/// updates: the quoted TCP/UDP checksum (when quoted), the quoted IPv4 header's, the ICMP
+/// checksum over all of those changes (and ICMPv6's pseudo-header), the outer IPv4 header's.
+#[inline(never)]
+fn translate(ctx: &XdpContext, packet: &Packet, quoted: &Quoted, to: &Translation) -> Result<(), Reason> {
+    let v4 = packet.family == FAMILY_V4;
+    let sent = &quoted.flow;
+    // SAFETY: parse checked the ICMP header l4_check points into.
+    let mut icmp_check: u16 = unsafe { field(packet.l4_check, 0) };
+    let check_at = quoted.l4_off + if sent.proto == PROTO_TCP { l4::TCP_CHECK } else { l4::UDP_CHECK };
+    if let Ok(at) = quoted_ptr::<u16>(ctx, packet, check_at) {
+        // SAFETY: quoted_ptr checked the two bytes.
+        let old = unsafe { at.read_unaligned() };
+        // An IPv4 UDP checksum of 0 means none.
+        if sent.proto == PROTO_TCP || old != 0 || !v4 {
+            let mut new = if v4 {
+                replace_bytes(replace_bytes(old, &v4_of(&sent.src), &v4_of(to.src)), &v4_of(&sent.dst), &v4_of(to.dst))
+            } else {
+                replace_bytes(replace_bytes(old, &sent.src, to.src), &sent.dst, to.dst)
+            };
+            new = replace_u16(replace_u16(new, sent.sport, to.sport), sent.dport, to.dport);
+            if sent.proto == PROTO_UDP {
+                new = udp_nonzero(new);
+            }
+            // SAFETY: as above.
+            unsafe { at.write_unaligned(new) };
+            icmp_check = replace_u16(icmp_check, old, new);
+        }
+    }
+    if v4 {
+        let old: u16 = read(ctx, quoted.ip_off + ipv4::CHECK)?;
+        let new = replace_bytes(replace_bytes(old, &v4_of(&sent.src), &v4_of(to.src)), &v4_of(&sent.dst), &v4_of(to.dst));
+        write(ctx, quoted.ip_off + ipv4::CHECK, new)?;
+        icmp_check = replace_u16(icmp_check, old, new);
+        write(ctx, quoted.ip_off + ipv4::SRC, v4_of(to.src))?;
+        write(ctx, quoted.ip_off + ipv4::DST, v4_of(to.dst))?;
+        icmp_check = replace_bytes(replace_bytes(icmp_check, &v4_of(&sent.src), &v4_of(to.src)), &v4_of(&sent.dst), &v4_of(to.dst));
+    } else {
+        write(ctx, quoted.ip_off + ipv6::SRC, *to.src)?;
+        write(ctx, quoted.ip_off + ipv6::DST, *to.dst)?;
+        icmp_check = replace_bytes(replace_bytes(icmp_check, &sent.src, to.src), &sent.dst, to.dst);
+    }
+    write(ctx, quoted.l4_off + l4::SPORT, to.sport)?;
+    write(ctx, quoted.l4_off + l4::DPORT, to.dport)?;
+    icmp_check = replace_u16(replace_u16(icmp_check, sent.sport, to.sport), sent.dport, to.dport);
+    let outer = &packet.flow;
+    if v4 {
+        let old: u16 = read(ctx, ETH_HLEN + ipv4::CHECK)?;
+        let new = replace_bytes(replace_bytes(old, &v4_of(&outer.src), &v4_of(to.outer_src)), &v4_of(&outer.dst), &v4_of(to.outer_dst));
+        write(ctx, ETH_HLEN + ipv4::CHECK, new)?;
+        write(ctx, ETH_HLEN + ipv4::SRC, v4_of(to.outer_src))?;
+        write(ctx, ETH_HLEN + ipv4::DST, v4_of(to.outer_dst))?;
+    } else {
+        write(ctx, ETH_HLEN + ipv6::SRC, *to.outer_src)?;
+        write(ctx, ETH_HLEN + ipv6::DST, *to.outer_dst)?;
+        icmp_check = replace_bytes(replace_bytes(icmp_check, &outer.src, to.outer_src), &outer.dst, to.outer_dst);
+    }
+    // SAFETY: as above.
+    unsafe { set_field(packet.l4_check, 0, icmp_check) };
+    Ok(())
+}
+
+#[inline(always)]
+fn v4_of(addr: &[u8; 16]) -> [u8; 4] {
+    [addr[0], addr[1], addr[2], addr[3]]
 }

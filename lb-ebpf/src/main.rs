@@ -1,5 +1,6 @@
 //! The XDP load balancer: for each packet, parse → find the VIP → choose a backend → rewrite → send.
-//! ICMP echo requests to a VIP's address are answered on the spot.
+//! ICMP echo requests to a VIP's address are answered on the spot; ICMP errors about a VIP's
+//! flows go where the flow goes.
 #![no_std]
 #![no_main]
 
@@ -13,7 +14,7 @@ mod rewrite;
 use aya_ebpf::macros::xdp;
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::XdpContext;
-use lb_common::maps::{MODE_DSR, MODE_NAT, PROTO_TCP, Reason, Traffic, VipKey, VipMeta};
+use lb_common::maps::{FlowKey, MODE_DSR, MODE_NAT, PROTO_TCP, Reason, Traffic, VipKey, VipMeta};
 use lb_common::nat::note_segment;
 use lb_common::packet::icmp_protocol;
 use maps::{NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, VIPS};
@@ -22,8 +23,13 @@ use rewrite::{Rewrite, set_flow, set_macs};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let reason = match balance_packet(&ctx) {
-        Ok(reason) | Err(reason) => reason,
+    let mut packet = Packet::empty();
+    let reason = match read_packet(&ctx, &mut packet) {
+        Err(reason) => reason,
+        // Apart, each with its own stack frame: together they would pass the 512 bytes a
+        // program's call chain may use.
+        Ok(()) if packet.flow.proto == icmp_protocol(packet.family) => icmp::handle(&ctx, &packet),
+        Ok(()) => balance(&ctx, &packet),
     };
     if let Some(counter) = STATS_REASON.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU value, only this CPU writes it.
@@ -32,22 +38,31 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     reason.xdp_action()
 }
 
+/// Frames for us, parsed into `packet` (owned by the caller, which hands it on).
 #[inline(always)]
-fn balance_packet(ctx: &XdpContext) -> Result<Reason, Reason> {
+fn read_packet(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Reason> {
     if !addressed_to_us(ctx)? {
         return Err(Reason::PassOtherHost);
     }
-    let mut packet = Packet::empty();
-    parse(ctx, &mut packet)?;
-    let packet = packet;
-    if packet.flow.proto == icmp_protocol(packet.family) {
-        return icmp::answer_ping(ctx, &packet);
+    parse(ctx, packet)
+}
+
+/// TCP and UDP: to a VIP's backend, or a NAT flow's reply back to its client. Returns a plain
+/// `Reason`: a `Result` would come back through the caller's stack, which the verifier refuses.
+#[inline(never)]
+fn balance(ctx: &XdpContext, packet: &Packet) -> Reason {
+    match balance_packet(ctx, packet) {
+        Ok(reason) | Err(reason) => reason,
     }
-    let Some(vip) = find_vip(&packet) else {
-        return translate_nat_reply(ctx, &packet);
+}
+
+#[inline(always)]
+fn balance_packet(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
+    let Some(vip) = find_vip(&packet.flow) else {
+        return translate_nat_reply(ctx, packet);
     };
     let client_mac: [u8; 6] = read(ctx, 6)?;
-    let chosen = balance::choose(&packet, vip, client_mac)?;
+    let chosen = balance::choose(packet, vip, client_mac)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     add_traffic(&STATS_VIP, vip.vip_index, bytes, chosen.new_flow);
     add_traffic(&STATS_BACKEND, chosen.index, bytes, chosen.new_flow);
@@ -58,9 +73,9 @@ fn balance_packet(ctx: &XdpContext) -> Result<Reason, Reason> {
                 src: &vip.snat_addr,
                 sport: chosen.snat_port,
                 dst: &chosen.backend.addr,
-                dport: balance::backend_port(chosen.backend, &packet),
+                dport: balance::backend_port(chosen.backend, packet),
             };
-            set_flow(ctx, &packet, &to)?;
+            set_flow(ctx, packet, &to)?;
         }
         _ => return Err(Reason::DropInternal),
     }
@@ -83,11 +98,10 @@ fn addressed_to_us(ctx: &XdpContext) -> Result<bool, Reason> {
     Ok(destination == settings.own_mac)
 }
 
-/// The VIP for the packet's destination: the exact port first, then the VIP's any-port entry.
+/// The VIP for a flow's destination: the exact port first, then the VIP's any-port entry.
 #[inline(always)]
-fn find_vip(packet: &Packet) -> Option<&'static VipMeta> {
-    let mut key =
-        VipKey { addr: packet.flow.dst, port: packet.flow.dport, proto: packet.flow.proto, family: packet.family };
+fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
+    let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
     // SAFETY: a map value pointer stays valid for the program's run.
     if let Some(meta) = VIPS.get_ptr(&key) {
         return Some(unsafe { &*meta });

@@ -32,6 +32,10 @@ pub struct Packet {
     /// points at the 8 checked bytes of the ICMP header, `l4_check` at its checksum, and the
     /// flow's ports are 0.
     pub icmp_type: u8,
+    /// Where the TCP/UDP/ICMP header starts, and where the IP packet ends (a frame may carry
+    /// padding after it): what an ICMP error quotes lies between the two.
+    pub l4_off: usize,
+    pub l4_end: usize,
 }
 
 /// Pointer to a `T` at `offset` in the packet, after the one bounds check the verifier needs.
@@ -84,6 +88,8 @@ impl Packet {
             opens_connection: false,
             tcp_flags: 0,
             icmp_type: 0,
+            l4_off: 0,
+            l4_end: 0,
         }
     }
 }
@@ -146,6 +152,8 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Reason> {
     };
     flow.family = family;
     packet.family = family;
+    packet.l4_off = l4_off;
+    packet.l4_end = l4_off + l4_len;
     if flow.proto == icmp_protocol(family) {
         let l4 = ptr_at::<[u8; ICMP_HLEN]>(ctx, l4_off)? as *mut u8;
         if l4_len < ICMP_HLEN {

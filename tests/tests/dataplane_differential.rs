@@ -107,6 +107,49 @@ fn random_valid(rng: &mut StdRng, vips: &[Vip]) -> Frame {
     frame
 }
 
+/// An ICMP error: about a VIP's answer to a client (to the VIP, from a router), or about a
+/// NAT-forwarded packet (to the SNAT address, from the backend); quoting all of the packet, its
+/// headers only, or a random part of it.
+fn icmp_error(rng: &mut StdRng, vips: &[Vip], forwarded: &[Vec<u8>]) -> Vec<u8> {
+    let (from, to, quoted) = if forwarded.is_empty() || rng.random_bool(0.5) {
+        let mut answer = random_valid(rng, vips);
+        (answer.src, answer.dst) = (answer.dst, answer.src);
+        (answer.sport, answer.dport) = (answer.dport, answer.sport);
+        let router = if answer.src.is_ipv4() { ip("198.51.100.1") } else { ip("2001:db8:ffff::1") };
+        (router, answer.src, answer.ip_packet())
+    } else {
+        let packet = forwarded.choose(rng).unwrap();
+        let frame_ip = &packet[ETH_HLEN..];
+        let v4 = frame_ip[0] >> 4 == 4;
+        let (src, dst): (IpAddr, IpAddr) = if v4 {
+            (
+                <[u8; 4]>::try_from(&frame_ip[12..16]).unwrap().into(),
+                <[u8; 4]>::try_from(&frame_ip[16..20]).unwrap().into(),
+            )
+        } else {
+            (
+                <[u8; 16]>::try_from(&frame_ip[8..24]).unwrap().into(),
+                <[u8; 16]>::try_from(&frame_ip[24..40]).unwrap().into(),
+            )
+        };
+        (dst, src, frame_ip.to_vec())
+    };
+    let headers = if to.is_ipv4() { 28 } else { 48 };
+    let cut = match rng.random_range(0..3) {
+        0 => quoted.len(),
+        1 => headers.min(quoted.len()),
+        _ => rng.random_range(0..=quoted.len()),
+    };
+    let (icmp_type, code) = if to.is_ipv4() {
+        *[(3u8, 4u8), (3, 3), (11, 0), (3, 1)].choose(rng).unwrap()
+    } else {
+        *[(2u8, 0u8), (1, 4), (3, 0), (1, 3)].choose(rng).unwrap()
+    };
+    let mut error = Frame::icmp_error(from, to, icmp_type, code, rng.random_range(1200..1500), &quoted[..cut]);
+    error.dst_mac = [0x02, 0, 0, 0, 0, 0x02];
+    error.bytes()
+}
+
 /// Damages a frame. Frames stay at least an Ethernet header long: BPF_PROG_TEST_RUN refuses
 /// shorter ones, and no NIC delivers them.
 fn corrupt(rng: &mut StdRng, mut bytes: Vec<u8>) -> Vec<u8> {
@@ -147,6 +190,7 @@ fn random_packets_agree_with_the_reference_model() {
     harness.answer_ping_on(&[ip("10.0.0.10"), ip("fd00::20"), ip("10.0.0.50")]).unwrap();
     let mut rng = StdRng::seed_from_u64(0x1b_2026);
     let mut replies: Vec<Vec<u8>> = Vec::new();
+    let mut forwarded: Vec<Vec<u8>> = Vec::new();
     let mut mismatches = Vec::new();
     let mut by_reason: HashMap<u32, u64> = HashMap::new();
 
@@ -174,6 +218,8 @@ fn random_packets_agree_with_the_reference_model() {
             replies.choose(&mut rng).unwrap().clone()
         } else if roll < 75 {
             Frame::udp(ip("192.0.2.1"), rng.random(), ip("198.51.100.1"), rng.random()).bytes()
+        } else if roll < 82 {
+            icmp_error(&mut rng, &vips, &forwarded)
         } else {
             let valid = random_valid(&mut rng, &vips).bytes();
             corrupt(&mut rng, valid)
@@ -193,6 +239,7 @@ fn random_packets_agree_with_the_reference_model() {
             && let Some(reply) = as_backend_reply(&packet)
         {
             replies.push(reply);
+            forwarded.push(packet.clone());
         }
     }
     assert!(
@@ -241,6 +288,9 @@ fn random_packets_agree_with_the_reference_model() {
         Reason::DropNatPorts,
         Reason::TxPingReply,
         Reason::PassUnknownL4,
+        Reason::TxIcmpToBackend,
+        Reason::TxIcmpToClient,
+        Reason::PassIcmpNoFlow,
     ] {
         assert!(
             by_reason.get(&(reason as u32)).copied().unwrap_or(0) > 50,

@@ -609,9 +609,10 @@ fn echo_requests_to_a_vip_address_are_answered_in_place() {
         assert_eq!(answered.packet, reply.bytes(), "{vip}: the echo reply, identifier, sequence and data kept");
         verify_checksums(&answered.packet).unwrap();
 
-        // Other ICMP to the VIP address, and echo requests to other addresses, go to the kernel.
-        let unreachable = Frame { icmp_type: if vip.is_ipv4() { 3 } else { 1 }, ..request.clone() };
-        assert_eq!(run(&mut harness, &unreachable).reason, Reason::PassUnknownL4);
+        // Other ICMP to the VIP address (not errors), and echo requests to other addresses, go
+        // to the kernel.
+        let other = Frame { icmp_type: if vip.is_ipv4() { 13 } else { 135 }, ..request.clone() }; // timestamp, neighbour solicitation
+        assert_eq!(run(&mut harness, &other).reason, Reason::PassUnknownL4);
         let elsewhere = Frame { dst: if vip.is_ipv4() { ip("10.0.0.99") } else { ip("fd00::99") }, ..request.clone() };
         assert_eq!(run(&mut harness, &elsewhere).reason, Reason::PassNotVip);
     }
@@ -621,4 +622,86 @@ fn echo_requests_to_a_vip_address_are_answered_in_place() {
     assert_eq!(run(&mut harness, &request).reason, Reason::PassNotVip);
     let request = Frame::echo_request(ip("2001:db8::7"), v6_vip, 1, 1);
     assert_eq!(run(&mut harness, &request).reason, Reason::TxPingReply);
+}
+
+/// The ICMP error a router at `router` sends to `to` about `sent` (an IP packet), quoting all
+/// of it or only its first 28 (IPv4) / 48 (IPv6) bytes: IP header and 8 bytes of TCP/UDP.
+fn icmp_error_about(router: IpAddr, to: IpAddr, sent: &Frame, whole: bool) -> Frame {
+    let packet = sent.ip_packet();
+    let quoted = if whole { &packet[..] } else { &packet[..if to.is_ipv4() { 28 } else { 48 }] };
+    let (icmp_type, code) = if to.is_ipv4() { (3, 4) } else { (2, 0) }; // fragmentation needed / packet too big
+    let mut error = Frame::icmp_error(router, to, icmp_type, code, 1400, quoted);
+    (error.src_mac, error.dst_mac) = (CLIENT_MAC, LB_MAC);
+    error
+}
+
+#[test]
+fn icmp_errors_about_vip_flows_reach_the_flows_backend_translated_in_nat_mode() {
+    if !require_root("icmp_errors_about_vip_flows_reach_the_flows_backend_translated_in_nat_mode") {
+        return;
+    }
+    let setups = setups();
+    let mut harness = harness_with(&setups);
+    let mut checked = 0;
+    for setup in &setups {
+        for whole in [true, false] {
+            let client = client_ip(setup);
+            let sport = if whole { 45100 } else { 45101 };
+            let opened = client_frame(setup, client, sport);
+            let (kernel, model) = harness.run(&opened.bytes()).unwrap();
+            assert_eq!(kernel, model);
+            assert_eq!(kernel.reason, Reason::TxForward);
+            let backend_mac: [u8; 6] = kernel.packet[0..6].try_into().unwrap();
+            let (snat, snat_port, backend_ip, backend_port) = flow_of(&kernel.packet);
+            // The answer the client got from the VIP (from a DSR backend, or translated by us),
+            // too big for a router on the way back.
+            let mut answer = established(opened.clone());
+            (answer.src, answer.sport, answer.dst, answer.dport) = (setup.vip.ip(), setup.vip.port(), client, sport);
+            answer.payload = vec![0x5a; 600];
+            let router = if client.is_ipv4() { ip("198.51.100.1") } else { ip("2001:db8:ffff::1") };
+            let error = icmp_error_about(router, setup.vip.ip(), &answer, whole);
+
+            let (kernel, model) = harness.run(&error.bytes()).unwrap();
+            assert_eq!(kernel, model, "{} whole {whole}", setup.vip);
+            assert_eq!((kernel.reason, kernel.action), (Reason::TxIcmpToBackend, XDP_TX), "{}", setup.vip);
+            let mut expected = if setup.mode == MODE_DSR {
+                // Unchanged but for the MACs: the backend holds the VIP and finds its socket.
+                error.clone()
+            } else {
+                // As if the router had answered the backend's own packet to our SNAT address.
+                let mut sent = answer.clone();
+                (sent.src, sent.sport, sent.dst, sent.dport) = (backend_ip, backend_port, snat, snat_port);
+                icmp_error_about(snat, backend_ip, &sent, whole)
+            };
+            (expected.src_mac, expected.dst_mac) = (LB_MAC, backend_mac);
+            assert_eq!(kernel.packet, expected.bytes(), "{} {:?} whole {whole}", setup.vip, setup.mode);
+            verify_checksums(&kernel.packet).unwrap();
+            checked += 1;
+
+            if setup.mode != MODE_NAT {
+                continue;
+            }
+            // The other way: the backend (or a router before it) refuses our packet to it.
+            let mut forwarded = opened.clone();
+            (forwarded.src, forwarded.sport, forwarded.dst, forwarded.dport) =
+                (snat, snat_port, backend_ip, backend_port);
+            let (unreachable, code) = if client.is_ipv4() { (3, 3) } else { (1, 4) }; // port unreachable
+            let packet = forwarded.ip_packet();
+            let quoted = if whole { &packet[..] } else { &packet[..if client.is_ipv4() { 28 } else { 48 }] };
+            let mut refusal = Frame::icmp_error(backend_ip, snat, unreachable, code, 0, quoted);
+            (refusal.src_mac, refusal.dst_mac) = (backend_mac, LB_MAC);
+            let (kernel, model) = harness.run(&refusal.bytes()).unwrap();
+            assert_eq!(kernel, model);
+            assert_eq!((kernel.reason, kernel.action), (Reason::TxIcmpToClient, XDP_TX), "{}", setup.vip);
+            // The client hears it from the VIP, about its own packet.
+            let packet = opened.ip_packet();
+            let quoted = if whole { &packet[..] } else { &packet[..if client.is_ipv4() { 28 } else { 48 }] };
+            let mut expected = Frame::icmp_error(setup.vip.ip(), client, unreachable, code, 0, quoted);
+            (expected.src_mac, expected.dst_mac) = (LB_MAC, CLIENT_MAC);
+            assert_eq!(kernel.packet, expected.bytes(), "{} whole {whole}: to the client", setup.vip);
+            verify_checksums(&kernel.packet).unwrap();
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 24, "both families, both protocols, both modes, whole and short quotes");
 }

@@ -31,6 +31,21 @@ fn v4_ping() -> Vec<u8> {
 fn v6_ping() -> Vec<u8> {
     Frame::echo_request(ip("2001:db8::1"), ip("fd00::10"), 1, 1).bytes()
 }
+/// A DSR backend's answer from the VIP to a client: what ICMP errors below quote.
+fn v4_answer() -> Vec<u8> {
+    Frame::tcp(ip("10.0.0.10"), 80, ip("192.0.2.1"), 1234).ip_packet()
+}
+fn v6_answer() -> Vec<u8> {
+    Frame::tcp(ip("fd00::10"), 80, ip("2001:db8::1"), 1234).ip_packet()
+}
+/// "Fragmentation needed" from a router to the VIP, quoting `quoted`.
+fn v4_error(quoted: &[u8]) -> Vec<u8> {
+    Frame::icmp_error(ip("198.51.100.1"), ip("10.0.0.10"), 3, 4, 1400, quoted).bytes()
+}
+/// "Packet too big" from a router to the VIP, quoting `quoted`.
+fn v6_error(quoted: &[u8]) -> Vec<u8> {
+    Frame::icmp_error(ip("2001:db8:ffff::1"), ip("fd00::10"), 2, 0, 1400, quoted).bytes()
+}
 fn with(mut bytes: Vec<u8>, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     edit(&mut bytes);
     bytes
@@ -171,6 +186,54 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
             "IPv4 echo request to another address",
             Frame::echo_request(ip("192.0.2.1"), ip("10.0.0.99"), 1, 1).bytes(),
             PassNotVip,
+        ),
+        ("ICMP error quoting a DSR flow's answer", v4_error(&v4_answer()), TxIcmpToBackend),
+        ("ICMPv6 packet too big quoting a DSR flow's answer", v6_error(&v6_answer()), TxIcmpToBackend),
+        ("ICMP error quoting IP header and 8 bytes only", v4_error(&v4_answer()[..28]), TxIcmpToBackend),
+        ("ICMP error quote cut inside the IP header", v4_error(&v4_answer()[..16]), PassTruncated),
+        ("ICMP error quote cut inside the first 8 TCP bytes", v4_error(&v4_answer()[..26]), PassTruncated),
+        ("ICMPv6 error quote cut inside the IPv6 header", v6_error(&v6_answer()[..30]), PassTruncated),
+        ("ICMP error quoting IP version 6", v4_error(&with(v4_answer(), |b| b[0] = 0x65)), PassBadHeader),
+        ("ICMP error quoting IHL 4", v4_error(&with(v4_answer(), |b| b[0] = 0x44)), PassBadHeader),
+        ("ICMPv6 error quoting IPv4", v6_error(&v4_answer()), PassBadHeader),
+        (
+            "ICMP error quoting a later fragment",
+            v4_error(&with(v4_answer(), |b| set16(b, ipv4::FRAG, 0x0010))),
+            PassIcmpNoFlow,
+        ),
+        (
+            "ICMP error about ICMP",
+            v4_error(&Frame::echo_request(ip("10.0.0.10"), ip("192.0.2.1"), 1, 1).ip_packet()),
+            PassIcmpNoFlow,
+        ),
+        (
+            "ICMP error quoting a packet of no VIP (other port)",
+            v4_error(&Frame::tcp(ip("10.0.0.10"), 81, ip("192.0.2.1"), 1234).ip_packet()),
+            PassIcmpNoFlow,
+        ),
+        (
+            "ICMP error to the VIP quoting another source",
+            v4_error(&Frame::tcp(ip("10.0.0.11"), 80, ip("192.0.2.1"), 1234).ip_packet()),
+            PassIcmpNoFlow,
+        ),
+        (
+            "ICMP error quoting no NAT flow (to the SNAT address)",
+            Frame::icmp_error(
+                ip("10.0.1.1"),
+                ip("10.0.0.2"),
+                3,
+                3,
+                0,
+                &Frame::udp(ip("10.0.0.2"), 3000, ip("10.0.1.1"), 53).ip_packet(),
+            )
+            .bytes(),
+            PassIcmpNoFlow,
+        ),
+        ("ICMP redirect to the VIP address", with(v4_error(&v4_answer()), |b| b[L4_V4] = 5), PassUnknownL4),
+        (
+            "ICMP error, IP total length ends inside the quote",
+            with(v4_error(&v4_answer()), |b| set16(b, IP + ipv4::TOTAL_LEN, 20 + 8 + 24)),
+            PassTruncated,
         ),
         ("IPv4 to another address", Frame::tcp(ip("192.0.2.1"), 1, ip("10.0.0.99"), 80).bytes(), PassNotVip),
         ("IPv4 to the VIP on another port", Frame::tcp(ip("192.0.2.1"), 1, ip("10.0.0.10"), 81).bytes(), PassNotVip),

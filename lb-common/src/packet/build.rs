@@ -21,8 +21,11 @@ pub struct Frame {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
-    /// ICMP/ICMPv6: the type; `sport` carries the echo identifier, `dport` the sequence number.
+    /// ICMP/ICMPv6: type and code. `sport` and `dport` fill the header's last 4 bytes: the echo
+    /// identifier and sequence number, or for errors 0 and the MTU (fragmentation needed,
+    /// packet too big).
     pub icmp_type: u8,
+    pub icmp_code: u8,
     pub ttl: u8,
     /// Extra IPv4 header bytes (options, multiple of 4, at most 40).
     pub ipv4_options: Vec<u8>,
@@ -41,6 +44,7 @@ impl Frame {
             dport,
             tcp_flags: TCP_SYN,
             icmp_type: 0,
+            icmp_code: 0,
             ttl: 64,
             ipv4_options: Vec::new(),
             payload: Vec::new(),
@@ -56,6 +60,16 @@ impl Frame {
         let (proto, icmp_type) =
             if src.is_ipv4() { (PROTO_ICMP, icmp::ECHO_REQUEST_V4) } else { (PROTO_ICMPV6, icmp::ECHO_REQUEST_V6) };
         Self { proto, icmp_type, tcp_flags: 0, payload: b"0123456789abcdef".to_vec(), ..Self::tcp(src, id, dst, seq) }
+    }
+
+    /// An ICMP error (ICMPv6 for IPv6 addresses) quoting `quoted`, an IP packet (or its start).
+    pub fn icmp_error(src: IpAddr, dst: IpAddr, icmp_type: u8, icmp_code: u8, mtu: u16, quoted: &[u8]) -> Self {
+        Self { icmp_type, icmp_code, payload: quoted.to_vec(), ..Self::echo_request(src, dst, 0, mtu) }
+    }
+
+    /// The IP packet, without the Ethernet header: what an ICMP error quotes.
+    pub fn ip_packet(&self) -> Vec<u8> {
+        self.bytes()[ETH_HLEN..].to_vec()
     }
 
     pub fn bytes(&self) -> Vec<u8> {
@@ -101,6 +115,7 @@ impl Frame {
         if matches!(self.proto, PROTO_ICMP | PROTO_ICMPV6) {
             let mut seg = vec![0u8; ICMP_HLEN];
             seg[icmp::TYPE] = self.icmp_type;
+            seg[icmp::CODE] = self.icmp_code;
             seg[4..6].copy_from_slice(&self.sport.to_be_bytes());
             seg[6..8].copy_from_slice(&self.dport.to_be_bytes());
             seg.extend_from_slice(&self.payload);

@@ -1,5 +1,6 @@
-//! Test backend: answers every TCP line and every UDP datagram with its own name, and an HTTP
-//! request with its name and the status found in STATUS_FILE (200 when the file is absent).
+//! Test backend: answers every TCP line and every UDP datagram with its own name, an HTTP
+//! request with its name and the status found in STATUS_FILE (200 when the file is absent), and
+//! `GET /bytes/N` with N bytes.
 //!
 //! Usage: name-server NAME PORT [STATUS_FILE]. Listens on [::]:PORT (IPv4 too), TCP and UDP.
 
@@ -34,6 +35,19 @@ fn main() {
             };
             let mut lines = BufReader::new(stream).lines();
             while let Some(Ok(line)) = lines.next() {
+                if let Some(size) =
+                    line.strip_prefix("GET /bytes/").and_then(|rest| rest.split(' ').next()?.parse().ok())
+                {
+                    // A download of `size` bytes: larger than any MTU, for path MTU tests.
+                    for header in lines.by_ref() {
+                        if header.map_or(true, |h| h.is_empty()) {
+                            break;
+                        }
+                    }
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n");
+                    let _ = writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(&vec![b'x'; size]));
+                    return;
+                }
                 if line.starts_with("GET ") || line.starts_with("HEAD ") {
                     // Skip the headers, answer, close.
                     for header in lines.by_ref() {
