@@ -2,8 +2,9 @@
 //! std collections instead of packet pointers and BPF maps. Tests run packets through both and
 //! demand identical verdicts, counters and output bytes.
 //!
-//! It shares with the program only what is meant to be shared (layouts, flow hash, the checksum
-//! update formula, the NAT port candidates); parsing and the choice of backend are written anew.
+//! It shares with the program only what is meant to be shared (layouts, flow hash and placement,
+//! the checksum update formula, the NAT port candidates); parsing, the choice of backend and the
+//! ICMP handling (`relay`) are written anew.
 
 use crate::csum::{replace_bytes, replace_u16, udp_nonzero};
 use crate::hash::{flow_hash, placement_hash};

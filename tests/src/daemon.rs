@@ -184,9 +184,17 @@ impl LbDaemon {
             Ok(serde_json::Value::from(kept.into_iter().map(serde_json::Value::Object).collect::<Vec<_>>()))
         };
         Ok(serde_json::json!({
-            "vips": keep(self.ok(&["--json", "vip", "list"])?, &["name", "address", "protocol", "mode", "snat", "backends", "slot"])?,
+            "vips": keep(self.ok(&["--json", "vip", "list"])?, &["name", "address", "protocol", "mode", "affinity", "answer_ping", "snat", "backends", "slot"])?,
             "backends": keep(self.ok(&["--json", "backend", "list"])?, &["vip", "address", "weight", "backup", "drained", "index", "mac"])?,
         }))
+    }
+
+    /// Packets the data plane counted under `reason` (e.g. "tx_forward"): 0 for none yet.
+    pub fn reason_count(&self, reason: &str) -> Result<u64> {
+        let stats: serde_json::Value = serde_json::from_str(&self.ok(&["--json", "stats"])?)?;
+        // Pairs of (reason, packets).
+        let rows = stats["reasons"].as_array().into_iter().flatten();
+        Ok(rows.filter(|r| r[0] == reason).find_map(|r| r[1].as_u64()).unwrap_or(0))
     }
 
     /// Kills the daemon with SIGKILL (no chance to clean anything up).

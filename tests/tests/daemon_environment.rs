@@ -20,8 +20,7 @@ fn status_json(daemon: &LbDaemon) -> serde_json::Value {
 }
 
 fn forwarded(daemon: &LbDaemon) -> u64 {
-    let stats: serde_json::Value = serde_json::from_str(&daemon.ok(&["--json", "stats"]).unwrap()).unwrap();
-    stats["reasons"].as_array().unwrap().iter().find(|r| r[0] == "tx_forward").map_or(0, |r| r[1].as_u64().unwrap())
+    daemon.reason_count("tx_forward").unwrap()
 }
 
 /// Polls `check` every 100 ms until it holds or `limit` passes; says what it waited for.

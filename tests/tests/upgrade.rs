@@ -100,9 +100,7 @@ fn pins_of_layout_1_are_migrated_without_losing_a_connection() {
             .unwrap();
         assert!(explained.contains("connection table"), "the migrated table keeps connection {i}: {explained}");
     }
-    let stats: serde_json::Value = serde_json::from_str(&daemon.ok(&["--json", "stats"]).unwrap()).unwrap();
-    let forwarded_after =
-        stats["reasons"].as_array().unwrap().iter().find(|r| r[0] == "tx_forward").unwrap()[1].as_u64().unwrap();
+    let forwarded_after = daemon.reason_count("tx_forward").unwrap();
     assert!(
         forwarded_after >= forwarded_before + sent as u64,
         "counters carried over: {forwarded_before} → {forwarded_after}"

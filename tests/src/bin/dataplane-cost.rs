@@ -17,7 +17,7 @@ use lb::dataplane::{Dataplane, DataplaneSizes, VipForwarding};
 use lb_common::maglev::{MaglevBackend, build_table};
 use lb_common::maps::*;
 use lb_common::packet::build::{Frame, TCP_ACK};
-use lb_tests::harness::{addr16, backend, maglev_key, vip_key};
+use lb_tests::harness::{addr16, backend, family, maglev_key, vip_key};
 use std::net::{IpAddr, SocketAddr};
 
 const BACKENDS: u32 = 64;
@@ -28,6 +28,10 @@ enum Kind {
     Established,
     NatReply,
     NotVip,
+    /// An echo request to the VIP's address, answered.
+    Ping,
+    /// "Fragmentation needed" to the VIP about an established flow's answer, to its backend.
+    IcmpError,
     FloorDrop,
     FloorTx,
 }
@@ -119,6 +123,18 @@ fn measure(case: &Case, iterations: u32) -> Result<f64> {
             };
             Some(Frame::tcp(s, 1234, d, 80).bytes())
         }
+        Kind::Ping => {
+            let vip = vip_addr(case.v6).ip();
+            let key = VipAddrKey { addr: addr16(vip), family: family(vip), _pad: [0; 3] };
+            dataplane.set_vip_addresses(&[(key, VipAddr { flags: VIP_ADDR_ANSWER_PING })])?;
+            let client: IpAddr = if case.v6 { "2001:db8::1".parse()? } else { "198.18.0.1".parse()? };
+            Some(Frame::echo_request(client, vip, 1, 1).bytes())
+        }
+        Kind::IcmpError => {
+            let frame = client_frame(case, 0);
+            dataplane.run_once(&frame)?;
+            Some(icmp_error_about_answer(case))
+        }
         Kind::NatReply => {
             // Open the flow, then replay the backend's answer to the SNAT address.
             let (_, forwarded) = dataplane.run_once(&client_frame(case, 0))?;
@@ -167,10 +183,40 @@ fn measure(case: &Case, iterations: u32) -> Result<f64> {
             Kind::NotVip => {
                 ensure!(dataplane.reason_count(Reason::PassNotVip)? == iterations as u64, "{}: passes", case.name)
             }
+            Kind::Ping => {
+                ensure!(dataplane.reason_count(Reason::TxPingReply)? == iterations as u64, "{}: replies", case.name)
+            }
+            Kind::IcmpError => {
+                ensure!(dataplane.reason_count(Reason::TxIcmpToBackend)? == iterations as u64, "{}: relayed", case.name)
+            }
             _ => {}
         }
     }
     Ok(total_ns as f64 / iterations as f64)
+}
+
+/// What a router sends when the answer to flow 0 (1400 bytes from the VIP) is too big for its
+/// next link: "fragmentation needed" / "packet too big" to the VIP, quoting 548 bytes of it, as
+/// Linux does (576 bytes in all).
+fn icmp_error_about_answer(case: &Case) -> Vec<u8> {
+    let opened = client_frame(case, 0);
+    let (src_at, l4) = if case.v6 { (22, 54) } else { (26, 34) };
+    let ip = |at: usize| -> IpAddr {
+        if case.v6 {
+            <[u8; 16]>::try_from(&opened[at..at + 16]).unwrap().into()
+        } else {
+            <[u8; 4]>::try_from(&opened[at..at + 4]).unwrap().into()
+        }
+    };
+    let port = |at: usize| u16::from_be_bytes([opened[at], opened[at + 1]]);
+    let vip = vip_addr(case.v6);
+    let mut answer = Frame::tcp(vip.ip(), vip.port(), ip(src_at), port(l4));
+    answer.tcp_flags = TCP_ACK;
+    answer.payload = vec![0x5a; 1400 - if case.v6 { 60 } else { 40 }];
+    let quoted = answer.ip_packet();
+    let (icmp_type, code) = if case.v6 { (2, 0) } else { (3, 4) };
+    let router: IpAddr = if case.v6 { "2001:db8:ffff::1".parse().unwrap() } else { "198.51.100.1".parse().unwrap() };
+    Frame::icmp_error(router, vip.ip(), icmp_type, code, 1280, &quoted[..548]).bytes()
 }
 
 /// The backend's answer to a NAT-forwarded frame: addresses, ports and MACs swapped.
@@ -243,6 +289,28 @@ fn main() -> Result<()> {
             kind: Kind::NatReply,
         },
         Case { name: "nat  IPv6 TCP SYN, new flow", mode: MODE_NAT, v6: true, proto: PROTO_TCP, kind: Kind::NewFlow },
+        Case { name: "IPv4 ping of a VIP, answered", mode: MODE_DSR, v6: false, proto: PROTO_TCP, kind: Kind::Ping },
+        Case {
+            name: "dsr  IPv4 ICMP error, to backend",
+            mode: MODE_DSR,
+            v6: false,
+            proto: PROTO_TCP,
+            kind: Kind::IcmpError,
+        },
+        Case {
+            name: "nat  IPv4 ICMP error, translated",
+            mode: MODE_NAT,
+            v6: false,
+            proto: PROTO_TCP,
+            kind: Kind::IcmpError,
+        },
+        Case {
+            name: "nat  IPv6 ICMP error, translated",
+            mode: MODE_NAT,
+            v6: true,
+            proto: PROTO_TCP,
+            kind: Kind::IcmpError,
+        },
         Case {
             name: "dsr  IPv4 UDP, established",
             mode: MODE_DSR,
