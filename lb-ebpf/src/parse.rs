@@ -207,7 +207,6 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Reason> {
     // SAFETY: the ports are the first 4 bytes of both headers.
     flow.sport = unsafe { field(l4, l4::SPORT) };
     flow.dport = unsafe { field(l4, l4::DPORT) };
-    packet.family = family;
     packet.l4 = l4;
     packet.l4_check = l4_check;
     packet.no_l4_checksum = no_l4_checksum;

@@ -17,7 +17,7 @@ use lb::dataplane::{Dataplane, DataplaneSizes, VipForwarding};
 use lb_common::maglev::{MaglevBackend, build_table};
 use lb_common::maps::*;
 use lb_common::packet::build::{Frame, TCP_ACK};
-use lb_tests::harness::{addr16, backend, family, maglev_key, vip_key};
+use lb_tests::harness::{addr16, backend, maglev_key, vip_addr_key, vip_key};
 use std::net::{IpAddr, SocketAddr};
 
 const BACKENDS: u32 = 64;
@@ -125,8 +125,7 @@ fn measure(case: &Case, iterations: u32) -> Result<f64> {
         }
         Kind::Ping => {
             let vip = vip_addr(case.v6).ip();
-            let key = VipAddrKey { addr: addr16(vip), family: family(vip), _pad: [0; 3] };
-            dataplane.set_vip_addresses(&[(key, VipAddr { flags: VIP_ADDR_ANSWER_PING })])?;
+            dataplane.set_vip_addresses(&[(vip_addr_key(vip), VipAddr { flags: VIP_ADDR_ANSWER_PING })])?;
             let client: IpAddr = if case.v6 { "2001:db8::1".parse()? } else { "198.18.0.1".parse()? };
             Some(Frame::echo_request(client, vip, 1, 1).bytes())
         }
