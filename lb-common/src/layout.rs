@@ -107,7 +107,7 @@ const fn spec(name: &'static str, kind: MapKind, key: usize, value: usize, entri
 }
 
 /// Every map of the XDP object.
-pub const MAPS: [MapSpec; 12] = [
+pub const MAPS: [MapSpec; 13] = [
     spec(MAP_VIPS, MapKind::Hash, size_of::<VipKey>(), size_of::<VipMeta>(), Entries::PerVip, true),
     spec(MAP_RINGS, MapKind::Array, 4, 4, Entries::Rings, true),
     spec(MAP_BACKENDS, MapKind::Array, 4, size_of::<Backend>(), Entries::Fixed(MAX_BACKENDS), true),
@@ -122,6 +122,15 @@ pub const MAPS: [MapSpec; 12] = [
     spec(MAP_NEW_NAT_FLOWS, MapKind::RingBuf, 0, 0, Entries::Fixed(NEW_NAT_FLOWS_BYTES), false),
     // Derived from the desired state and written by every daemon before it attaches.
     spec(MAP_VIP_ADDRS, MapKind::Hash, size_of::<VipAddrKey>(), size_of::<VipAddr>(), Entries::PerVip, false),
+    // Lives for the milliseconds between a datagram's fragments: a restart loses a few.
+    spec(
+        MAP_FRAGS,
+        MapKind::LruHash,
+        size_of::<FragKey>(),
+        size_of::<FragRoute>(),
+        Entries::Fixed(FRAGS_ENTRIES),
+        false,
+    ),
     // The benchmark sink's counter.
     spec(MAP_SINK_COUNT, MapKind::PerCpuArray, 4, 8, Entries::Fixed(1), false),
 ];

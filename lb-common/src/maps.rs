@@ -36,6 +36,11 @@ pub const MAP_STATS_BACKEND: &str = "STATS_BACKEND";
 pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_NEW_NAT_FLOWS: &str = "NEW_NAT_FLOWS";
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+pub const MAP_FRAGS: &str = "FRAGS";
+/// Datagrams whose first fragment was seen and whose later fragments may still come. Fragments
+/// of one datagram arrive within milliseconds: this covers well over 100,000 fragmented
+/// datagrams a second, and an evicted entry costs one datagram.
+pub const FRAGS_ENTRIES: u32 = 16384;
 /// Ring buffer of new NAT flows for the standby: ~30,000 records between two drains.
 pub const NEW_NAT_FLOWS_BYTES: u32 = 4 << 20;
 /// The XDP program's function name.
@@ -91,6 +96,13 @@ pub struct Settings {
     /// 1 in an active/standby pair: each new NAT flow is also written to `NEW_NAT_FLOWS`, for
     /// the daemon to hand to the standby.
     pub report_nat_flows: u8,
+    /// Always 0. The parser mixes it into what it hands on (the TCP/UDP header's offset, and
+    /// yes/no facts such as "opens a connection" or "first fragment"), so that the verifier
+    /// cannot know them. Every header layout (IPv4 options, IPv6 extension headers, fragments)
+    /// and every such fact then reaches the balancing code in one verifier state instead of one
+    /// each: with IPv6 extension headers, one state each took the verifier past its limit of
+    /// 1,000,000 instructions; hidden, the whole program takes ~370,000.
+    pub zero: u16,
 }
 
 /// A new NAT flow, both table entries, as the program reports it in `NEW_NAT_FLOWS`.
@@ -137,9 +149,14 @@ pub enum Reason {
     TxIcmpToClient = 15,
     /// An ICMP error that quotes no flow of a VIP (or quotes ICMP, or a later fragment).
     PassIcmpNoFlow = 16,
+    /// A later fragment (no ports) sent where its datagram's first fragment went.
+    TxFragment = 17,
+    /// A later fragment to a VIP address whose first fragment was not seen (it comes later, was
+    /// lost, or went to another load balancer): the kernel gets it, as it would without us.
+    PassFragmentNoFirst = 18,
 }
 
-pub const REASON_COUNT: u32 = 17;
+pub const REASON_COUNT: u32 = 19;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -160,6 +177,8 @@ impl Reason {
         Reason::TxIcmpToBackend,
         Reason::TxIcmpToClient,
         Reason::PassIcmpNoFlow,
+        Reason::TxFragment,
+        Reason::PassFragmentNoFirst,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -181,6 +200,8 @@ impl Reason {
             Reason::TxIcmpToBackend => "tx_icmp_to_backend",
             Reason::TxIcmpToClient => "tx_icmp_to_client",
             Reason::PassIcmpNoFlow => "pass_icmp_no_flow",
+            Reason::TxFragment => "tx_fragment",
+            Reason::PassFragmentNoFirst => "pass_fragment_no_first",
         }
     }
 
@@ -191,7 +212,8 @@ impl Reason {
             | Reason::TxNatReply
             | Reason::TxPingReply
             | Reason::TxIcmpToBackend
-            | Reason::TxIcmpToClient => XDP_TX,
+            | Reason::TxIcmpToClient
+            | Reason::TxFragment => XDP_TX,
             Reason::DropNoBackend | Reason::DropNatPorts | Reason::DropInternal => XDP_DROP,
             _ => XDP_PASS,
         }
@@ -323,6 +345,43 @@ pub struct NatReverse {
     pub last_seen: u32,
 }
 
+/// `FRAGS` key: one fragmented datagram (RFC 791 / RFC 8200 reassembly key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The datagram's identification: 16 bits in IPv4, 32 in IPv6 (as on the wire, network
+    /// byte order, IPv4's in the first two bytes).
+    pub id: [u8; 4],
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `FRAGS` value: what was done with a datagram's first fragment, for its later ones (which
+/// carry no ports) to get the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragRoute {
+    /// [`FRAG_REWRITE`]: the addresses to write (NAT); otherwise they stay.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub mac: [u8; 6],
+    /// `FRAG_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+    /// The counters the first fragment went to: `STATS_VIP` and `STATS_BACKEND` indexes
+    /// ([`FRAG_NO_STATS`] for a NAT reply, which counts under neither).
+    pub vip_index: u32,
+    pub backend: u32,
+}
+
+/// `FragRoute::flags`: the fragments' addresses are rewritten (NAT, both directions).
+pub const FRAG_REWRITE: u8 = 1;
+/// `FragRoute::vip_index` of a NAT reply.
+pub const FRAG_NO_STATS: u32 = u32::MAX;
+
 /// Per-VIP and per-backend counters (values of per-CPU arrays).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -347,6 +406,8 @@ mod pod {
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::NatFlowRecord {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragRoute {}
 }
 
 // Layouts are part of the contract with the kernel object: any change must be deliberate.
@@ -365,8 +426,10 @@ const _: () = {
     assert!(size_of::<NatReverse>() == 48);
     assert!(offset_of!(NatReverse, last_seen) == 44);
     assert!(size_of::<Traffic>() == 24);
-    assert!(size_of::<Settings>() == 8);
+    assert!(size_of::<Settings>() == 10);
     assert!(size_of::<NatFlowRecord>() == 140);
+    assert!(size_of::<FragKey>() == 40);
+    assert!(size_of::<FragRoute>() == 48);
 };
 
 #[cfg(test)]

@@ -4,18 +4,20 @@
 //!
 //! It shares with the program only what is meant to be shared (layouts, flow hash and placement,
 //! the checksum update formula, the NAT port candidates); parsing, the choice of backend and the
-//! ICMP handling (`relay`) are written anew.
+//! ICMP handling (`relay`) and the fragments' routes (`fragment`) are written anew.
 
 use crate::csum::{replace_bytes, replace_u16, udp_nonzero};
 use crate::hash::{flow_hash, placement_hash};
 use crate::maps::*;
 use crate::nat;
 use crate::packet::{
-    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_MIN_HLEN,
-    UDP_HLEN, icmp, icmp_protocol, ipv4, ipv6, is_ipv4_fragment, is_ipv6_extension, l4, opens_connection,
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Fragment, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, MAX_IPV6_EXT_HEADERS, TCP_FLAG_FIN,
+    TCP_FLAG_RST, TCP_MIN_HLEN, UDP_HLEN, icmp, icmp_protocol, ipv4, ipv6, ipv6_ext, is_ipv6_extension, l4,
+    opens_connection,
 };
 use std::collections::HashMap;
 
+mod fragment;
 mod relay;
 
 /// The maps as the model sees them.
@@ -29,6 +31,8 @@ pub struct ModelMaps {
     pub conns: HashMap<FlowKey, ConnState>,
     pub nat_rev: HashMap<FlowKey, NatReverse>,
     pub vip_addrs: HashMap<VipAddrKey, VipAddr>,
+    /// `FRAGS` (never full in the tests that compare it: no eviction).
+    pub frags: HashMap<FragKey, FragRoute>,
     pub reasons: HashMap<u32, u64>,
     /// The `SETTINGS` entry (all zero: no destination MAC check).
     pub settings: Settings,
@@ -58,6 +62,8 @@ struct Parsed {
     icmp_type: u8,
     /// Where the IP packet ends (before any padding of the frame).
     l4_end: usize,
+    fragment: Fragment,
+    frag_id: [u8; 4],
 }
 
 impl ModelMaps {
@@ -80,6 +86,9 @@ impl ModelMaps {
             }
         }
         let parsed = parse(packet)?;
+        if parsed.fragment == Fragment::Later {
+            return self.later_fragment(packet, &parsed);
+        }
         if parsed.flow.proto == icmp_protocol(parsed.family) {
             return self.icmp(packet, &parsed);
         }
@@ -100,10 +109,13 @@ impl ModelMaps {
                 reverse.client_port,
             );
             set_macs(packet, reverse.client_mac);
+            if parsed.fragment == Fragment::First {
+                self.remember_reply(&parsed, &reverse);
+            }
             return Ok(Reason::TxNatReply);
         };
         let client_mac: [u8; 6] = packet[6..12].try_into().unwrap();
-        let (backend, snat_port) = self.choose(&parsed, &vip, client_mac)?;
+        let (backend, index, snat_port) = self.choose(&parsed, &vip, client_mac)?;
         if vip.mode == MODE_NAT {
             let dport = if backend.port == 0 { parsed.flow.dport } else { backend.port };
             rewrite_flow(packet, &parsed, &vip.snat_addr, snat_port, &backend.addr, dport);
@@ -111,6 +123,9 @@ impl ModelMaps {
             return Err(Reason::DropInternal);
         }
         set_macs(packet, backend.mac);
+        if parsed.fragment == Fragment::First {
+            self.remember_forward(&parsed, &vip, index, &backend);
+        }
         Ok(Reason::TxForward)
     }
 
@@ -123,7 +138,8 @@ impl ModelMaps {
         self.backends.get(&index).filter(|b| b.flags & BACKEND_USABLE != 0).copied()
     }
 
-    fn choose(&mut self, parsed: &Parsed, vip: &VipMeta, client_mac: [u8; 6]) -> Result<(Backend, u16), Reason> {
+    /// The backend, its index and the NAT source port (0 in DSR).
+    fn choose(&mut self, parsed: &Parsed, vip: &VipMeta, client_mac: [u8; 6]) -> Result<(Backend, u32, u16), Reason> {
         if !parsed.opens_connection
             && let Some(conn) = self.conns.get(&parsed.flow).copied()
             && let Some(backend) = self.usable(conn.backend)
@@ -137,7 +153,7 @@ impl ModelMaps {
                     }
                 }
             }
-            return Ok((backend, conn.snat_port));
+            return Ok((backend, conn.backend, conn.snat_port));
         }
         if vip.ring_size == 0 {
             return Err(Reason::DropInternal);
@@ -187,7 +203,7 @@ impl ModelMaps {
         }
         let last_seen = if vip.mode == MODE_NAT { self.now } else { 0 };
         self.conns.insert(parsed.flow, ConnState { backend: index, snat_port, _pad: [0; 2], last_seen });
-        Ok((backend, snat_port))
+        Ok((backend, index, snat_port))
     }
 }
 
@@ -212,6 +228,8 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
     let need = |n: usize| if p.len() >= n { Ok(()) } else { Err(Reason::PassTruncated) };
     need(ETH_HLEN)?;
     let mut flow = FlowKey::default();
+    let fragment;
+    let mut frag_id = [0; 4];
     let (family, l4_off, l4_len) = match be16(p, 12) as u16 {
         ETH_P_IP => {
             need(ETH_HLEN + IPV4_MIN_HLEN)?;
@@ -225,8 +243,9 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
                 return Err(Reason::PassBadHeader);
             }
             need(ETH_HLEN + total)?;
-            if is_ipv4_fragment(be16(p, ETH_HLEN + ipv4::FRAG) as u16) {
-                return Err(Reason::PassFragment);
+            fragment = Fragment::of_ipv4(be16(p, ETH_HLEN + ipv4::FRAG) as u16);
+            if fragment != Fragment::None {
+                frag_id[..2].copy_from_slice(&p[ETH_HLEN + ipv4::ID..][..2]);
             }
             flow.proto = p[ETH_HLEN + ipv4::PROTO];
             flow.src[..4].copy_from_slice(&p[ETH_HLEN + ipv4::SRC..][..4]);
@@ -240,38 +259,45 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
             }
             let payload = be16(p, ETH_HLEN + ipv6::PAYLOAD_LEN);
             need(ETH_HLEN + IPV6_HLEN + payload)?;
-            flow.proto = p[ETH_HLEN + ipv6::NEXT_HEADER];
-            if is_ipv6_extension(flow.proto) {
-                return Err(Reason::PassIpv6ExtHeader);
-            }
+            let end = ETH_HLEN + IPV6_HLEN + payload;
+            let walked = walk_ipv6_extensions(p, end)?;
+            (flow.proto, fragment, frag_id) = (walked.proto, walked.fragment, walked.frag_id);
             flow.src.copy_from_slice(&p[ETH_HLEN + ipv6::SRC..][..16]);
             flow.dst.copy_from_slice(&p[ETH_HLEN + ipv6::DST..][..16]);
-            (FAMILY_V6, ETH_HLEN + IPV6_HLEN, payload)
+            (FAMILY_V6, walked.l4_off, end - walked.l4_off)
         }
         _ => return Err(Reason::PassNotIp),
     };
     flow.family = family;
-    let mut no_l4_checksum = false;
-    let mut opens = false;
-    let mut tcp_flags = 0;
+    let l4_end = l4_off + l4_len;
+    let mut parsed = Parsed {
+        family,
+        l4_off,
+        flow,
+        no_l4_checksum: false,
+        opens_connection: false,
+        tcp_flags: 0,
+        icmp_type: 0,
+        l4_end,
+        fragment,
+        frag_id,
+    };
+    if fragment != Fragment::None {
+        if flow.proto != PROTO_TCP && flow.proto != PROTO_UDP {
+            return Err(Reason::PassFragment);
+        }
+        if fragment == Fragment::Later {
+            return Ok(parsed);
+        }
+    }
     if flow.proto == icmp_protocol(family) {
         need(l4_off + ICMP_HLEN)?;
         if l4_len < ICMP_HLEN {
             return Err(Reason::PassTruncated);
         }
         // No ports: an echo request is answered by address alone.
-        let icmp_type = p[l4_off + icmp::TYPE];
-        let l4_end = l4_off + l4_len;
-        return Ok(Parsed {
-            family,
-            l4_off,
-            flow,
-            no_l4_checksum,
-            opens_connection: false,
-            tcp_flags,
-            icmp_type,
-            l4_end,
-        });
+        parsed.icmp_type = p[l4_off + icmp::TYPE];
+        return Ok(parsed);
     }
     match flow.proto {
         PROTO_TCP => {
@@ -283,31 +309,90 @@ fn parse(p: &[u8]) -> Result<Parsed, Reason> {
             if doff < TCP_MIN_HLEN || doff > l4_len {
                 return Err(Reason::PassBadHeader);
             }
-            tcp_flags = p[l4_off + l4::TCP_FLAGS];
-            opens = opens_connection(tcp_flags);
+            parsed.tcp_flags = p[l4_off + l4::TCP_FLAGS];
+            parsed.opens_connection = opens_connection(parsed.tcp_flags);
         }
         PROTO_UDP => {
             need(l4_off + UDP_HLEN)?;
             if l4_len < UDP_HLEN {
                 return Err(Reason::PassTruncated);
             }
+            // A first fragment holds only the start of the datagram.
             let udp_len = be16(p, l4_off + l4::UDP_LEN);
-            if udp_len < UDP_HLEN || udp_len > l4_len {
+            if udp_len < UDP_HLEN || (udp_len > l4_len && fragment == Fragment::None) {
                 return Err(Reason::PassBadHeader);
             }
             if p[l4_off + l4::UDP_CHECK] == 0 && p[l4_off + l4::UDP_CHECK + 1] == 0 {
                 if family == FAMILY_V6 {
                     return Err(Reason::PassBadHeader);
                 }
-                no_l4_checksum = true;
+                parsed.no_l4_checksum = true;
             }
         }
         _ => return Err(Reason::PassUnknownL4),
     }
-    flow.sport = u16::from_ne_bytes([p[l4_off], p[l4_off + 1]]);
-    flow.dport = u16::from_ne_bytes([p[l4_off + 2], p[l4_off + 3]]);
-    let l4_end = l4_off + l4_len;
-    Ok(Parsed { family, l4_off, flow, no_l4_checksum, opens_connection: opens, tcp_flags, icmp_type: 0, l4_end })
+    parsed.flow.sport = u16::from_ne_bytes([p[l4_off], p[l4_off + 1]]);
+    parsed.flow.dport = u16::from_ne_bytes([p[l4_off + 2], p[l4_off + 3]]);
+    Ok(parsed)
+}
+
+/// What the walk over an IPv6 packet's extension headers found.
+struct Ipv6Walk {
+    proto: u8,
+    l4_off: usize,
+    fragment: Fragment,
+    frag_id: [u8; 4],
+}
+
+/// Hop-by-hop (first only), routing with no segments left, destination options and one fragment
+/// header, at most `MAX_IPV6_EXT_HEADERS`; a later fragment stops at its fragment header, a
+/// first fragment must have its upper-layer header right after it.
+fn walk_ipv6_extensions(p: &[u8], end: usize) -> Result<Ipv6Walk, Reason> {
+    let mut walk = Ipv6Walk {
+        proto: p[ETH_HLEN + ipv6::NEXT_HEADER],
+        l4_off: ETH_HLEN + IPV6_HLEN,
+        fragment: Fragment::None,
+        frag_id: [0; 4],
+    };
+    let mut fragment_header = false;
+    for walked in 0..MAX_IPV6_EXT_HEADERS {
+        if !is_ipv6_extension(walk.proto) || walk.fragment == Fragment::Later {
+            break;
+        }
+        if walk.fragment == Fragment::First {
+            return Err(Reason::PassFragment);
+        }
+        let off = walk.l4_off;
+        if p.len() < off + ipv6_ext::MIN_LEN {
+            return Err(Reason::PassTruncated);
+        }
+        if off + ipv6_ext::MIN_LEN > end {
+            return Err(Reason::PassBadHeader);
+        }
+        let extension_len = (p[off + ipv6_ext::LEN] as usize + 1) * 8;
+        let len = match walk.proto {
+            ipv6_ext::HOP_BY_HOP if walked == 0 => extension_len,
+            ipv6_ext::ROUTING if p[off + ipv6_ext::SEGMENTS_LEFT] != 0 => return Err(Reason::PassIpv6ExtHeader),
+            ipv6_ext::ROUTING | ipv6_ext::DEST_OPTS => extension_len,
+            ipv6_ext::FRAGMENT if !fragment_header => {
+                fragment_header = true;
+                walk.fragment = Fragment::of_ipv6(be16(p, off + ipv6_ext::FRAG_OFFSET) as u16);
+                walk.frag_id.copy_from_slice(&p[off + ipv6_ext::FRAG_ID..][..4]);
+                ipv6_ext::MIN_LEN
+            }
+            ipv6_ext::HOP_BY_HOP | ipv6_ext::FRAGMENT => return Err(Reason::PassBadHeader),
+            _ => return Err(Reason::PassIpv6ExtHeader),
+        };
+        if off + len > end {
+            return Err(Reason::PassBadHeader);
+        }
+        walk.proto = p[off + ipv6_ext::NEXT_HEADER];
+        walk.l4_off = off + len;
+    }
+    if is_ipv6_extension(walk.proto) && walk.fragment != Fragment::Later {
+        return Err(Reason::PassIpv6ExtHeader);
+    }
+    Ok(walk)
 }
 
 fn set_macs(p: &mut [u8], next_hop: [u8; 6]) {
@@ -328,22 +413,13 @@ fn rewrite_flow(p: &mut [u8], parsed: &Parsed, src: &[u8; 16], sport: u16, dst: 
     let from = parsed.flow;
     let check_at = parsed.l4_off + if from.proto == PROTO_TCP { l4::TCP_CHECK } else { l4::UDP_CHECK };
     let mut check = get16(p, check_at);
-    if parsed.family == FAMILY_V4 {
+    fragment::set_addresses(p, parsed, src, dst);
+    check = if parsed.family == FAMILY_V4 {
         let v4 = |a: &[u8; 16]| -> [u8; 4] { a[..4].try_into().unwrap() };
-        let ip_check = replace_bytes(
-            replace_bytes(get16(p, ETH_HLEN + ipv4::CHECK), &v4(&from.src), &v4(src)),
-            &v4(&from.dst),
-            &v4(dst),
-        );
-        put16(p, ETH_HLEN + ipv4::CHECK, ip_check);
-        p[ETH_HLEN + ipv4::SRC..][..4].copy_from_slice(&src[..4]);
-        p[ETH_HLEN + ipv4::DST..][..4].copy_from_slice(&dst[..4]);
-        check = replace_bytes(replace_bytes(check, &v4(&from.src), &v4(src)), &v4(&from.dst), &v4(dst));
+        replace_bytes(replace_bytes(check, &v4(&from.src), &v4(src)), &v4(&from.dst), &v4(dst))
     } else {
-        p[ETH_HLEN + ipv6::SRC..][..16].copy_from_slice(src);
-        p[ETH_HLEN + ipv6::DST..][..16].copy_from_slice(dst);
-        check = replace_bytes(replace_bytes(check, &from.src, src), &from.dst, dst);
-    }
+        replace_bytes(replace_bytes(check, &from.src, src), &from.dst, dst)
+    };
     check = replace_u16(replace_u16(check, from.sport, sport), from.dport, dport);
     put16(p, parsed.l4_off + l4::SPORT, sport);
     put16(p, parsed.l4_off + l4::DPORT, dport);

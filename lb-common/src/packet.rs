@@ -19,14 +19,13 @@ pub const DEFAULT_TTL: u8 = 64;
 pub mod ipv4 {
     pub const VERSION_IHL: usize = 0;
     pub const TOTAL_LEN: usize = 2;
+    pub const ID: usize = 4;
     pub const FRAG: usize = 6;
     pub const TTL: usize = 8;
     pub const PROTO: usize = 9;
     pub const CHECK: usize = 10;
     pub const SRC: usize = 12;
     pub const DST: usize = 16;
-    /// More-fragments flag and fragment offset, in host order after `u16::from_be`.
-    pub const MF_OFFSET_MASK: u16 = 0x3fff;
 }
 
 /// Offsets inside an IPv6 header.
@@ -86,10 +85,70 @@ pub const fn icmp_protocol(family: u8) -> u8 {
 #[cfg(feature = "user")]
 pub mod build;
 
-/// IPv6 extension headers (RFC 8200 and the IANA list): the program does not walk them, it
-/// hands such packets to the kernel.
+/// IPv6 extension headers (RFC 8200 and the IANA list). The program walks hop-by-hop, routing
+/// (when no segments are left: this host is the final destination), destination options and
+/// fragment headers, at most [`MAX_IPV6_EXT_HEADERS`] of them; packets with any other (AH, ESP,
+/// mobility, HIP, shim6, experimental) go to the kernel.
 pub const fn is_ipv6_extension(next_header: u8) -> bool {
     matches!(next_header, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
+/// How many IPv6 extension headers the program walks before it gives a packet to the kernel:
+/// real traffic carries one or two; a bound keeps the verifier's and the packet's cost fixed.
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+/// IPv6 extension headers the program walks, and offsets inside them.
+pub mod ipv6_ext {
+    pub const HOP_BY_HOP: u8 = 0;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const DEST_OPTS: u8 = 60;
+    pub const NEXT_HEADER: usize = 0;
+    /// Hop-by-hop, routing, destination options: the length in 8-byte units after the first 8.
+    pub const LEN: usize = 1;
+    /// Routing header: addresses still to visit; 0 when this host is the final destination.
+    pub const SEGMENTS_LEFT: usize = 3;
+    /// Fragment header: offset (13 bits, in 8-byte units) << 3 | more-fragments, big-endian.
+    pub const FRAG_OFFSET: usize = 2;
+    pub const FRAG_ID: usize = 4;
+    /// Every extension header is at least this long; a fragment header is exactly this long.
+    pub const MIN_LEN: usize = 8;
+}
+
+/// Where a packet stands in its datagram's fragmentation.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram (also an IPv6 atomic fragment: offset 0, no more fragments).
+    None = 0,
+    /// Offset 0, more to come: it carries the TCP/UDP header.
+    First = 1,
+    /// A middle or last fragment: no ports, only the datagram's identification.
+    Later = 2,
+}
+
+impl Fragment {
+    /// From IPv4's flags/offset word, in host order.
+    pub const fn of_ipv4(frag_field: u16) -> Self {
+        if frag_field & 0x1fff != 0 {
+            Fragment::Later
+        } else if frag_field & 0x2000 != 0 {
+            Fragment::First
+        } else {
+            Fragment::None
+        }
+    }
+
+    /// From an IPv6 fragment header's offset word, in host order.
+    pub const fn of_ipv6(offset_field: u16) -> Self {
+        if offset_field & 0xfff8 != 0 {
+            Fragment::Later
+        } else if offset_field & 1 != 0 {
+            Fragment::First
+        } else {
+            Fragment::None
+        }
+    }
 }
 
 pub const TCP_FLAG_FIN: u8 = 0x01;
@@ -102,10 +161,4 @@ pub const TCP_FLAG_ACK: u8 = 0x10;
 /// an old connection (which may be drained, or a backup no longer in use).
 pub const fn opens_connection(tcp_flags: u8) -> bool {
     tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
-}
-
-/// True for any fragment of a fragmented IPv4 datagram (first, middle or last).
-/// `frag_field` is the flags/offset word in host order.
-pub const fn is_ipv4_fragment(frag_field: u16) -> bool {
-    frag_field & ipv4::MF_OFFSET_MASK != 0
 }

@@ -5,7 +5,7 @@
 
 use crate::balance::{backend_of_flow, port_towards};
 use crate::maps::{NAT_REV, VIP_ADDRS};
-use crate::parse::{Packet, field, ptr_at, read, set_field, write};
+use crate::parse::{Packet, field, l4_header, ptr_at, read, set_field, write};
 use crate::rewrite::set_macs;
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
@@ -14,7 +14,7 @@ use lb_common::maps::{
     FAMILY_V4, FlowKey, MODE_DSR, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, VIP_ADDR_ANSWER_PING, VipAddrKey,
 };
 use lb_common::packet::{
-    DEFAULT_TTL, ETH_HLEN, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,
+    DEFAULT_TTL, ETH_HLEN, Fragment, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,
 };
 
 /// ICMP of the packet's family, parsed up to its 8-byte header. Returns a plain `Reason` (see
@@ -42,19 +42,24 @@ fn answer_ping(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
     if packet.icmp_type != request {
         return Err(Reason::PassUnknownL4);
     }
+    // The reply would carry the request's extension headers back: the kernel answers those.
+    if !v4 && packet.l4_off != ETH_HLEN + IPV6_HLEN {
+        return Err(Reason::PassIpv6ExtHeader);
+    }
     let key = VipAddrKey { addr: packet.flow.dst, family: packet.family, _pad: [0; 3] };
     // SAFETY: a map value pointer stays valid for the program's run.
     match VIP_ADDRS.get_ptr(&key) {
         Some(addr) if unsafe { (*addr).flags } & VIP_ADDR_ANSWER_PING != 0 => {}
         _ => return Err(Reason::PassNotVip),
     }
-    // SAFETY: parse checked the 8 bytes of the ICMP header that l4 and l4_check point into.
+    let header = l4_header::<ICMP_HLEN>(ctx, packet)?;
+    // SAFETY: type, code and checksum are inside the 8 checked bytes.
     unsafe {
-        let code: u8 = field(packet.l4, icmp::CODE);
-        let check: u16 = field(packet.l4_check, 0);
+        let code: u8 = field(header, icmp::CODE);
+        let check: u16 = field(header, icmp::CHECK);
         let check = replace_u16(check, u16::from_ne_bytes([request, code]), u16::from_ne_bytes([reply, code]));
-        set_field(packet.l4, icmp::TYPE, reply);
-        set_field(packet.l4_check, 0, check);
+        set_field(header, icmp::TYPE, reply);
+        set_field(header, icmp::CHECK, check);
     }
     let (src, dst) = (&packet.flow.src, &packet.flow.dst);
     if v4 {
@@ -115,7 +120,7 @@ fn parse_quoted(ctx: &XdpContext, packet: &Packet, out: &mut Quoted) -> Result<(
             return Err(Reason::PassBadHeader);
         }
         // A later fragment carries no ports: nothing tells its flow.
-        if u16::from_be(read::<u16>(ctx, ip_off + ipv4::FRAG)?) & 0x1fff != 0 {
+        if Fragment::of_ipv4(u16::from_be(read::<u16>(ctx, ip_off + ipv4::FRAG)?)) == Fragment::Later {
             return Err(Reason::PassIcmpNoFlow);
         }
         flow.proto = read(ctx, ip_off + ipv4::PROTO)?;
@@ -228,8 +233,9 @@ struct Translation<'a> {
 fn translate(ctx: &XdpContext, packet: &Packet, quoted: &Quoted, to: &Translation) -> Result<(), Reason> {
     let v4 = packet.family == FAMILY_V4;
     let sent = &quoted.flow;
-    // SAFETY: parse checked the ICMP header l4_check points into.
-    let mut icmp_check: u16 = unsafe { field(packet.l4_check, 0) };
+    let header = l4_header::<ICMP_HLEN>(ctx, packet)?;
+    // SAFETY: the checksum is inside the 8 checked bytes.
+    let mut icmp_check: u16 = unsafe { field(header, icmp::CHECK) };
     let check_at = quoted.l4_off + if sent.proto == PROTO_TCP { l4::TCP_CHECK } else { l4::UDP_CHECK };
     if let Ok(at) = quoted_ptr::<u16>(ctx, packet, check_at) {
         // SAFETY: quoted_ptr checked the two bytes.
@@ -252,12 +258,17 @@ fn translate(ctx: &XdpContext, packet: &Packet, quoted: &Quoted, to: &Translatio
     }
     if v4 {
         let old: u16 = read(ctx, quoted.ip_off + ipv4::CHECK)?;
-        let new = replace_bytes(replace_bytes(old, &v4_of(&sent.src), &v4_of(to.src)), &v4_of(&sent.dst), &v4_of(to.dst));
+        let new =
+            replace_bytes(replace_bytes(old, &v4_of(&sent.src), &v4_of(to.src)), &v4_of(&sent.dst), &v4_of(to.dst));
         write(ctx, quoted.ip_off + ipv4::CHECK, new)?;
         icmp_check = replace_u16(icmp_check, old, new);
         write(ctx, quoted.ip_off + ipv4::SRC, v4_of(to.src))?;
         write(ctx, quoted.ip_off + ipv4::DST, v4_of(to.dst))?;
-        icmp_check = replace_bytes(replace_bytes(icmp_check, &v4_of(&sent.src), &v4_of(to.src)), &v4_of(&sent.dst), &v4_of(to.dst));
+        icmp_check = replace_bytes(
+            replace_bytes(icmp_check, &v4_of(&sent.src), &v4_of(to.src)),
+            &v4_of(&sent.dst),
+            &v4_of(to.dst),
+        );
     } else {
         write(ctx, quoted.ip_off + ipv6::SRC, *to.src)?;
         write(ctx, quoted.ip_off + ipv6::DST, *to.dst)?;
@@ -269,7 +280,11 @@ fn translate(ctx: &XdpContext, packet: &Packet, quoted: &Quoted, to: &Translatio
     let outer = &packet.flow;
     if v4 {
         let old: u16 = read(ctx, ETH_HLEN + ipv4::CHECK)?;
-        let new = replace_bytes(replace_bytes(old, &v4_of(&outer.src), &v4_of(to.outer_src)), &v4_of(&outer.dst), &v4_of(to.outer_dst));
+        let new = replace_bytes(
+            replace_bytes(old, &v4_of(&outer.src), &v4_of(to.outer_src)),
+            &v4_of(&outer.dst),
+            &v4_of(to.outer_dst),
+        );
         write(ctx, ETH_HLEN + ipv4::CHECK, new)?;
         write(ctx, ETH_HLEN + ipv4::SRC, v4_of(to.outer_src))?;
         write(ctx, ETH_HLEN + ipv4::DST, v4_of(to.outer_dst))?;
@@ -279,7 +294,7 @@ fn translate(ctx: &XdpContext, packet: &Packet, quoted: &Quoted, to: &Translatio
         icmp_check = replace_bytes(replace_bytes(icmp_check, &outer.src, to.outer_src), &outer.dst, to.outer_dst);
     }
     // SAFETY: as above.
-    unsafe { set_field(packet.l4_check, 0, icmp_check) };
+    unsafe { set_field(header, icmp::CHECK, icmp_check) };
     Ok(())
 }
 

@@ -1,11 +1,12 @@
 //! The XDP load balancer: for each packet, parse → find the VIP → choose a backend → rewrite → send.
 //! ICMP echo requests to a VIP's address are answered on the spot; ICMP errors about a VIP's
-//! flows go where the flow goes.
+//! flows go where the flow goes; later fragments of a datagram go where its first went.
 #![no_std]
 #![no_main]
 
 mod balance;
 mod floor;
+mod fragment;
 mod icmp;
 mod maps;
 mod parse;
@@ -14,9 +15,9 @@ mod rewrite;
 use aya_ebpf::macros::xdp;
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::XdpContext;
-use lb_common::maps::{FlowKey, MODE_DSR, MODE_NAT, PROTO_TCP, Reason, Traffic, VipKey, VipMeta};
+use lb_common::maps::{FlowKey, MODE_DSR, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic, VipKey, VipMeta};
 use lb_common::nat::note_segment;
-use lb_common::packet::icmp_protocol;
+use lb_common::packet::{Fragment, icmp_protocol};
 use maps::{NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, VIPS};
 use parse::{Packet, parse, read};
 use rewrite::{Rewrite, set_flow, set_macs};
@@ -28,8 +29,12 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Err(reason) => reason,
         // Apart, each with its own stack frame: together they would pass the 512 bytes a
         // program's call chain may use.
+        Ok(()) if packet.fragment == Fragment::Later => fragment::forward_later(&ctx, &packet),
         Ok(()) if packet.flow.proto == icmp_protocol(packet.family) => icmp::handle(&ctx, &packet),
-        Ok(()) => balance(&ctx, &packet),
+        Ok(()) => match find_vip(&packet.flow) {
+            Some(vip) => balance(&ctx, &packet, vip),
+            None => nat_reply(&ctx, &packet),
+        },
     };
     if let Some(counter) = STATS_REASON.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU value, only this CPU writes it.
@@ -41,26 +46,34 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// Frames for us, parsed into `packet` (owned by the caller, which hands it on).
 #[inline(always)]
 fn read_packet(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Reason> {
-    if !addressed_to_us(ctx)? {
+    // An array's first entry always exists.
+    let settings = SETTINGS.get(0).ok_or(Reason::DropInternal)?;
+    if !addressed_to_us(ctx, settings)? {
         return Err(Reason::PassOtherHost);
     }
-    parse(ctx, packet)
+    parse(ctx, packet, settings.zero)
 }
 
-/// TCP and UDP: to a VIP's backend, or a NAT flow's reply back to its client. Returns a plain
-/// `Reason`: a `Result` would come back through the caller's stack, which the verifier refuses.
+/// TCP and UDP to a VIP: to its backend. Returns a plain `Reason`: a `Result` would come back
+/// through the caller's stack, which the verifier refuses.
 #[inline(never)]
-fn balance(ctx: &XdpContext, packet: &Packet) -> Reason {
-    match balance_packet(ctx, packet) {
+fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipMeta) -> Reason {
+    match balance_packet(ctx, packet, vip) {
+        Ok(reason) | Err(reason) => reason,
+    }
+}
+
+/// TCP and UDP to anything else: a NAT flow's reply goes back to its client, the rest passes.
+/// Apart from `balance`, so that neither frame adds to the other's stack.
+#[inline(never)]
+fn nat_reply(ctx: &XdpContext, packet: &Packet) -> Reason {
+    match translate_nat_reply(ctx, packet) {
         Ok(reason) | Err(reason) => reason,
     }
 }
 
 #[inline(always)]
-fn balance_packet(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
-    let Some(vip) = find_vip(&packet.flow) else {
-        return translate_nat_reply(ctx, packet);
-    };
+fn balance_packet(ctx: &XdpContext, packet: &Packet, vip: &VipMeta) -> Result<Reason, Reason> {
     let client_mac: [u8; 6] = read(ctx, 6)?;
     let chosen = balance::choose(packet, vip, client_mac)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -80,6 +93,9 @@ fn balance_packet(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
         _ => return Err(Reason::DropInternal),
     }
     set_macs(ctx, chosen.backend.mac)?;
+    if fragment::is_first(packet) {
+        fragment::remember_forward(packet, vip, chosen.index, chosen.backend);
+    }
     Ok(Reason::TxForward)
 }
 
@@ -87,10 +103,7 @@ fn balance_packet(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
 /// a switch flooded here for another host, e.g. the active node of a pair, is left alone:
 /// forwarding it too would send the request to a backend twice.
 #[inline(always)]
-fn addressed_to_us(ctx: &XdpContext) -> Result<bool, Reason> {
-    let Some(settings) = SETTINGS.get(0) else {
-        return Ok(true);
-    };
+fn addressed_to_us(ctx: &XdpContext, settings: &Settings) -> Result<bool, Reason> {
     if settings.check_mac == 0 {
         return Ok(true);
     }
@@ -111,7 +124,7 @@ fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
 }
 
 /// A backend's reply to a NAT flow goes back to the client as if it came from the VIP.
-#[inline(never)]
+#[inline(always)]
 fn translate_nat_reply(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
     let Some(reverse) = NAT_REV.get_ptr_mut(&packet.flow) else {
         return Err(Reason::PassNotVip);
@@ -131,11 +144,14 @@ fn translate_nat_reply(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reas
     };
     set_flow(ctx, packet, &to)?;
     set_macs(ctx, reverse.client_mac)?;
+    if fragment::is_first(packet) {
+        fragment::remember_reply(packet, reverse);
+    }
     Ok(Reason::TxNatReply)
 }
 
 #[inline(always)]
-fn add_traffic(map: &PerCpuArray<Traffic>, index: u32, bytes: u64, new_flow: bool) {
+pub(crate) fn add_traffic(map: &PerCpuArray<Traffic>, index: u32, bytes: u64, new_flow: bool) {
     if let Some(traffic) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU value, only this CPU writes it.
         let traffic = unsafe { &mut *traffic };

@@ -6,8 +6,8 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use lb_common::layout::REASON_SLOTS;
 use lb_common::maps::{
-    Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS,
-    NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, VipAddr, VipAddrKey, VipKey, VipMeta,
+    Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FRAGS_ENTRIES, FlowKey, FragKey,
+    FragRoute, MAX_BACKENDS, NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, VipAddr, VipAddrKey, VipKey, VipMeta,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -39,6 +39,10 @@ pub static NEW_NAT_FLOWS: RingBuf = RingBuf::with_byte_size(NEW_NAT_FLOWS_BYTES,
 
 #[map(name = "NAT_REV")]
 pub static NAT_REV: LruHashMap<FlowKey, NatReverse> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+/// Fragmented datagrams whose first fragment was forwarded: where the later ones go.
+#[map(name = "FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragRoute> = LruHashMap::with_max_entries(FRAGS_ENTRIES, 0);
 
 #[map(name = "STATS_REASON")]
 pub static STATS_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);

@@ -5,7 +5,7 @@
 use lb::dataplane::VipForwarding;
 use lb_common::hash::flow_hash;
 use lb_common::maps::*;
-use lb_common::packet::build::{Frame, TCP_ACK, verify_checksums};
+use lb_common::packet::build::{Frame, TCP_ACK, reassemble, verify_checksums};
 use lb_common::packet::{ETH_HLEN, ETH_P_IPV6, TCP_FLAG_FIN};
 use lb_tests::harness::{Harness, addr16, backend, vip_key};
 use lb_tests::privilege::require_root;
@@ -704,4 +704,87 @@ fn icmp_errors_about_vip_flows_reach_the_flows_backend_translated_in_nat_mode() 
         }
     }
     assert_eq!(checked, 24, "both families, both protocols, both modes, whole and short quotes");
+}
+
+/// Runs `frame` through both sides, which must agree, and checks its reason.
+fn expect(harness: &mut Harness, frame: &[u8], reason: Reason, what: &str) -> Vec<u8> {
+    let (kernel, model) = harness.run(frame).unwrap();
+    assert_eq!(kernel, model, "{what}: the kernel and the model differ");
+    assert_eq!(kernel.reason, reason, "{what}");
+    kernel.packet
+}
+
+#[test]
+fn fragments_go_where_their_first_went_in_both_directions() {
+    if !require_root("fragments_go_where_their_first_went_in_both_directions") {
+        return;
+    }
+    let setups = setups();
+    let mut harness = harness_with(&setups);
+    let vip_addresses: Vec<IpAddr> = setups.iter().map(|s| s.vip.ip()).collect();
+    harness.answer_ping_on(&vip_addresses).unwrap();
+    let mut id = 0x4000u32;
+    for setup in &setups {
+        let what = format!("{:?} {} mode {}", setup.vip, setup.proto, setup.mode);
+        let client = client_ip(setup);
+        let mut request = client_frame(setup, client, 42000);
+        request.payload = (0..3000u32).map(|i| i as u8).collect();
+        id += 1;
+        let fragments = request.fragments(id, 1232);
+        assert_eq!(fragments.len(), 3);
+        // A later fragment before its first: to the kernel, untouched.
+        let passed = expect(&mut harness, &fragments[1], Reason::PassFragmentNoFirst, &what);
+        assert_eq!(passed, fragments[1]);
+        // First, middle, last: all to the backend the first was placed on.
+        let mut out = vec![expect(&mut harness, &fragments[0], Reason::TxForward, &what)];
+        for later in &fragments[1..] {
+            out.push(expect(&mut harness, later, Reason::TxFragment, &what));
+        }
+        let mac: [u8; 6] = out[0][0..6].try_into().unwrap();
+        assert!(out.iter().all(|frame| frame[0..6] == mac && frame[6..12] == LB_MAC), "{what}: one next hop");
+        let backend = setup.backends.iter().find(|(i, _)| backend_mac(*i) == mac).expect("a backend's MAC").1;
+        let datagram = reassemble(&out).unwrap();
+        verify_checksums(&datagram).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (src, sport, dst, dport) = flow_of(&datagram);
+        if setup.mode == MODE_DSR {
+            assert_eq!((src, sport, dst, dport), (client, 42000, setup.vip.ip(), setup.vip.port()), "{what}");
+            continue;
+        }
+        assert_eq!((src, dst, dport), (setup.snat, backend.ip(), backend.port()), "{what}");
+        // The backend's fragmented answer goes back to the client, every fragment translated.
+        let mut reply = request.clone();
+        (reply.src, reply.sport, reply.dst, reply.dport) = (backend.ip(), backend.port(), setup.snat, sport);
+        (reply.src_mac, reply.dst_mac) = (mac, LB_MAC);
+        reply.tcp_flags = TCP_ACK;
+        id += 1;
+        let fragments = reply.fragments(id, 1232);
+        let mut out = vec![expect(&mut harness, &fragments[0], Reason::TxNatReply, &what)];
+        for later in &fragments[1..] {
+            out.push(expect(&mut harness, later, Reason::TxFragment, &what));
+        }
+        assert!(out.iter().all(|frame| frame[0..6] == CLIENT_MAC), "{what}: back to the client's MAC");
+        let datagram = reassemble(&out).unwrap();
+        verify_checksums(&datagram).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(flow_of(&datagram), (setup.vip.ip(), setup.vip.port(), client, 42000), "{what}");
+    }
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_flow_and_kept() {
+    if !require_root("ipv6_extension_headers_are_walked_to_the_flow_and_kept") {
+        return;
+    }
+    use lb_common::packet::ipv6_ext::{DEST_OPTS, HOP_BY_HOP, ROUTING};
+    let setups: Vec<Setup> = setups().into_iter().filter(|s| s.vip.is_ipv6()).collect();
+    let mut harness = harness_with(&setups);
+    for setup in &setups {
+        let what = format!("{:?} {} mode {}", setup.vip, setup.proto, setup.mode);
+        let mut request = client_frame(setup, client_ip(setup), 43000);
+        request.ipv6_extensions = vec![(HOP_BY_HOP, vec![]), (ROUTING, vec![0, 0, 0, 0]), (DEST_OPTS, vec![0; 12])];
+        let out = expect(&mut harness, &request.bytes(), Reason::TxForward, &what);
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
+        // The headers travel on unchanged; only addresses, ports and checksums may change.
+        let headers = ETH_HLEN + 40..ETH_HLEN + 40 + 8 + 8 + 16;
+        assert_eq!(out[headers.clone()], request.bytes()[headers], "{what}");
+    }
 }

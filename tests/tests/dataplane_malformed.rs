@@ -4,6 +4,7 @@
 use lb::dataplane::VipForwarding;
 use lb_common::maps::*;
 use lb_common::packet::build::Frame;
+use lb_common::packet::ipv6_ext::{DEST_OPTS, HOP_BY_HOP, ROUTING};
 use lb_common::packet::{ETH_HLEN, ipv4, ipv6};
 use lb_tests::harness::{Harness, addr16, backend, vip_key};
 use lb_tests::privilege::require_root;
@@ -46,6 +47,36 @@ fn v4_error(quoted: &[u8]) -> Vec<u8> {
 fn v6_error(quoted: &[u8]) -> Vec<u8> {
     Frame::icmp_error(ip("2001:db8:ffff::1"), ip("fd00::10"), 2, 0, 1400, quoted).bytes()
 }
+/// A TCP segment to the VIP as an IPv4 fragment: datagram `id`, flags/offset word `frag`.
+fn v4_fragment(id: u16, frag: u16) -> Vec<u8> {
+    with(Frame { payload: vec![1; 64], ..Frame::tcp(ip("192.0.2.1"), 1234, ip("10.0.0.10"), 80) }.bytes(), |b| {
+        set16(b, IP + ipv4::ID, id);
+        set16(b, IP + ipv4::FRAG, frag);
+        // The header checksum, which the program does not check, stays as it was.
+    })
+}
+fn v4_udp_fragment(id: u32) -> Vec<u8> {
+    Frame { payload: vec![2; 3000], ..Frame::udp(ip("192.0.2.1"), 1234, ip("10.0.0.10"), 53) }.fragments(id, 1480)[0]
+        .clone()
+}
+fn v6_with(extensions: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    Frame { ipv6_extensions: extensions.to_vec(), ..Frame::tcp(ip("2001:db8::1"), 1234, ip("fd00::10"), 80) }.bytes()
+}
+fn v6_fragments(id: u32) -> Vec<Vec<u8>> {
+    Frame { payload: vec![3; 1000], ..Frame::tcp(ip("2001:db8::1"), 1234, ip("fd00::10"), 80) }.fragments(id, 512)
+}
+fn v6_udp_fragments(id: u32) -> Vec<Vec<u8>> {
+    Frame { payload: vec![3; 1000], ..Frame::udp(ip("2001:db8::1"), 1234, ip("fd00::10"), 53) }.fragments(id, 512)
+}
+/// A first fragment whose fragment header is followed by a destination options header.
+fn v6_fragment_then_options(id: u32) -> Vec<u8> {
+    with(v6_fragments(id)[0].clone(), |b| {
+        b[L4_V6] = DEST_OPTS; // the fragment header's next header
+        // 8 bytes of options where the TCP header started, naming TCP next.
+        b[L4_V6 + 8] = 6;
+        b[L4_V6 + 9] = 0;
+    })
+}
 fn with(mut bytes: Vec<u8>, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     edit(&mut bytes);
     bytes
@@ -86,9 +117,23 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
         ("IPv4 with 40 bytes of options (IHL 15)", v4_options(10), TxForward),
         ("IPv4 total length below IHL", with(v4_tcp(), |b| set16(b, IP + ipv4::TOTAL_LEN, 12)), PassBadHeader),
         ("IPv4 total length beyond the frame", with(v4_tcp(), |b| set16(b, IP + ipv4::TOTAL_LEN, 1000)), PassTruncated),
-        ("IPv4 first fragment (MF)", with(v4_tcp(), |b| set16(b, IP + ipv4::FRAG, 0x2000)), PassFragment),
-        ("IPv4 middle fragment", with(v4_tcp(), |b| set16(b, IP + ipv4::FRAG, 0x2010)), PassFragment),
-        ("IPv4 last fragment (offset, no MF)", with(v4_tcp(), |b| set16(b, IP + ipv4::FRAG, 0x0010)), PassFragment),
+        // Fragments: the first is balanced; a later one whose first was not seen goes to the
+        // kernel (one datagram ID each; the forwarding tests follow whole datagrams).
+        ("IPv4 first fragment (MF)", v4_fragment(1, 0x2000), TxForward),
+        ("IPv4 middle fragment before its first", v4_fragment(2, 0x2010), PassFragmentNoFirst),
+        ("IPv4 last fragment before its first", v4_fragment(3, 0x0010), PassFragmentNoFirst),
+        (
+            "IPv4 later fragment to another address",
+            with(v4_fragment(4, 0x0010), |b| b[IP + ipv4::DST + 3] = 99),
+            PassFragment,
+        ),
+        ("IPv4 later fragment of ICMP", with(v4_fragment(5, 0x0010), |b| b[IP + ipv4::PROTO] = 1), PassFragment),
+        ("IPv4 first fragment too short for a TCP header", v4_fragment(6, 0x2000)[..L4_V4 + 8].to_vec(), PassTruncated),
+        (
+            "IPv4 first fragment of UDP, length beyond it",
+            with(v4_udp_fragment(7), |b| set16(b, L4_V4 + 4, 3000)),
+            TxForward,
+        ),
         ("IPv4 don't-fragment only", with(v4_tcp(), |b| set16(b, IP + ipv4::FRAG, 0x4000)), TxForward),
         ("IPv4 ICMP", with(v4_tcp(), |b| b[IP + ipv4::PROTO] = 1), PassUnknownL4),
         ("IPv4 GRE", with(v4_tcp(), |b| b[IP + ipv4::PROTO] = 47), PassUnknownL4),
@@ -137,10 +182,86 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
             with(v6_tcp(), |b| set16(b, IP + ipv6::PAYLOAD_LEN, 500)),
             PassTruncated,
         ),
-        ("IPv6 hop-by-hop options header", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 0), PassIpv6ExtHeader),
-        ("IPv6 routing header", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 43), PassIpv6ExtHeader),
-        ("IPv6 fragment header", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 44), PassIpv6ExtHeader),
-        ("IPv6 destination options header", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 60), PassIpv6ExtHeader),
+        // Extension headers: walked when well-formed, else the kernel's.
+        ("IPv6 hop-by-hop header", v6_with(&[(HOP_BY_HOP, vec![])]), TxForward),
+        (
+            "IPv6 hop-by-hop, routing (no segments left), destination options",
+            v6_with(&[(HOP_BY_HOP, vec![]), (ROUTING, vec![0, 0]), (DEST_OPTS, vec![0; 20])]),
+            TxForward,
+        ),
+        ("IPv6 routing header with segments left", v6_with(&[(ROUTING, vec![0, 1])]), PassIpv6ExtHeader),
+        (
+            "IPv6 four destination options headers",
+            v6_with(&[(DEST_OPTS, vec![]), (DEST_OPTS, vec![]), (DEST_OPTS, vec![]), (DEST_OPTS, vec![])]),
+            TxForward,
+        ),
+        (
+            "IPv6 five extension headers",
+            v6_with(&[
+                (HOP_BY_HOP, vec![]),
+                (DEST_OPTS, vec![]),
+                (DEST_OPTS, vec![]),
+                (DEST_OPTS, vec![]),
+                (DEST_OPTS, vec![]),
+            ]),
+            PassIpv6ExtHeader,
+        ),
+        (
+            "IPv6 hop-by-hop after destination options",
+            v6_with(&[(DEST_OPTS, vec![]), (HOP_BY_HOP, vec![])]),
+            PassBadHeader,
+        ),
+        ("IPv6 authentication header", v6_with(&[(51, vec![0; 14])]), PassIpv6ExtHeader),
+        (
+            "IPv6 extension header longer than the payload",
+            with(v6_with(&[(DEST_OPTS, vec![])]), |b| b[L4_V6 + 1] = 200),
+            PassBadHeader,
+        ),
+        (
+            "IPv6 extension header past the frame",
+            with(v6_with(&[(DEST_OPTS, vec![])]), |b| set16(b, IP + ipv6::PAYLOAD_LEN, 4)),
+            PassBadHeader,
+        ),
+        (
+            "IPv6 next header hop-by-hop, TCP bytes behind it",
+            with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 0),
+            PassBadHeader,
+        ),
+        ("IPv6 first fragment", v6_fragments(11)[0].clone(), TxForward),
+        ("IPv6 later fragment before its first", v6_fragments(12)[1].clone(), PassFragmentNoFirst),
+        (
+            "IPv6 two fragment headers",
+            with(v6_fragments(13)[0].clone(), |b| {
+                // An atomic fragment header (no more fragments) naming a second one.
+                b[L4_V6] = 44;
+                b[L4_V6 + 3] = 0;
+            }),
+            PassBadHeader,
+        ),
+        (
+            "IPv6 first fragment, destination options after the fragment header",
+            v6_fragment_then_options(14),
+            PassFragment,
+        ),
+        (
+            "IPv6 atomic fragment (offset 0, no more)",
+            with(v6_fragments(15)[0].clone(), |b| b[L4_V6 + 3] = 0),
+            TxForward,
+        ),
+        (
+            "IPv6 first fragment of UDP with zero checksum",
+            with(v6_udp_fragments(16)[0].clone(), |b| set16(b, L4_V6 + 8 + 6, 0)),
+            PassBadHeader,
+        ),
+        (
+            "IPv6 echo request behind a destination options header",
+            Frame {
+                ipv6_extensions: vec![(DEST_OPTS, vec![])],
+                ..Frame::echo_request(ip("2001:db8::1"), ip("fd00::10"), 1, 1)
+            }
+            .bytes(),
+            PassIpv6ExtHeader,
+        ),
         ("IPv6 no next header (59)", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 59), PassUnknownL4),
         ("IPv6 ICMPv6", with(v6_tcp(), |b| b[IP + ipv6::NEXT_HEADER] = 58), PassUnknownL4),
         ("IPv6 UDP with zero checksum", with(v6_udp(), |b| set16(b, L4_V6 + 6, 0)), PassBadHeader),
@@ -182,6 +303,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
         ("IPv4 echo reply to the VIP address", with(v4_ping(), |b| b[L4_V4] = 0), PassUnknownL4),
         ("IPv6 echo reply to the VIP address", with(v6_ping(), |b| b[L4_V6] = 129), PassUnknownL4),
         ("IPv4 echo request, first fragment", with(v4_ping(), |b| set16(b, IP + ipv4::FRAG, 0x2000)), PassFragment),
+        ("IPv4 echo request, later fragment", with(v4_ping(), |b| set16(b, IP + ipv4::FRAG, 0x0010)), PassFragment),
         (
             "IPv4 echo request to another address",
             Frame::echo_request(ip("192.0.2.1"), ip("10.0.0.99"), 1, 1).bytes(),

@@ -5,7 +5,9 @@ use super::{ModelMaps, Parsed, get16, put16, set_macs};
 use crate::csum::{replace_bytes, replace_u16, udp_nonzero};
 use crate::hash::{flow_hash, placement_hash};
 use crate::maps::*;
-use crate::packet::{DEFAULT_TTL, ETH_HLEN, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4};
+use crate::packet::{
+    DEFAULT_TTL, ETH_HLEN, Fragment, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,
+};
 
 /// The packet an error quotes: where its headers sit and its flow as it was sent.
 struct Quoted {
@@ -43,6 +45,9 @@ impl ModelMaps {
         };
         if parsed.icmp_type != request {
             return Err(Reason::PassUnknownL4);
+        }
+        if !v4 && parsed.l4_off != ETH_HLEN + IPV6_HLEN {
+            return Err(Reason::PassIpv6ExtHeader);
         }
         let key = VipAddrKey { addr: parsed.flow.dst, family: parsed.family, _pad: [0; 3] };
         if self.vip_addrs.get(&key).is_none_or(|a| a.flags & VIP_ADDR_ANSWER_PING == 0) {
@@ -145,7 +150,7 @@ fn parse_quoted(p: &[u8], parsed: &Parsed) -> Result<Quoted, Reason> {
         if p[ip_off] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
             return Err(Reason::PassBadHeader);
         }
-        if u16::from_be(get16(p, ip_off + ipv4::FRAG)) & 0x1fff != 0 {
+        if Fragment::of_ipv4(u16::from_be(get16(p, ip_off + ipv4::FRAG))) == Fragment::Later {
             return Err(Reason::PassIcmpNoFlow);
         }
         flow.proto = p[ip_off + ipv4::PROTO];

@@ -1,7 +1,8 @@
 //! Builds well-formed Ethernet/IP/TCP-or-UDP frames and verifies checksums (tests, benchmarks).
 
 use super::{
-    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, icmp, ipv4, ipv6, l4,
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN, UDP_HLEN, icmp, ipv4, ipv6,
+    ipv6_ext, l4,
 };
 use crate::csum::{add_words, fold, udp_nonzero};
 use crate::maps::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
@@ -29,7 +30,19 @@ pub struct Frame {
     pub ttl: u8,
     /// Extra IPv4 header bytes (options, multiple of 4, at most 40).
     pub ipv4_options: Vec<u8>,
+    /// IPv6 extension headers before the upper layer (and before the fragment header of
+    /// [`Frame::fragments`]): (kind, the bytes after its next-header and length bytes, padded
+    /// with zeros to a multiple of 8 in all).
+    pub ipv6_extensions: Vec<(u8, Vec<u8>)>,
     pub payload: Vec<u8>,
+}
+
+/// Where one fragment sits in its datagram.
+#[derive(Clone, Copy, Debug)]
+struct FragmentOf {
+    id: u32,
+    offset: usize,
+    more: bool,
 }
 
 impl Frame {
@@ -47,6 +60,7 @@ impl Frame {
             icmp_code: 0,
             ttl: 64,
             ipv4_options: Vec::new(),
+            ipv6_extensions: Vec::new(),
             payload: Vec::new(),
         }
     }
@@ -73,8 +87,25 @@ impl Frame {
     }
 
     pub fn bytes(&self) -> Vec<u8> {
-        let l4 = self.l4_segment();
-        let mut out = Vec::with_capacity(ETH_HLEN + 60 + l4.len());
+        self.frame_with(&self.l4_segment(), None)
+    }
+
+    /// The datagram as the fragments a sender would make with `size` bytes of upper-layer data
+    /// each (a multiple of 8; the last takes the rest), identified by `id` (16 bits in IPv4).
+    pub fn fragments(&self, id: u32, size: usize) -> Vec<Vec<u8>> {
+        assert!(size > 0 && size.is_multiple_of(8), "fragment data must come in multiples of 8 bytes");
+        let segment = self.l4_segment();
+        let parts: Vec<&[u8]> = segment.chunks(size).collect();
+        let last = parts.len() - 1;
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| self.frame_with(part, Some(FragmentOf { id, offset: i * size, more: i < last })))
+            .collect()
+    }
+
+    fn frame_with(&self, part: &[u8], fragment: Option<FragmentOf>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ETH_HLEN + 60 + part.len());
         out.extend_from_slice(&self.dst_mac);
         out.extend_from_slice(&self.src_mac);
         match (self.src, self.dst) {
@@ -83,8 +114,15 @@ impl Frame {
                 let hlen = IPV4_MIN_HLEN + self.ipv4_options.len();
                 let mut ip = vec![0u8; hlen];
                 ip[ipv4::VERSION_IHL] = 0x40 | (hlen / 4) as u8;
-                ip[ipv4::TOTAL_LEN..ipv4::TOTAL_LEN + 2].copy_from_slice(&((hlen + l4.len()) as u16).to_be_bytes());
-                ip[ipv4::FRAG] = 0x40; // don't fragment
+                ip[ipv4::TOTAL_LEN..ipv4::TOTAL_LEN + 2].copy_from_slice(&((hlen + part.len()) as u16).to_be_bytes());
+                match fragment {
+                    Some(f) => {
+                        ip[ipv4::ID..ipv4::ID + 2].copy_from_slice(&(f.id as u16).to_be_bytes());
+                        let field = ((f.more as u16) << 13) | (f.offset / 8) as u16;
+                        ip[ipv4::FRAG..ipv4::FRAG + 2].copy_from_slice(&field.to_be_bytes());
+                    }
+                    None => ip[ipv4::FRAG] = 0x40, // don't fragment
+                }
                 ip[ipv4::TTL] = self.ttl;
                 ip[ipv4::PROTO] = self.proto;
                 ip[ipv4::SRC..ipv4::SRC + 4].copy_from_slice(&src.octets());
@@ -96,18 +134,43 @@ impl Frame {
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
                 out.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+                // Extension headers, each followed by the kind of the next.
+                let mut kinds: Vec<u8> = self.ipv6_extensions.iter().map(|(kind, _)| *kind).collect();
+                if fragment.is_some() {
+                    kinds.push(ipv6_ext::FRAGMENT);
+                }
+                kinds.push(self.proto);
+                let mut chain = Vec::new();
+                for (i, (_, body)) in self.ipv6_extensions.iter().enumerate() {
+                    let len = (2 + body.len()).div_ceil(8) * 8;
+                    let mut header = vec![0u8; len];
+                    header[ipv6_ext::NEXT_HEADER] = kinds[i + 1];
+                    header[ipv6_ext::LEN] = (len / 8 - 1) as u8;
+                    header[2..2 + body.len()].copy_from_slice(body);
+                    chain.extend_from_slice(&header);
+                }
+                if let Some(f) = fragment {
+                    let mut header = [0u8; ipv6_ext::MIN_LEN];
+                    header[ipv6_ext::NEXT_HEADER] = self.proto;
+                    let field = (f.offset as u16) | f.more as u16;
+                    header[ipv6_ext::FRAG_OFFSET..ipv6_ext::FRAG_OFFSET + 2].copy_from_slice(&field.to_be_bytes());
+                    header[ipv6_ext::FRAG_ID..ipv6_ext::FRAG_ID + 4].copy_from_slice(&f.id.to_be_bytes());
+                    chain.extend_from_slice(&header);
+                }
                 let mut ip = [0u8; IPV6_HLEN];
                 ip[0] = 0x60;
-                ip[ipv6::PAYLOAD_LEN..ipv6::PAYLOAD_LEN + 2].copy_from_slice(&(l4.len() as u16).to_be_bytes());
-                ip[ipv6::NEXT_HEADER] = self.proto;
+                ip[ipv6::PAYLOAD_LEN..ipv6::PAYLOAD_LEN + 2]
+                    .copy_from_slice(&((chain.len() + part.len()) as u16).to_be_bytes());
+                ip[ipv6::NEXT_HEADER] = kinds[0];
                 ip[ipv6::HOP_LIMIT] = self.ttl;
                 ip[ipv6::SRC..ipv6::SRC + 16].copy_from_slice(&src.octets());
                 ip[ipv6::DST..ipv6::DST + 16].copy_from_slice(&dst.octets());
                 out.extend_from_slice(&ip);
+                out.extend_from_slice(&chain);
             }
             _ => panic!("Frame: source and destination address families differ"),
         }
-        out.extend_from_slice(&l4);
+        out.extend_from_slice(part);
         out
     }
 
@@ -177,7 +240,106 @@ fn icmp_pseudo_header_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u3
     if proto == PROTO_ICMP { 0 } else { pseudo_header_sum(src, dst, proto, len) }
 }
 
-/// Checks the IPv4 header checksum (if IPv4) and the TCP/UDP/ICMP checksum of an Ethernet frame.
+/// The whole datagram of `fragments` (Ethernet frames, in any order) as one frame, with the
+/// first fragment's headers: what the receiver's kernel reassembles, for [`verify_checksums`].
+pub fn reassemble(fragments: &[Vec<u8>]) -> Result<Vec<u8>, String> {
+    let mut pieces: Vec<(usize, bool, Vec<u8>, Vec<u8>)> = Vec::new(); // offset, more, headers, data
+    for frame in fragments {
+        match u16::from_be_bytes([frame[12], frame[13]]) {
+            ETH_P_IP => {
+                let ip = &frame[ETH_HLEN..];
+                let hlen = ((ip[0] & 0x0f) as usize) * 4;
+                let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+                let field = u16::from_be_bytes([ip[ipv4::FRAG], ip[ipv4::FRAG + 1]]);
+                let headers = frame[..ETH_HLEN + hlen].to_vec();
+                pieces.push((((field & 0x1fff) as usize) * 8, field & 0x2000 != 0, headers, ip[hlen..total].to_vec()));
+            }
+            ETH_P_IPV6 => {
+                let walk = walk_extensions(frame)?;
+                let at = walk.fragment_header.ok_or("an IPv6 frame without a fragment header")?;
+                let field =
+                    u16::from_be_bytes([frame[at + ipv6_ext::FRAG_OFFSET], frame[at + ipv6_ext::FRAG_OFFSET + 1]]);
+                // The headers before the fragment header, whose last next-header becomes the
+                // fragment header's.
+                let mut headers = frame[..at].to_vec();
+                headers[walk.fragment_next_at.expect("set with the header")] = frame[at + ipv6_ext::NEXT_HEADER];
+                let data = frame[at + ipv6_ext::MIN_LEN..walk.end].to_vec();
+                pieces.push(((field & 0xfff8) as usize, field & 1 != 0, headers, data));
+            }
+            other => return Err(format!("not IP (ethertype {other:#06x})")),
+        }
+    }
+    pieces.sort_by_key(|piece| piece.0);
+    let mut data = Vec::new();
+    for (offset, _, _, piece) in &pieces {
+        if *offset != data.len() {
+            return Err(format!("fragment at offset {offset}, expected {}", data.len()));
+        }
+        data.extend_from_slice(piece);
+    }
+    if pieces.last().is_none_or(|piece| piece.1) {
+        return Err("the last fragment is missing".into());
+    }
+    let mut frame = pieces[0].2.clone();
+    if u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IP {
+        let hlen = frame.len() - ETH_HLEN;
+        frame[ETH_HLEN + ipv4::TOTAL_LEN..][..2].copy_from_slice(&((hlen + data.len()) as u16).to_be_bytes());
+        frame[ETH_HLEN + ipv4::FRAG..][..2].copy_from_slice(&[0, 0]);
+        frame[ETH_HLEN + ipv4::CHECK..][..2].copy_from_slice(&[0, 0]);
+        let check = !fold(add_words(0, &frame[ETH_HLEN..]));
+        frame[ETH_HLEN + ipv4::CHECK..][..2].copy_from_slice(&check.to_ne_bytes());
+    } else {
+        let payload = frame.len() - ETH_HLEN - IPV6_HLEN + data.len();
+        frame[ETH_HLEN + ipv6::PAYLOAD_LEN..][..2].copy_from_slice(&(payload as u16).to_be_bytes());
+    }
+    frame.extend_from_slice(&data);
+    Ok(frame)
+}
+
+/// An IPv6 frame's extension headers, walked (hop-by-hop, routing, destination options, one
+/// fragment header).
+struct Extensions {
+    proto: u8,
+    l4_start: usize,
+    end: usize,
+    fragment_header: Option<usize>,
+    /// Where the next-header byte that names the fragment header sits.
+    fragment_next_at: Option<usize>,
+}
+
+fn walk_extensions(frame: &[u8]) -> Result<Extensions, String> {
+    let payload = u16::from_be_bytes([frame[ETH_HLEN + ipv6::PAYLOAD_LEN], frame[ETH_HLEN + ipv6::PAYLOAD_LEN + 1]]);
+    let end = ETH_HLEN + IPV6_HLEN + payload as usize;
+    let mut walk =
+        Extensions { proto: 0, l4_start: ETH_HLEN + IPV6_HLEN, end, fragment_header: None, fragment_next_at: None };
+    let mut next_at = ETH_HLEN + ipv6::NEXT_HEADER;
+    loop {
+        let kind = frame[next_at];
+        let at = walk.l4_start;
+        let len = match kind {
+            ipv6_ext::HOP_BY_HOP | ipv6_ext::ROUTING | ipv6_ext::DEST_OPTS => {
+                (frame[at + ipv6_ext::LEN] as usize + 1) * 8
+            }
+            ipv6_ext::FRAGMENT => {
+                walk.fragment_header = Some(at);
+                walk.fragment_next_at = Some(next_at);
+                ipv6_ext::MIN_LEN
+            }
+            _ => {
+                walk.proto = kind;
+                return Ok(walk);
+            }
+        };
+        if at + len > end {
+            return Err("an extension header runs past the payload".into());
+        }
+        next_at = at + ipv6_ext::NEXT_HEADER;
+        walk.l4_start = at + len;
+    }
+}
+
+/// Checks the IPv4 header checksum (if IPv4) and the TCP/UDP/ICMP checksum of an Ethernet frame
+/// that carries a whole datagram (IPv6 extension headers are walked).
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
     let (src, dst, proto, l4_start, l4_end): (IpAddr, IpAddr, u8, usize, usize) = match ethertype {
@@ -194,10 +356,13 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
         }
         ETH_P_IPV6 => {
             let ip = &frame[ETH_HLEN..];
-            let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
             let src: [u8; 16] = ip[ipv6::SRC..ipv6::SRC + 16].try_into().unwrap();
             let dst: [u8; 16] = ip[ipv6::DST..ipv6::DST + 16].try_into().unwrap();
-            (src.into(), dst.into(), ip[ipv6::NEXT_HEADER], ETH_HLEN + IPV6_HLEN, ETH_HLEN + IPV6_HLEN + payload)
+            let walk = walk_extensions(frame)?;
+            if walk.fragment_header.is_some() {
+                return Err("a fragment: reassemble it first".into());
+            }
+            (src.into(), dst.into(), walk.proto, walk.l4_start, walk.end)
         }
         other => return Err(format!("not IP (ethertype {other:#06x})")),
     };
@@ -231,6 +396,10 @@ mod tests {
             Frame { ipv4_options: vec![1, 1, 1, 0], ..Frame::tcp(v4("192.0.2.1"), 1, v4("10.0.0.10"), 2) },
             Frame::echo_request(v4("192.0.2.1"), v4("10.0.0.10"), 7, 1),
             Frame::echo_request(v4("2001:db8::1"), v4("fd00::10"), 7, 1),
+            Frame {
+                ipv6_extensions: vec![(ipv6_ext::HOP_BY_HOP, vec![]), (ipv6_ext::DEST_OPTS, vec![0; 12])],
+                ..Frame::udp(v4("2001:db8::1"), 40000, v4("fd00::10"), 53)
+            },
         ] {
             let bytes = frame.bytes();
             verify_checksums(&bytes).unwrap();
@@ -239,6 +408,38 @@ mod tests {
             let mut corrupted = bytes.clone();
             corrupted[l4_start] ^= 0x55;
             assert!(verify_checksums(&corrupted).is_err(), "corruption must be detected: {frame:?}");
+        }
+    }
+
+    #[test]
+    fn fragments_reassemble_into_the_datagram() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for frame in [
+            Frame { payload: vec![7; 3000], ..Frame::udp(ip("192.0.2.1"), 40000, ip("10.0.0.10"), 53) },
+            Frame { payload: vec![7; 3000], ..Frame::udp(ip("2001:db8::1"), 40000, ip("fd00::10"), 53) },
+            Frame {
+                payload: vec![7; 3000],
+                ipv6_extensions: vec![(ipv6_ext::HOP_BY_HOP, vec![])],
+                ..Frame::tcp(ip("2001:db8::1"), 40000, ip("fd00::10"), 80)
+            },
+        ] {
+            let whole = frame.bytes();
+            let mut fragments = frame.fragments(0x1234_5678, 1232);
+            assert_eq!(fragments.len(), 3);
+            assert!(verify_checksums(&fragments[0]).is_err(), "a first fragment alone does not add up");
+            fragments.reverse();
+            let mut rebuilt = reassemble(&fragments).unwrap();
+            verify_checksums(&rebuilt).unwrap();
+            if frame.src.is_ipv4() {
+                // Only the identification and flags differ from the unfragmented frame.
+                rebuilt[ETH_HLEN + ipv4::ID..ETH_HLEN + ipv4::CHECK + 2].fill(0);
+                let mut expected = whole.clone();
+                expected[ETH_HLEN + ipv4::ID..ETH_HLEN + ipv4::CHECK + 2].fill(0);
+                assert_eq!(rebuilt, expected);
+            } else {
+                assert_eq!(rebuilt, whole);
+            }
+            assert!(reassemble(&fragments[1..]).is_err(), "a missing fragment is noticed");
         }
     }
 }

@@ -326,6 +326,12 @@ impl Dataplane {
         Ok(nat.iter().collect::<Result<_, _>>()?)
     }
 
+    /// The fragmented datagrams whose later fragments the program knows where to send.
+    pub fn fragment_routes(&self) -> Result<Vec<(FragKey, FragRoute)>> {
+        let frags: HashMap<&MapData, FragKey, FragRoute> = HashMap::try_from(map(&self.ebpf, MAP_FRAGS)?)?;
+        Ok(frags.iter().collect::<Result<_, _>>()?)
+    }
+
     /// Where the program sends `flow` (a client flow towards a VIP), and why, following the
     /// program's own rules: connection table first, then the VIP's ring.
     pub fn route(&self, flow: &FlowKey) -> Result<FlowRoute> {
@@ -367,6 +373,12 @@ impl Dataplane {
 
     pub fn reason_count(&self, reason: Reason) -> Result<u64> {
         Ok(self.reason_counters()?.into_iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| n))
+    }
+
+    /// How many instructions the verifier processed to accept the program (the kernel refuses
+    /// a program at 1,000,000): the headroom left for new paths.
+    pub fn verified_instructions(&self) -> Result<Option<u32>> {
+        Ok(self.program()?.info().context("reading the program's info")?.verified_instruction_count())
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.

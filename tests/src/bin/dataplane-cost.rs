@@ -32,6 +32,8 @@ enum Kind {
     Ping,
     /// "Fragmentation needed" to the VIP about an established flow's answer, to its backend.
     IcmpError,
+    /// A later fragment of a datagram whose first fragment was forwarded: the fragment lookup.
+    LaterFragment,
     FloorDrop,
     FloorTx,
 }
@@ -86,6 +88,10 @@ fn dataplane_for(case: &Case, iterations: u32) -> Result<Dataplane> {
 
 /// The client packet of flow `i`: distinct source address and port per flow.
 fn client_frame(case: &Case, i: u32) -> Vec<u8> {
+    client_datagram(case, i).bytes()
+}
+
+fn client_datagram(case: &Case, i: u32) -> Frame {
     let src: IpAddr = if case.v6 {
         IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, (i >> 16) as u16, i as u16])
     } else {
@@ -101,7 +107,7 @@ fn client_frame(case: &Case, i: u32) -> Vec<u8> {
     if case.kind != Kind::NewFlow {
         frame.tcp_flags = TCP_ACK;
     }
-    frame.bytes()
+    frame
 }
 
 /// Average kernel-measured nanoseconds per packet over `iterations` single runs.
@@ -133,6 +139,15 @@ fn measure(case: &Case, iterations: u32) -> Result<f64> {
             let frame = client_frame(case, 0);
             dataplane.run_once(&frame)?;
             Some(icmp_error_about_answer(case))
+        }
+        Kind::LaterFragment => {
+            // A 3000-byte datagram in 1500-byte frames: its first fragment is placed once, the
+            // second is replayed.
+            let mut datagram = client_datagram(case, 0);
+            datagram.payload = vec![0x5a; 3000];
+            let fragments = datagram.fragments(7, 1448);
+            dataplane.run_once(&fragments[0])?;
+            Some(fragments[1].clone())
         }
         Kind::NatReply => {
             // Open the flow, then replay the backend's answer to the SNAT address.
@@ -187,6 +202,9 @@ fn measure(case: &Case, iterations: u32) -> Result<f64> {
             }
             Kind::IcmpError => {
                 ensure!(dataplane.reason_count(Reason::TxIcmpToBackend)? == iterations as u64, "{}: relayed", case.name)
+            }
+            Kind::LaterFragment => {
+                ensure!(dataplane.reason_count(Reason::TxFragment)? == iterations as u64, "{}: fragments", case.name)
             }
             _ => {}
         }
@@ -309,6 +327,27 @@ fn main() -> Result<()> {
             v6: true,
             proto: PROTO_TCP,
             kind: Kind::IcmpError,
+        },
+        Case {
+            name: "dsr  IPv4 UDP, later fragment",
+            mode: MODE_DSR,
+            v6: false,
+            proto: PROTO_UDP,
+            kind: Kind::LaterFragment,
+        },
+        Case {
+            name: "nat  IPv4 UDP, later fragment",
+            mode: MODE_NAT,
+            v6: false,
+            proto: PROTO_UDP,
+            kind: Kind::LaterFragment,
+        },
+        Case {
+            name: "nat  IPv6 UDP, later fragment",
+            mode: MODE_NAT,
+            v6: true,
+            proto: PROTO_UDP,
+            kind: Kind::LaterFragment,
         },
         Case {
             name: "dsr  IPv4 UDP, established",

@@ -1,6 +1,10 @@
-//! Test backend: answers every TCP line and every UDP datagram with its own name, an HTTP
-//! request with its name and the status found in STATUS_FILE (200 when the file is absent), and
-//! `GET /bytes/N` with N bytes.
+//! Test backend: answers every TCP line with its own name, an HTTP request with its name and the
+//! status found in STATUS_FILE (200 when the file is absent), and `GET /bytes/N` with N bytes.
+//!
+//! A UDP datagram (up to 65535 bytes) gets `NAME\n` back; a request longer than that gets an
+//! answer exactly as long as the request: `NAME\n`, then the request's own bytes from that
+//! offset on. So a datagram far above the MTU gets an answer as large (fragmented both ways, for
+//! fragment tests), and the client can check the answer byte for byte against its request.
 //!
 //! Usage: name-server NAME PORT [STATUS_FILE]. Listens on [::]:PORT (IPv4 too), TCP and UDP.
 
@@ -19,9 +23,17 @@ fn main() {
     let listener = TcpListener::bind(&addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
     let udp_name = name.clone();
     std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(format!("{udp_name}\n").as_bytes(), peer);
+        let head = format!("{udp_name}\n").into_bytes();
+        let mut buf = vec![0u8; 65535];
+        while let Ok((len, peer)) = udp.recv_from(&mut buf) {
+            // Short requests get the name alone; longer ones the name over the request's start.
+            let answer = if len > head.len() {
+                buf[..head.len()].copy_from_slice(&head);
+                &buf[..len]
+            } else {
+                &head[..]
+            };
+            let _ = udp.send_to(answer, peer);
         }
     });
     println!("ready");

@@ -1,0 +1,76 @@
+//! The model of the fragments' routes (`lb-ebpf/src/fragment.rs`): a first fragment's route is
+//! remembered under its datagram's key; later fragments take it, or go to the kernel.
+
+use super::{ModelMaps, Parsed, get16, put16, set_macs};
+use crate::csum::replace_bytes;
+use crate::maps::*;
+use crate::packet::{ETH_HLEN, ipv4, ipv6};
+
+impl ModelMaps {
+    pub(super) fn later_fragment(&mut self, p: &mut [u8], parsed: &Parsed) -> Result<Reason, Reason> {
+        let Some(route) = self.frags.get(&key(parsed)).copied() else {
+            let vip_address = VipAddrKey { addr: parsed.flow.dst, family: parsed.family, _pad: [0; 3] };
+            return Err(if self.vip_addrs.contains_key(&vip_address) {
+                Reason::PassFragmentNoFirst
+            } else {
+                Reason::PassFragment
+            });
+        };
+        if route.flags & FRAG_REWRITE != 0 {
+            set_addresses(p, parsed, &route.src, &route.dst);
+        }
+        set_macs(p, route.mac);
+        Ok(Reason::TxFragment)
+    }
+
+    pub(super) fn remember_forward(&mut self, parsed: &Parsed, vip: &VipMeta, index: u32, backend: &Backend) {
+        let nat = vip.mode == MODE_NAT;
+        let route = FragRoute {
+            src: if nat { vip.snat_addr } else { [0; 16] },
+            dst: if nat { backend.addr } else { [0; 16] },
+            mac: backend.mac,
+            flags: if nat { FRAG_REWRITE } else { 0 },
+            _pad: 0,
+            vip_index: vip.vip_index,
+            backend: index,
+        };
+        self.frags.insert(key(parsed), route);
+    }
+
+    pub(super) fn remember_reply(&mut self, parsed: &Parsed, reverse: &NatReverse) {
+        let route = FragRoute {
+            src: reverse.vip_addr,
+            dst: reverse.client_addr,
+            mac: reverse.client_mac,
+            flags: FRAG_REWRITE,
+            _pad: 0,
+            vip_index: FRAG_NO_STATS,
+            backend: 0,
+        };
+        self.frags.insert(key(parsed), route);
+    }
+}
+
+fn key(parsed: &Parsed) -> FragKey {
+    let flow = &parsed.flow;
+    FragKey { src: flow.src, dst: flow.dst, id: parsed.frag_id, proto: flow.proto, family: flow.family, _pad: [0; 2] }
+}
+
+/// The IP header's addresses, and IPv4's header checksum.
+pub(super) fn set_addresses(p: &mut [u8], parsed: &Parsed, src: &[u8; 16], dst: &[u8; 16]) {
+    let from = &parsed.flow;
+    if parsed.family == FAMILY_V4 {
+        let v4 = |a: &[u8; 16]| -> [u8; 4] { a[..4].try_into().unwrap() };
+        let check = replace_bytes(
+            replace_bytes(get16(p, ETH_HLEN + ipv4::CHECK), &v4(&from.src), &v4(src)),
+            &v4(&from.dst),
+            &v4(dst),
+        );
+        put16(p, ETH_HLEN + ipv4::CHECK, check);
+        p[ETH_HLEN + ipv4::SRC..][..4].copy_from_slice(&src[..4]);
+        p[ETH_HLEN + ipv4::DST..][..4].copy_from_slice(&dst[..4]);
+    } else {
+        p[ETH_HLEN + ipv6::SRC..][..16].copy_from_slice(src);
+        p[ETH_HLEN + ipv6::DST..][..16].copy_from_slice(dst);
+    }
+}
