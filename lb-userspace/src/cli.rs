@@ -64,6 +64,13 @@ pub enum Command {
     Detach,
     /// Load the embedded XDP program through the verifier, without attaching it.
     Verify,
+    /// Shell completions, on standard output (e.g. `lb completions bash > /etc/bash_completion.d/lb`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff), on standard output (e.g. `lb man > lb.8`).
+    Man,
     /// A veth peer of the load balancer's interface: attach a program that passes every frame,
     /// so that the peer receives what the load balancer sends back out (XDP_TX). Run it where
     /// the peer lives (the host, for a container's eth0); it stays attached until detached.
@@ -197,7 +204,12 @@ pub async fn run_client(cli: Cli) -> Result<()> {
         Command::Failover => Request::Failover,
         Command::Stats => Request::Stats,
         Command::Explain { src, dst, proto } => Request::Explain { src, dst, protocol: proto },
-        Command::Daemon { .. } | Command::Detach | Command::Verify | Command::XdpPass(_) => {
+        Command::Daemon { .. }
+        | Command::Detach
+        | Command::Verify
+        | Command::XdpPass(_)
+        | Command::Completions { .. }
+        | Command::Man => {
             unreachable!("handled by main")
         }
     };

@@ -1,7 +1,7 @@
 //! `lb`: the load balancer's daemon and command-line client.
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use lb::cli::{Cli, Command, XdpPassCommand, run_client};
 use lb::dataplane::{AttachMode, Dataplane, PassThrough, PinDir};
 use lb::store::StateStore;
@@ -66,6 +66,14 @@ fn run() -> Result<()> {
             println!(
                 "XDP program verified and loaded: {object} bytes of object, {translated} bytes translated, {jited} bytes JIT-ed"
             );
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).section("8").render(&mut std::io::stdout())?;
             Ok(())
         }
         _ => runtime.block_on(run_client(cli)),

@@ -34,6 +34,8 @@ pub struct LbDaemon {
     pub config: PathBuf,
     netns: String,
     launcher: Launcher,
+    /// Extra environment of the daemon process (e.g. systemd's `NOTIFY_SOCKET`).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -55,6 +57,15 @@ impl LbDaemon {
     }
 
     pub fn start_with(ns: &Netns, instance: &str, config: &str, launcher: Launcher) -> Result<Self> {
+        Self::start_full(ns, instance, config, launcher, &[])
+    }
+
+    /// As [`LbDaemon::start`], with `env` added to the daemon's environment.
+    pub fn start_with_env(ns: &Netns, instance: &str, config: &str, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_full(ns, instance, config, Launcher::Nsenter, env)
+    }
+
+    fn start_full(ns: &Netns, instance: &str, config: &str, launcher: Launcher, env: &[(&str, &str)]) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("lb-test-{instance}"));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("lb.toml");
@@ -64,6 +75,7 @@ impl LbDaemon {
             config: path,
             netns: ns.name().to_string(),
             launcher,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             child: None,
             log: dir.join("daemon.log"),
         };
@@ -90,6 +102,7 @@ impl LbDaemon {
             .arg("daemon")
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -3,6 +3,7 @@
 mod bench;
 #[path = "../../lb-userspace/build_ebpf.rs"]
 mod build_ebpf;
+mod install;
 mod leftovers;
 mod setup;
 
@@ -27,6 +28,19 @@ enum Task {
     BuildEbpf,
     /// Build the `lb` binary (release), with the XDP object embedded.
     Build,
+    /// Install `lb` as a service: the binary (PREFIX/sbin), the systemd unit
+    /// (/etc/systemd/system/lb.service), an example /etc/lb/lb.toml (never over an existing one),
+    /// shell completions and the manual page. Starts nothing.
+    Install {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Install under this directory instead of / (packaging, tests).
+        #[arg(long, default_value = "/")]
+        destdir: PathBuf,
+        /// Install this `lb` binary instead of building the release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Build everything and run every test, privileged ones included (root).
     Test {
         /// Arguments passed on to `cargo test` (e.g. a test name filter, after `--`).
@@ -78,6 +92,16 @@ fn main() -> Result<()> {
             cargo(&root, &["build", "--release", "-p", "lb-userspace"])?;
             println!("built {}", root.join("target/release/lb").display());
             Ok(())
+        }
+        Task::Install { prefix, destdir, binary } => {
+            let binary = match binary {
+                Some(binary) => binary,
+                None => {
+                    cargo(&root, &["build", "--release", "-p", "lb-userspace"])?;
+                    root.join("target/release/lb")
+                }
+            };
+            install::run(&root, &binary, &prefix, &destdir)
         }
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo { keep } => demo(&root, keep),

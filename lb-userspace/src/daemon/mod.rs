@@ -83,6 +83,17 @@ struct Plan {
 }
 
 impl Daemon {
+    /// The line `systemctl status` shows.
+    pub fn systemd_status(&self) -> String {
+        let attachment = self.attachment.as_ref().map_or("not attached".to_string(), |a| a.describe());
+        let mut status =
+            format!("serving {} VIPs on {} ({attachment})", self.state.vips.len(), self.settings.interface);
+        if let Some(problem) = self.warnings.first().or(self.xdp_tx_problem.as_ref()) {
+            status.push_str(&format!("; warning: {problem}"));
+        }
+        status
+    }
+
     /// Applies `state` whole, or changes nothing and says why. Returns the changes made.
     pub fn apply(&mut self, state: DesiredState, cause: &str) -> Result<Vec<String>> {
         let plan = self.plan(state)?;

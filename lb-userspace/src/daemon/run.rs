@@ -8,6 +8,7 @@ use crate::dataplane::{Dataplane, PinDir};
 use crate::planner::{Slots, vip_id, vip_key};
 use crate::store::{StateStore, digest};
 use anyhow::{Context, Result, anyhow};
+use sd_notify::NotifyState;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -147,6 +148,10 @@ pub async fn run(config_file: &Path) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let stopped = Arc::new(tokio::sync::Notify::new());
+    // Under systemd (`Type=notify`): ready only now, with the program attached, the tables
+    // published and the API answering; a start that failed above never says so.
+    let status = daemon.lock().map(|d| d.systemd_status()).unwrap_or_default();
+    notify_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -158,6 +163,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
             }
         }
     }
+    notify_systemd(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     // No more requests; the socket's file goes last, as the sign that the daemon is done.
     drop(listener);
     let pair = daemon.lock().ok().and_then(|mut d| d.pair.take());
@@ -332,5 +338,12 @@ async fn serve_metrics(address: std::net::SocketAddr, daemon: Arc<Mutex<Daemon>>
             }
         }
         Err(e) => tracing::error!("{e:#}"),
+    }
+}
+
+/// Tells systemd (when it started us with `NOTIFY_SOCKET`) how the daemon stands.
+fn notify_systemd(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!("telling systemd {states:?}: {error}");
     }
 }
