@@ -13,4 +13,5 @@ pub mod neighbor;
 pub mod netdev;
 pub mod planner;
 pub mod report;
+pub mod status_page;
 pub mod store;

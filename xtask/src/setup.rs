@@ -10,7 +10,7 @@ use std::process::Command;
 
 /// Debian packages: the eBPF toolchain (compiler, its std source, LLVM 22 for bpf-linker) and the
 /// tools the tests, the demo and the benchmarks drive (namespaces, veths, offload settings,
-/// ping, curl, trafgen from netsniff-ng, nftables).
+/// ping, curl, trafgen from netsniff-ng, nftables, a headless browser for the status page).
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -26,6 +26,7 @@ const PACKAGES: &[&str] = &[
     "bird2",
     "haproxy",
     "librsvg2-bin",
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";

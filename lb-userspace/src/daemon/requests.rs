@@ -167,7 +167,7 @@ impl Daemon {
         })
     }
 
-    fn vip_rows(&self) -> Vec<VipRow> {
+    pub(crate) fn vip_rows(&self) -> Vec<VipRow> {
         self.state
             .vips
             .iter()
@@ -187,7 +187,7 @@ impl Daemon {
             .collect()
     }
 
-    fn backend_rows(&self, only: Option<&str>) -> Result<Vec<BackendRow>> {
+    pub(crate) fn backend_rows(&self, only: Option<&str>) -> Result<Vec<BackendRow>> {
         if let Some(name) = only
             && self.state.vip(name).is_none()
         {

@@ -312,7 +312,35 @@ fn interface_problem(interface: &str) -> Option<String> {
 }
 
 async fn serve_metrics(address: std::net::SocketAddr, daemon: Arc<Mutex<Daemon>>, instance: String) {
+    let page_daemon = daemon.clone();
     let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || {
+            let daemon = page_daemon.clone();
+            async move {
+                let page = tokio::task::spawn_blocking(move || {
+                    let daemon = daemon.lock().map_err(|_| anyhow!("daemon state poisoned"))?;
+                    let (status, backends) = (daemon.status()?, daemon.backend_rows(None)?);
+                    Ok::<_, anyhow::Error>(crate::status_page::render(
+                        &status,
+                        &daemon.vip_rows(),
+                        &backends,
+                        &daemon.stats_report(),
+                    ))
+                })
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|page| page);
+                match page {
+                    Ok(page) => ([(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")], page),
+                    Err(error) => {
+                        ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{error:#}"))
+                    }
+                }
+            }
+        }),
+    );
+    let app = app.route(
         "/metrics",
         axum::routing::get(move || {
             let daemon = daemon.clone();
@@ -332,7 +360,7 @@ async fn serve_metrics(address: std::net::SocketAddr, daemon: Arc<Mutex<Daemon>>
     );
     match tokio::net::TcpListener::bind(address).await.context("binding the metrics address") {
         Ok(listener) => {
-            tracing::info!(%address, "metrics served at /metrics");
+            tracing::info!(%address, "status page served at /, metrics at /metrics");
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!("metrics server stopped: {e}");
             }
