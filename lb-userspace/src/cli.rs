@@ -48,7 +48,17 @@ pub enum Command {
     /// The daemon and its data plane.
     Status,
     /// Traffic per VIP and backend, and packets per verdict reason.
-    Stats,
+    Stats {
+        /// Redraw every `--interval` until interrupted: a live view of the rates.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: time between screens.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// With --watch: stop after this many screens.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Which backend a flow goes to, and why.
     Explain {
         #[arg(long)]
@@ -202,7 +212,10 @@ pub async fn run_client(cli: Cli) -> Result<()> {
         }
         Command::Status => Request::Status,
         Command::Failover => Request::Failover,
-        Command::Stats => Request::Stats,
+        Command::Stats { watch: true, interval, count } => {
+            return watch_stats(&cli.instance, interval, count, cli.json).await;
+        }
+        Command::Stats { .. } => Request::Stats,
         Command::Explain { src, dst, proto } => Request::Explain { src, dst, protocol: proto },
         Command::Daemon { .. }
         | Command::Detach
@@ -337,6 +350,40 @@ fn print_status(s: &StatusReport) {
     println!("{t}");
     for warning in &s.warnings {
         println!("WARNING: {warning}");
+    }
+}
+
+/// `lb stats --watch`: the stats screen, redrawn in place.
+async fn watch_stats(instance: &str, interval: std::time::Duration, count: Option<u64>, json: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    let terminal = std::io::stdout().is_terminal();
+    let mut shown = 0;
+    loop {
+        let data = api::call(instance, &Request::Stats).await?;
+        if json {
+            // One report per line, for scripts.
+            println!("{}", serde_json::to_string(&data)?);
+            shown += 1;
+            if count.is_some_and(|count| shown >= count) {
+                return Ok(());
+            }
+            tokio::time::sleep(interval).await;
+            continue;
+        }
+        let report: StatsReport =
+            serde_json::from_value(data).map_err(|_| anyhow!("the daemon's answer is not a stats report"))?;
+        if terminal {
+            print!("\x1b[H\x1b[2J"); // home, clear: redraw in place
+        } else if shown > 0 {
+            println!();
+        }
+        println!("lb stats, every {} (Ctrl-C to stop)\n", humantime::format_duration(interval));
+        print_stats(&report);
+        shown += 1;
+        if count.is_some_and(|count| shown >= count) {
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 

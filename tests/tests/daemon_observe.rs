@@ -59,6 +59,13 @@ fn stats_explain_and_metrics_describe_real_traffic() {
         web["backends"].as_array().unwrap().iter().map(|b| b[1]["new_flows"].as_u64().unwrap()).sum();
     assert_eq!(per_backend, 61, "backend counters add up to the VIP's");
     assert!(daemon.ok(&["stats"]).unwrap().contains("tx_forward"), "human stats list verdict reasons");
+    // `lb stats --watch`: a screen per interval, as many as asked; with --json one report a line.
+    let watched = daemon.ok(&["stats", "--watch", "--interval", "100ms", "--count", "3"]).unwrap();
+    assert_eq!(watched.matches("lb stats, every 100ms").count(), 3, "{watched}");
+    assert_eq!(watched.matches("tx_forward").count(), 3, "{watched}");
+    let lines = daemon.ok(&["--json", "stats", "--watch", "--interval", "100ms", "--count", "2"]).unwrap();
+    let reports = lines.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    assert_eq!(reports.filter(|r| r["vips"].is_array()).count(), 2, "{lines}");
 
     let metrics = scrape_metrics(&topology.lb, 9900).unwrap();
     assert!(metrics.contains("text/plain"), "{metrics}");
