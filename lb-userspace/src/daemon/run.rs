@@ -331,11 +331,12 @@ async fn serve_metrics(address: std::net::SocketAddr, daemon: Arc<Mutex<Daemon>>
                 .await
                 .map_err(anyhow::Error::from)
                 .and_then(|page| page);
+                use axum::response::IntoResponse;
                 match page {
-                    Ok(page) => ([(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")], page),
-                    Err(error) => {
-                        ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{error:#}"))
+                    Ok(page) => {
+                        ([(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
                     }
+                    Err(error) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}")).into_response(),
                 }
             }
         }),
