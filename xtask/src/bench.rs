@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: runs every benchmark binary in turn, shows their output as it comes,
-//! and keeps the whole run as `bench/results/<date>-<kernel>.md` plus the same figures as JSON
+//! and keeps the whole run as `<dir>/<date>-<kernel>.md` (target/bench, or bench/results with
+//! `--record`) plus the same figures as JSON
 //! (each Markdown table becomes a list of records keyed by its header).
 
 use anyhow::{Context, Result, bail};
@@ -50,7 +51,7 @@ fn steps(quick: bool) -> Vec<Step> {
 }
 
 /// Runs the benchmarks; returns the Markdown file written.
-pub fn run(root: &Path, quick: bool, print_json: bool) -> Result<PathBuf> {
+pub fn run(root: &Path, dir: &Path, quick: bool, print_json: bool) -> Result<PathBuf> {
     let started = Instant::now();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     println!("[build] release benchmark binaries");
@@ -75,8 +76,7 @@ pub fn run(root: &Path, quick: bool, print_json: bool) -> Result<PathBuf> {
     }
     let seconds = started.elapsed().as_secs_f64();
     markdown.push_str(&format!("\n---\nThe whole run took {seconds:.0} s.\n"));
-    let dir = root.join("bench/results");
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(dir)?;
     let stem = format!(
         "{}-{}{}",
         shell(&["date", "-u", "+%Y-%m-%d-%H%M"]),

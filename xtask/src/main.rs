@@ -65,8 +65,12 @@ enum Task {
     },
     /// Measure the XDP program's per-packet cost (BPF_PROG_TEST_RUN) beside floor programs,
     /// the control plane's table build and publish times, end-to-end pps against nftables and
-    /// the health checks' CPU; writes bench/results/<date>-<kernel>.{md,json}.
+    /// the health checks' CPU; writes target/bench/<date>-<kernel>.{md,json} (with --record:
+    /// bench/results/, to keep them in the repository).
     Bench {
+        /// Write the results to bench/results/ (tracked) instead of target/bench/.
+        #[arg(long)]
+        record: bool,
         /// Fewer iterations: the whole run in under a minute.
         #[arg(long)]
         quick: bool,
@@ -105,7 +109,7 @@ fn main() -> Result<()> {
         }
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo { keep } => demo(&root, keep),
-        Task::Bench { quick, json } => bench(&root, quick, json),
+        Task::Bench { record, quick, json } => bench(&root, record, quick, json),
         Task::Soak { minutes } => soak(&root, minutes),
     }
 }
@@ -186,12 +190,13 @@ fn soak(root: &Path, minutes: f64) -> Result<()> {
     Ok(())
 }
 
-fn bench(root: &Path, quick: bool, json: bool) -> Result<()> {
+fn bench(root: &Path, record: bool, quick: bool, json: bool) -> Result<()> {
     setup::ensure()?;
     if !setup::is_root() {
         bail!("the benchmarks load XDP programs and need root: run `sudo cargo xtask bench`");
     }
-    bench::run(root, quick, json).map(|_| ())
+    let dir = if record { root.join("bench/results") } else { root.join("target/bench") };
+    bench::run(root, &dir, quick, json).map(|_| ())
 }
 
 /// Runs the host toolchain's cargo (the one that runs this xtask) in the workspace.

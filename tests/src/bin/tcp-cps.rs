@@ -130,13 +130,9 @@ fn main() -> Result<()> {
     let threads: usize = args.next().map_or(Ok(4), |a| a.parse()).context("THREADS")?;
     // DSR needs the VIP on the backends' loopback; NAT and HAProxy address the backends directly.
     let topology = Topology::new(2, true)?;
-    // Short connections leave the client's ports in TIME_WAIT: reuse them, use all of them. The
-    // same on the balancer's host, for HAProxy's own connections to the backends (an operator
-    // running it at this rate tunes it so; without it, HAProxy's rate fell from ~5,000 to ~1,300
-    // connections/s within 30 s as its ports sat in TIME_WAIT).
-    for host in [&topology.client, &topology.lb] {
-        host.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65535"])?;
-    }
+    // Short connections leave the client's ports in TIME_WAIT: reuse them, use all of them.
+    let tune = ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65535"];
+    topology.client.exec(&tune)?;
 
     let mut rows = Vec::new();
     for mode in ["nat", "dsr"] {
@@ -153,7 +149,11 @@ fn main() -> Result<()> {
         drop(daemon);
     }
 
-    // HAProxy terminates the VIP in the balancer's own stack.
+    // HAProxy terminates the VIP in the balancer's own stack. Its own connections to the
+    // backends get the same tuning (an operator running it at this rate tunes it so; without
+    // it, HAProxy's rate fell from ~5,000 to ~1,300 connections/s within 30 s as its ports sat in
+    // TIME_WAIT). Only now: lb's NAT ports must stay outside the host's local port range.
+    topology.lb.exec(&tune)?;
     topology.lb.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
     let dir = std::env::temp_dir().join(format!("lb-bench-haproxy-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
