@@ -171,3 +171,65 @@ fn install_puts_every_piece_in_place_and_keeps_an_existing_configuration() {
     assert_eq!(std::fs::read_to_string(&example).unwrap(), "# mine\n");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Purges the package however the test ends.
+struct Purge;
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg").args(["--purge", "lb"]).output();
+    }
+}
+
+fn dpkg(args: &[&str]) -> String {
+    let out = Command::new("dpkg").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn the_debian_package_installs_starts_nothing_and_removes_cleanly() {
+    if !require_root("the_debian_package_installs_starts_nothing_and_removes_cleanly") {
+        return;
+    }
+    // This machine's own installation is not the test's to replace.
+    let installed = Command::new("dpkg-query").args(["-W", "-f=${Status}", "lb"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&installed.stdout).contains("installed") && !Path::new("/etc/lb/lb.toml").exists(),
+        "a package lb or /etc/lb/lb.toml is already on this machine: this test installs and purges its own"
+    );
+    let out = Command::new(lb_tests::sibling_binary("xtask"))
+        .args(["package", "--binary"])
+        .arg(lb_binary())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "xtask package: {}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8(out.stdout).unwrap();
+    let deb = said.lines().find_map(|l| l.strip_prefix("package: ")).expect("the package's path").to_string();
+
+    let _purge = Purge;
+    dpkg(&["-i", &deb]);
+    let version = Command::new("/usr/sbin/lb").arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("lb "), "{version:?}");
+    let unit = std::fs::read_to_string("/lib/systemd/system/lb.service").unwrap();
+    assert!(unit.contains("ExecStart=/usr/sbin/lb daemon --config /etc/lb/lb.toml"), "{unit}");
+    assert!(Path::new("/etc/lb/lb.toml").is_file() && Path::new("/usr/share/man/man8/lb.8").is_file());
+    // Installing starts nothing.
+    let running = Command::new("pgrep").args(["-f", "/usr/sbin/lb daemon"]).output().unwrap();
+    assert!(!running.status.success(), "a daemon runs after install: {}", String::from_utf8_lossy(&running.stdout));
+    assert!(!Path::new("/run/lb/lb.sock").exists());
+
+    // Removing keeps the configuration (a conffile); purging takes it too.
+    dpkg(&["-r", "lb"]);
+    assert!(!Path::new("/usr/sbin/lb").exists() && !Path::new("/lib/systemd/system/lb.service").exists());
+    assert!(Path::new("/etc/lb/lb.toml").exists(), "remove keeps the configuration");
+    dpkg(&["--purge", "lb"]);
+    assert!(!Path::new("/etc/lb").exists(), "purge leaves nothing in /etc");
+    let listed = Command::new("dpkg-query").args(["-W", "-f=${Status}", "lb"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains("installed"), "{listed:?}");
+}

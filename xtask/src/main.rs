@@ -41,6 +41,13 @@ enum Task {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// Build a Debian package (target/package/lb_VERSION_ARCH.deb) with the files `install`
+    /// puts in place, under /usr; installing it starts nothing.
+    Package {
+        /// Package this `lb` binary instead of building the release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Build everything and run every test, privileged ones included (root).
     Test {
         /// Arguments passed on to `cargo test` (e.g. a test name filter, after `--`).
@@ -98,15 +105,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Install { prefix, destdir, binary } => {
-            let binary = match binary {
-                Some(binary) => binary,
-                None => {
-                    cargo(&root, &["build", "--release", "-p", "lb-userspace"])?;
-                    root.join("target/release/lb")
-                }
-            };
-            install::run(&root, &binary, &prefix, &destdir)
+            install::run(&root, &release_binary(&root, binary)?, &prefix, &destdir)
         }
+        Task::Package { binary } => install::package(&root, &release_binary(&root, binary)?).map(|_| ()),
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo { keep } => demo(&root, keep),
         Task::Bench { record, quick, json } => bench(&root, record, quick, json),
@@ -197,6 +198,17 @@ fn bench(root: &Path, record: bool, quick: bool, json: bool) -> Result<()> {
     }
     let dir = if record { root.join("bench/results") } else { root.join("target/bench") };
     bench::run(root, &dir, quick, json).map(|_| ())
+}
+
+/// `binary`, or the release `lb`, built now.
+fn release_binary(root: &Path, binary: Option<PathBuf>) -> Result<PathBuf> {
+    match binary {
+        Some(binary) => Ok(binary),
+        None => {
+            cargo(root, &["build", "--release", "-p", "lb-userspace"])?;
+            Ok(root.join("target/release/lb"))
+        }
+    }
 }
 
 /// Runs the host toolchain's cargo (the one that runs this xtask) in the workspace.
