@@ -1,90 +1,84 @@
-//! Prometheus text exposition of the data plane's counters and the node's redundancy state,
-//! served at `/metrics`.
+//! The OpenMetrics exposition of the data plane's counters and the node's redundancy state,
+//! served at `/metrics`, through the `prometheus-client` crate. Every scrape encodes a fresh
+//! registry from the daemon's current report: the counters live in BPF maps, not here.
 
-use crate::report::{BgpStatus, StatsReport, VrrpStatus};
-use std::fmt::Write;
+use crate::report::{BgpStatus, StatsReport, TrafficRow, VrrpStatus};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
 
-/// Renders counters in the Prometheus text format (version 0.0.4). `vrrp` and `bgp` are given
-/// when the node runs them.
+/// The Content-Type of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counters() -> Family<Labels, Counter> {
+    Family::default()
+}
+
+fn gauges() -> Family<Labels, Gauge> {
+    Family::default()
+}
+
+/// Renders the metrics (OpenMetrics text). `vrrp` and `bgp` are given when the node runs them.
 pub fn render(stats: &StatsReport, vrrp: Option<&VrrpStatus>, bgp: Option<&BgpStatus>, instance: &str) -> String {
-    let mut out = String::new();
-    let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    type Field = fn(&crate::report::TrafficRow) -> u64;
+    let mut registry = Registry::default();
+    let labels = |more: &[(&'static str, &str)]| -> Labels {
+        std::iter::once(("instance", instance.to_string()))
+            .chain(more.iter().map(|(k, v)| (*k, v.to_string())))
+            .collect()
+    };
+    registry.register(
+        "lb_build",
+        "The running lb's version.",
+        Info::new(labels(&[("version", env!("CARGO_PKG_VERSION"))])),
+    );
+    type Field = fn(&TrafficRow) -> u64;
     let families: [(&str, &str, Field); 3] = [
         ("packets", "Packets forwarded", |t| t.packets),
         ("bytes", "Bytes forwarded", |t| t.bytes),
         ("new_flows", "New flows balanced", |t| t.new_flows),
     ];
     for (name, help, value) in families {
-        let _ = writeln!(out, "# HELP lb_vip_{name}_total {help} to a VIP.\n# TYPE lb_vip_{name}_total counter");
+        let (vips, backends) = (counters(), counters());
         for vip in &stats.vips {
-            let _ = writeln!(
-                out,
-                "lb_vip_{name}_total{{instance=\"{}\",vip=\"{}\"}} {}",
-                label(instance),
-                label(&vip.name),
-                value(&vip.traffic)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lb_backend_{name}_total {help} to a backend.\n# TYPE lb_backend_{name}_total counter"
-        );
-        for vip in &stats.vips {
+            vips.get_or_create(&labels(&[("vip", &vip.name)])).inc_by(value(&vip.traffic));
             for (backend, traffic) in &vip.backends {
-                let _ = writeln!(
-                    out,
-                    "lb_backend_{name}_total{{instance=\"{}\",vip=\"{}\",backend=\"{}\"}} {}",
-                    label(instance),
-                    label(&vip.name),
-                    label(backend),
-                    value(traffic)
-                );
+                backends.get_or_create(&labels(&[("vip", &vip.name), ("backend", backend)])).inc_by(value(traffic));
             }
         }
+        registry.register(format!("lb_vip_{name}"), format!("{help} to a VIP."), vips);
+        registry.register(format!("lb_backend_{name}"), format!("{help} to a backend."), backends);
     }
-    let _ =
-        writeln!(out, "# HELP lb_backend_up Whether the backend passes its health check.\n# TYPE lb_backend_up gauge");
+    let (up, transitions) = (gauges(), counters());
     for h in &stats.health {
-        let (vip, backend) = (label(&h.vip), label(&h.backend));
-        let _ = writeln!(
-            out,
-            "lb_backend_up{{instance=\"{}\",vip=\"{vip}\",backend=\"{backend}\"}} {}",
-            label(instance),
-            h.up as u8
-        );
+        let labels = labels(&[("vip", &h.vip), ("backend", &h.backend)]);
+        up.get_or_create(&labels).set(h.up as i64);
+        transitions.get_or_create(&labels).inc_by(h.transitions);
     }
-    let _ = writeln!(
-        out,
-        "# HELP lb_backend_health_transitions_total Health state changes.\n# TYPE lb_backend_health_transitions_total counter"
-    );
-    for h in &stats.health {
-        let (vip, backend) = (label(&h.vip), label(&h.backend));
-        let _ = writeln!(
-            out,
-            "lb_backend_health_transitions_total{{instance=\"{}\",vip=\"{vip}\",backend=\"{backend}\"}} {}",
-            label(instance),
-            h.transitions
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP lb_packets_total Packets seen by the XDP program, by verdict reason.\n# TYPE lb_packets_total counter"
-    );
+    registry.register("lb_backend_up", "Whether the backend passes its health check.", up);
+    registry.register("lb_backend_health_transitions", "Health state changes.", transitions);
+    let reasons = counters();
     for (reason, count) in &stats.reasons {
-        let _ = writeln!(out, "lb_packets_total{{instance=\"{}\",reason=\"{reason}\"}} {count}", label(instance));
+        reasons.get_or_create(&labels(&[("reason", reason)])).inc_by(*count);
     }
+    registry.register("lb_packets", "Packets seen by the XDP program, by verdict reason.", reasons);
     if let Some(errors) = stats.xdp_tx_errors {
-        let _ = writeln!(
-            out,
-            "# HELP lb_xdp_tx_errors_total Frames the interface's driver failed to send back out (XDP_TX).\n\
-             # TYPE lb_xdp_tx_errors_total counter\nlb_xdp_tx_errors_total{{instance=\"{}\"}} {errors}",
-            label(instance)
+        let family = counters();
+        family.get_or_create(&labels(&[])).inc_by(errors);
+        registry.register(
+            "lb_xdp_tx_errors",
+            "Frames the interface's driver failed to send back out (XDP_TX).",
+            family,
         );
     }
     if let Some(vrrp) = vrrp {
-        let labels = format!("instance=\"{}\",vrid=\"{}\"", label(instance), vrrp.vrid);
-        let gauges: [(&str, &str, usize); 4] = [
+        let vrid = vrrp.vrid.to_string();
+        let node = labels(&[("vrid", &vrid)]);
+        let gauges_of: [(&str, &str, usize); 4] = [
             (
                 "master",
                 "Whether this node is the VRRP master (for every address family it serves).",
@@ -106,16 +100,15 @@ pub fn render(stats: &StatsReport, vrrp: Option<&VrrpStatus>, bgp: Option<&BgpSt
                 usize::from(vrrp.sync.starts_with("in sync")),
             ),
         ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP lb_vrrp_{name} {help}\n# TYPE lb_vrrp_{name} gauge\nlb_vrrp_{name}{{{labels}}} {value}"
-            );
+        for (name, help, value) in gauges_of {
+            let family = gauges();
+            family.get_or_create(&node).set(value as i64);
+            registry.register(format!("lb_vrrp_{name}"), help, family);
         }
     }
     if let Some(bgp) = bgp {
-        let labels = format!("instance=\"{}\",neighbor=\"{}\"", label(instance), label(&bgp.neighbor));
-        let gauges: [(&str, &str, usize); 2] = [
+        let session = labels(&[("neighbor", &bgp.neighbor)]);
+        let gauges_of: [(&str, &str, usize); 2] = [
             (
                 "session_up",
                 "Whether the BGP session to the router is established.",
@@ -123,13 +116,15 @@ pub fn render(stats: &StatsReport, vrrp: Option<&VrrpStatus>, bgp: Option<&BgpSt
             ),
             ("announced_routes", "VIP routes this node announces.", bgp.announced.len()),
         ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP lb_bgp_{name} {help}\n# TYPE lb_bgp_{name} gauge\nlb_bgp_{name}{{{labels}}} {value}"
-            );
+        for (name, help, value) in gauges_of {
+            let family = gauges();
+            family.get_or_create(&session).set(value as i64);
+            registry.register(format!("lb_bgp_{name}"), help, family);
         }
     }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry);
     out
 }
 
@@ -139,7 +134,7 @@ mod tests {
     use crate::report::{HealthRow, TrafficRow, VipStats};
 
     #[test]
-    fn renders_counters_and_health_in_prometheus_text() {
+    fn renders_counters_and_health_in_openmetrics_text() {
         let stats = StatsReport {
             health: vec![HealthRow {
                 vip: "web".into(),
@@ -159,7 +154,8 @@ mod tests {
         };
         let text = render(&stats, None, None, "lb");
         for line in [
-            "# TYPE lb_vip_packets_total counter",
+            "# TYPE lb_vip_packets counter",
+            "lb_build_info{instance=\"lb\",version=\"0.1.0\"} 1",
             "lb_vip_packets_total{instance=\"lb\",vip=\"we\\\"b\"} 5",
             "lb_backend_packets_total{instance=\"lb\",vip=\"we\\\"b\",backend=\"10.0.1.1:80\"} 5",
             "lb_backend_up{instance=\"lb\",vip=\"web\",backend=\"10.0.1.1:80\"} 0",
@@ -169,6 +165,7 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
+        assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(!text.contains("lb_vrrp_") && !text.contains("lb_bgp_"), "no redundancy metrics without it");
     }
 

@@ -68,7 +68,8 @@ fn stats_explain_and_metrics_describe_real_traffic() {
     assert_eq!(reports.filter(|r| r["vips"].is_array()).count(), 2, "{lines}");
 
     let metrics = scrape_metrics(&topology.lb, 9900).unwrap();
-    assert!(metrics.contains("text/plain"), "{metrics}");
+    assert!(metrics.contains("application/openmetrics-text") && metrics.contains("# EOF"), "{metrics}");
+    assert!(metrics.contains("lb_build_info{instance="), "{metrics}");
     assert!(
         metrics.contains(&format!("lb_vip_new_flows_total{{instance=\"{}\",vip=\"web\"}} 61", daemon.instance)),
         "{metrics}"

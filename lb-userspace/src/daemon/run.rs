@@ -355,7 +355,7 @@ async fn serve_metrics(address: std::net::SocketAddr, daemon: Arc<Mutex<Daemon>>
                 })
                 .await
                 .unwrap_or_default();
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+                ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body)
             }
         }),
     );
