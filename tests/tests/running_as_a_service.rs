@@ -107,12 +107,15 @@ fn readiness_is_reported_once_the_program_is_attached_and_never_by_a_failed_star
     let env = [("NOTIFY_SOCKET", path.to_str().unwrap())];
     let mut daemon =
         LbDaemon::start_with_env(&topology.lb, &unique_instance(), &nat_config(&topology, 1, None), &env).unwrap();
+    // A change keeps the status line current.
+    daemon.ok(&["vip", "del", "dns"]).unwrap();
     daemon.terminate().unwrap();
     let notes = notes.join().unwrap();
     let all = notes.messages.join("|");
     assert_eq!(notes.attached_at_ready, Some(true), "READY=1 must come once XDP is attached: {all}");
     let ready = notes.messages.iter().find(|m| m.contains("READY=1")).unwrap();
     assert!(ready.contains("STATUS=serving 2 VIPs on eth0 (attached"), "status line: {ready}");
+    assert!(all.contains("STATUS=serving 1 VIPs on eth0"), "the status follows a change: {all}");
     assert!(all.contains("STOPPING=1"), "a stop is announced: {all}");
 
     // A daemon that cannot attach (no such interface) says why and never reports ready.

@@ -117,6 +117,10 @@ impl Daemon {
         }
         self.persist().context("the change is live but could not be saved; it will be lost on restart")?;
         self.announce();
+        if self.attachment.is_some() {
+            // Serving already: the line `systemctl status` shows follows the change.
+            run::notify_systemd(&[sd_notify::NotifyState::Status(&self.systemd_status())]);
+        }
         Ok(changes)
     }
 

@@ -371,7 +371,7 @@ async fn serve_metrics(address: std::net::SocketAddr, daemon: Arc<Mutex<Daemon>>
 }
 
 /// Tells systemd (when it started us with `NOTIFY_SOCKET`) how the daemon stands.
-fn notify_systemd(states: &[NotifyState]) {
+pub(crate) fn notify_systemd(states: &[NotifyState]) {
     if let Err(error) = sd_notify::notify(states) {
         tracing::warn!("telling systemd {states:?}: {error}");
     }
