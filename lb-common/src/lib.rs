@@ -10,6 +10,7 @@ pub mod layout;
 pub mod maps;
 pub mod nat;
 pub mod packet;
+pub mod tunnel;
 
 #[cfg(feature = "user")]
 pub mod maglev;

@@ -1,0 +1,276 @@
+//! Tunnels to backends (`ipip`, `gue`): the outer headers the XDP program prepends and the
+//! backend-side decapsulation (`lb decap`) strips, byte for byte.
+//!
+//! - IPIP: an outer IPv4 or IPv6 header whose next protocol is the inner packet's family
+//!   (4 = IPv4, 41 = IPv6), so all four mixes work: 4in4, 6in6, 4in6 and 6in4.
+//! - GUE (Generic UDP Encapsulation, draft-ietf-intarea-gue, variant 0 as Linux's `fou` speaks
+//!   it): outer IP, UDP to the GUE port, a 4-byte GUE header naming the inner protocol, then the
+//!   inner packet.
+//!
+//! The outer source carries the flow's entropy so that routers' ECMP and the backend NIC's RSS
+//! spread flows: the low bits of the flow hash inside the configured source prefix, the IPv6
+//! flow label, and GUE's UDP source port.
+
+use crate::maps::{FAMILY_V4, FAMILY_V6};
+use crate::packet::{IPV4_MIN_HLEN, IPV6_HLEN, UDP_HLEN};
+
+/// IP protocol numbers of a tunnelled packet.
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
+
+/// The UDP port GUE is sent to unless configured otherwise (`[daemon] gue_port`).
+pub const GUE_DEFAULT_PORT: u16 = 6080;
+/// GUE variant 0 without optional fields: version (2 bits) 0, control (1 bit) 0, header
+/// length in words (5 bits) 0, the inner protocol, 16 bits of flags 0.
+pub const GUE_HLEN: usize = 4;
+/// `GUE header byte 0 >> 6`: the version this product sends and accepts.
+pub const GUE_VERSION: u8 = 0;
+
+/// The outer TTL / hop limit: a fresh header towards the backend (the inner one is untouched).
+pub const OUTER_TTL: u8 = 64;
+
+/// The IP protocol number that carries a packet of `family` inside IP.
+#[inline(always)]
+pub const fn inner_protocol(family: u8) -> u8 {
+    if family == FAMILY_V6 { IPPROTO_IPV6 } else { IPPROTO_IPIP }
+}
+
+/// The family a tunnel's inner protocol number announces, if it announces one.
+#[inline(always)]
+pub const fn inner_family(protocol: u8) -> Option<u8> {
+    match protocol {
+        IPPROTO_IPIP => Some(FAMILY_V4),
+        IPPROTO_IPV6 => Some(FAMILY_V6),
+        _ => None,
+    }
+}
+
+/// The bytes a tunnel adds in front of the inner IP packet.
+#[inline(always)]
+pub const fn overhead(outer_family: u8, gue: bool) -> usize {
+    let ip = if outer_family == FAMILY_V6 { IPV6_HLEN } else { IPV4_MIN_HLEN };
+    if gue { ip + UDP_HLEN + GUE_HLEN } else { ip }
+}
+
+/// The GUE header for an inner packet of `family`.
+#[inline(always)]
+pub const fn gue_header(family: u8) -> [u8; GUE_HLEN] {
+    [GUE_VERSION << 6, inner_protocol(family), 0, 0]
+}
+
+/// Mixes the flow hash once more (murmur3's fmix32): the Maglev slot is `hash % ring_size`,
+/// and entropy drawn from the same low bits would follow the backend choice.
+#[inline(always)]
+pub const fn entropy(hash: u32) -> u32 {
+    let mut h = hash ^ 0x7f4a_7c15;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The outer source address for a flow: `prefix`'s first `prefix_len` bits, the rest from the
+/// flow's entropy (a prefix of the full length is one fixed address). IPv4 uses the first 4
+/// bytes and leaves the rest zero.
+#[inline(always)]
+pub const fn outer_source(prefix: &[u8; 16], prefix_len: u8, family: u8, hash: u32) -> [u8; 16] {
+    let bits: u32 = if family == FAMILY_V6 { 128 } else { 32 };
+    let len = if prefix_len as u32 > bits { bits } else { prefix_len as u32 };
+    let mut out = *prefix;
+    let mixed = entropy(hash);
+    // Host bits past the prefix take the entropy's bits, last byte first; at most 32 of them
+    // vary (a wider host part keeps the prefix's own bits above those).
+    let last = (bits / 8) as usize;
+    let mut i = 0;
+    while i < 4 {
+        let byte = last - 1 - i;
+        let first_bit = byte as u32 * 8;
+        if first_bit + 8 > len {
+            // Bits of this byte at or past `len` are host bits.
+            let keep = if len > first_bit { len - first_bit } else { 0 };
+            let host_mask: u8 = if keep == 0 { 0xff } else { 0xffu8 >> keep };
+            let random = (mixed >> (8 * i)) as u8;
+            out[byte] = (out[byte] & !host_mask) | (random & host_mask);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// GUE's UDP source port: in the dynamic range (49152–65535), from the flow's entropy.
+#[inline(always)]
+pub const fn gue_source_port(hash: u32) -> u16 {
+    0xc000 | (entropy(hash) >> 18) as u16
+}
+
+/// The outer IPv6 header's flow label (RFC 6438), from the flow's entropy: 20 bits, not 0.
+#[inline(always)]
+pub const fn flow_label(hash: u32) -> u32 {
+    let label = entropy(hash) & 0x000f_ffff;
+    if label == 0 { 1 } else { label }
+}
+
+/// The outer IPv4 header (20 bytes, checksum included): DF set (the load balancer answers
+/// "fragmentation needed" itself when the tunnelled packet would not fit), ID 0 as for any
+/// atomic datagram (RFC 6864), the inner packet's TOS copied (DSCP, and ECN as RFC 6040's
+/// normal mode does).
+#[inline(always)]
+pub fn ipv4_outer(src: &[u8; 16], dst: &[u8; 16], protocol: u8, tos: u8, payload_len: usize) -> [u8; IPV4_MIN_HLEN] {
+    let total = (IPV4_MIN_HLEN + payload_len) as u16;
+    let mut h = [0u8; IPV4_MIN_HLEN];
+    h[0] = 0x45;
+    h[1] = tos;
+    h[2] = (total >> 8) as u8;
+    h[3] = total as u8;
+    h[6] = 0x40; // DF
+    h[8] = OUTER_TTL;
+    h[9] = protocol;
+    h[12] = src[0];
+    h[13] = src[1];
+    h[14] = src[2];
+    h[15] = src[3];
+    h[16] = dst[0];
+    h[17] = dst[1];
+    h[18] = dst[2];
+    h[19] = dst[3];
+    let check = !crate::csum::fold(crate::csum::add_words(0, &h));
+    let check = check.to_ne_bytes();
+    h[10] = check[0];
+    h[11] = check[1];
+    h
+}
+
+/// The outer IPv6 header (40 bytes): the inner packet's traffic class, a flow label from the
+/// flow's entropy.
+#[inline(always)]
+pub fn ipv6_outer(
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    next_header: u8,
+    traffic_class: u8,
+    label: u32,
+    payload_len: usize,
+) -> [u8; IPV6_HLEN] {
+    let mut h = [0u8; IPV6_HLEN];
+    let first = (6u32 << 28) | ((traffic_class as u32) << 20) | (label & 0x000f_ffff);
+    let first = first.to_be_bytes();
+    h[0] = first[0];
+    h[1] = first[1];
+    h[2] = first[2];
+    h[3] = first[3];
+    h[4] = (payload_len >> 8) as u8;
+    h[5] = payload_len as u8;
+    h[6] = next_header;
+    h[7] = OUTER_TTL;
+    let mut i = 0;
+    while i < 16 {
+        h[8 + i] = src[i];
+        h[24 + i] = dst[i];
+        i += 1;
+    }
+    h
+}
+
+/// The outer UDP header and GUE header of a GUE packet. The UDP checksum is 0: allowed for
+/// IPv4, and for tunnels over IPv6 by RFC 6935/6936 (Linux's `fou` accepts it; the inner packet
+/// keeps its own checksum).
+#[inline(always)]
+pub fn udp_gue(sport: u16, dport: u16, inner_family: u8, inner_len: usize) -> [u8; UDP_HLEN + GUE_HLEN] {
+    let len = (UDP_HLEN + GUE_HLEN + inner_len) as u16;
+    let gue = gue_header(inner_family);
+    [
+        (sport >> 8) as u8,
+        sport as u8,
+        (dport >> 8) as u8,
+        dport as u8,
+        (len >> 8) as u8,
+        len as u8,
+        0,
+        0,
+        gue[0],
+        gue[1],
+        gue[2],
+        gue[3],
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..4].copy_from_slice(&a);
+        out
+    }
+
+    #[test]
+    fn a_full_length_prefix_is_one_fixed_address() {
+        let src = v4([10, 0, 0, 2]);
+        for hash in [0, 1, 0xdead_beef, u32::MAX] {
+            assert_eq!(outer_source(&src, 32, FAMILY_V4, hash), src);
+        }
+        let v6: [u8; 16] = core::array::from_fn(|i| i as u8 + 1);
+        assert_eq!(outer_source(&v6, 128, FAMILY_V6, 7), v6);
+    }
+
+    #[test]
+    fn a_prefix_keeps_its_bits_and_spreads_the_rest() {
+        let prefix = v4([172, 16, 0, 0]);
+        let mut seen = std::collections::HashSet::new();
+        for hash in 0..4096u32 {
+            let src = outer_source(&prefix, 16, FAMILY_V4, hash.wrapping_mul(2_654_435_761));
+            assert_eq!(&src[..2], &[172, 16]);
+            assert_eq!(&src[4..], &[0; 12]);
+            seen.insert([src[2], src[3]]);
+        }
+        // 4,096 draws over 65,536 host values: nearly all distinct when spread evenly.
+        assert!(seen.len() > 3_900, "only {} distinct sources", seen.len());
+        // A prefix that ends inside a byte keeps that byte's high bits.
+        for hash in 0..256 {
+            let src = outer_source(&v4([192, 168, 1, 0b1010_0000]), 27, FAMILY_V4, hash);
+            assert_eq!(src[3] & 0b1110_0000, 0b1010_0000);
+        }
+    }
+
+    #[test]
+    fn ipv6_sources_vary_only_in_the_host_part() {
+        let prefix: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0x42, 0, 0, 0, 0, 0, 0, 0, 0];
+        for hash in 0..1000 {
+            let src = outer_source(&prefix, 64, FAMILY_V6, hash);
+            assert_eq!(&src[..8], &prefix[..8]);
+            // Only the last 32 bits take entropy.
+            assert_eq!(&src[8..12], &[0; 4]);
+        }
+    }
+
+    #[test]
+    fn entropy_fields_stay_in_their_ranges() {
+        for hash in [0, 1, 0x8000_0000, u32::MAX, 12_345] {
+            assert!(gue_source_port(hash) >= 0xc000);
+            let label = flow_label(hash);
+            assert!(label != 0 && label <= 0x000f_ffff);
+        }
+    }
+
+    #[test]
+    fn the_ipv4_outer_header_checks_out() {
+        let h = ipv4_outer(&v4([10, 0, 0, 2]), &v4([10, 2, 0, 5]), IPPROTO_IPIP, 0x2e, 60);
+        assert_eq!(crate::csum::fold(crate::csum::add_words(0, &h)), 0xffff);
+        assert_eq!(u16::from_be_bytes([h[2], h[3]]), 80);
+        assert_eq!(h[6] & 0x40, 0x40);
+        assert_eq!((h[8], h[9]), (OUTER_TTL, IPPROTO_IPIP));
+    }
+
+    #[test]
+    fn gue_names_the_inner_family() {
+        assert_eq!(gue_header(FAMILY_V4), [0, IPPROTO_IPIP, 0, 0]);
+        assert_eq!(gue_header(FAMILY_V6), [0, IPPROTO_IPV6, 0, 0]);
+        let u = udp_gue(50000, GUE_DEFAULT_PORT, FAMILY_V6, 100);
+        assert_eq!(u16::from_be_bytes([u[4], u[5]]), 112);
+        assert_eq!(&u[8..], &gue_header(FAMILY_V6));
+        assert_eq!(overhead(FAMILY_V4, false), 20);
+        assert_eq!(overhead(FAMILY_V6, true), 52);
+    }
+}
