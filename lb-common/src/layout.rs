@@ -107,7 +107,7 @@ const fn spec(name: &'static str, kind: MapKind, key: usize, value: usize, entri
 }
 
 /// Every map of the XDP object.
-pub const MAPS: [MapSpec; 13] = [
+pub const MAPS: [MapSpec; 14] = [
     spec(MAP_VIPS, MapKind::Hash, size_of::<VipKey>(), size_of::<VipMeta>(), Entries::PerVip, true),
     spec(MAP_RINGS, MapKind::Array, 4, 4, Entries::Rings, true),
     spec(MAP_BACKENDS, MapKind::Array, 4, size_of::<Backend>(), Entries::Fixed(MAX_BACKENDS), true),
@@ -131,6 +131,8 @@ pub const MAPS: [MapSpec; 13] = [
         Entries::Fixed(FRAGS_ENTRIES),
         false,
     ),
+    // Scratch: the tunnel a packet is about to leave through (see `TunnelJob`).
+    spec(MAP_TUNNEL_JOB, MapKind::PerCpuArray, 4, size_of::<TunnelJob>(), Entries::Fixed(1), false),
     // The benchmark sink's counter.
     spec(MAP_SINK_COUNT, MapKind::PerCpuArray, 4, 8, Entries::Fixed(1), false),
 ];

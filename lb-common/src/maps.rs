@@ -37,6 +37,7 @@ pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_NEW_NAT_FLOWS: &str = "NEW_NAT_FLOWS";
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
 pub const MAP_FRAGS: &str = "FRAGS";
+pub const MAP_TUNNEL_JOB: &str = "TUNNEL_JOB";
 /// Datagrams whose first fragment was seen and whose later fragments may still come. Fragments
 /// of one datagram arrive within milliseconds: this covers well over 100,000 fragmented
 /// datagrams a second, and an evicted entry costs one datagram.
@@ -104,6 +105,18 @@ pub struct Settings {
     /// 1,000,000 instructions; hidden, the whole program takes ~530,000 (printed by the test
     /// `the_verifier_accepts_the_program_with_room_to_spare`).
     pub zero: u16,
+    /// Tunnel modes: GUE's UDP destination port (network byte order).
+    pub gue_port: u16,
+    /// The attached interface's MTU: a tunnelled packet that would not fit is answered with
+    /// ICMP "fragmentation needed" / "packet too big" instead. 0 (unset): no limit.
+    pub mtu: u16,
+    /// Tunnel modes: the outer source addresses, a prefix per family whose host bits take the
+    /// flow's entropy ([`crate::tunnel::outer_source`]). A prefix length of 0 means none: the
+    /// daemon refuses tunnel backends of that family.
+    pub tunnel_prefix_v4: u8,
+    pub tunnel_prefix_v6: u8,
+    pub tunnel_source_v4: [u8; 16],
+    pub tunnel_source_v6: [u8; 16],
 }
 
 /// A new NAT flow, both table entries, as the program reports it in `NEW_NAT_FLOWS`.
@@ -155,9 +168,18 @@ pub enum Reason {
     /// A later fragment to a VIP address whose first fragment was not seen (it comes later, was
     /// lost, or went to another load balancer): the kernel gets it, as it would without us.
     PassFragmentNoFirst = 18,
+    /// A packet for a tunnel VIP that would exceed the interface's MTU once encapsulated:
+    /// answered with ICMP "fragmentation needed" / ICMPv6 "packet too big".
+    TxIcmpTooBig = 19,
+    /// As `TxIcmpTooBig`, but too short to quote in the answer (the MTU is below what IPv4
+    /// and IPv6 require of a link): dropped.
+    DropTooBig = 20,
+    /// Internal, never counted: the packet is to leave through the tunnel in `TUNNEL_JOB`, and
+    /// `lb_xdp` replaces this reason with the job's own once it is sent.
+    PendingTunnel = 63,
 }
 
-pub const REASON_COUNT: u32 = 19;
+pub const REASON_COUNT: u32 = 21;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -180,6 +202,8 @@ impl Reason {
         Reason::PassIcmpNoFlow,
         Reason::TxFragment,
         Reason::PassFragmentNoFirst,
+        Reason::TxIcmpTooBig,
+        Reason::DropTooBig,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -203,6 +227,9 @@ impl Reason {
             Reason::PassIcmpNoFlow => "pass_icmp_no_flow",
             Reason::TxFragment => "tx_fragment",
             Reason::PassFragmentNoFirst => "pass_fragment_no_first",
+            Reason::TxIcmpTooBig => "tx_icmp_too_big",
+            Reason::DropTooBig => "drop_too_big",
+            Reason::PendingTunnel => "pending_tunnel",
         }
     }
 
@@ -214,8 +241,13 @@ impl Reason {
             | Reason::TxPingReply
             | Reason::TxIcmpToBackend
             | Reason::TxIcmpToClient
-            | Reason::TxFragment => XDP_TX,
-            Reason::DropNoBackend | Reason::DropNatPorts | Reason::DropInternal => XDP_DROP,
+            | Reason::TxFragment
+            | Reason::TxIcmpTooBig => XDP_TX,
+            Reason::DropNoBackend
+            | Reason::DropNatPorts
+            | Reason::DropInternal
+            | Reason::DropTooBig
+            | Reason::PendingTunnel => XDP_DROP,
             _ => XDP_PASS,
         }
     }
@@ -224,6 +256,16 @@ impl Reason {
 /// Forwarding mode of a VIP.
 pub const MODE_DSR: u8 = 1;
 pub const MODE_NAT: u8 = 2;
+/// Tunnel modes: the client's packet, unchanged, inside an outer IP header (`ipip`) or outer
+/// IP + UDP + GUE headers (`gue`) towards the backend, which answers the client directly.
+pub const MODE_IPIP: u8 = 3;
+pub const MODE_GUE: u8 = 4;
+
+/// Whether `mode` sends packets through a tunnel.
+#[inline(always)]
+pub const fn is_tunnel(mode: u8) -> bool {
+    mode == MODE_IPIP || mode == MODE_GUE
+}
 
 /// `VIPS` key: (address, port, protocol). Port 0 = any port.
 #[repr(C)]
@@ -376,12 +418,39 @@ pub struct FragRoute {
     /// ([`FRAG_NO_STATS`] for a NAT reply, which counts under neither).
     pub vip_index: u32,
     pub backend: u32,
+    /// Tunnel modes: the first fragment's flow hash, so that every fragment of the datagram
+    /// gets the same outer source (the same path and the same receive queue).
+    pub hash: u32,
 }
 
 /// `FragRoute::flags`: the fragments' addresses are rewritten (NAT, both directions).
 pub const FRAG_REWRITE: u8 = 1;
+/// `FragRoute::flags`: the fragments go through the tunnel to backend `backend` (IPIP, or GUE
+/// with [`FRAG_GUE`] too).
+pub const FRAG_TUNNEL: u8 = 2;
+pub const FRAG_GUE: u8 = 4;
 /// `FragRoute::vip_index` of a NAT reply.
 pub const FRAG_NO_STATS: u32 = u32::MAX;
+
+/// `TUNNEL_JOB` value (per CPU, one entry): the tunnel a packet is to leave through, as the code
+/// that placed it decided, for `lb_xdp` to encapsulate it (or to answer "too big") in a stack
+/// frame of its own. Valid only while that packet is handled, when the code that placed it
+/// returned [`Reason::PendingTunnel`] (or `TxIcmpTooBig`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelJob {
+    /// `BACKENDS` index.
+    pub backend: u32,
+    /// The flow's hash: the outer source's entropy.
+    pub hash: u32,
+    /// The [`Reason`] the packet counts under once sent.
+    pub sent: u32,
+    /// Too big: the largest packet the tunnel carries.
+    pub too_big_fits: u16,
+    /// 1: GUE, 0: IPIP.
+    pub gue: u8,
+    pub _pad: u8,
+}
 
 /// Per-VIP and per-backend counters (values of per-CPU arrays).
 #[repr(C)]
@@ -409,6 +478,7 @@ mod pod {
     unsafe impl aya::Pod for super::NatFlowRecord {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragRoute {}
+    unsafe impl aya::Pod for super::TunnelJob {}
 }
 
 // Layouts are part of the contract with the kernel object: any change must be deliberate.
@@ -427,10 +497,12 @@ const _: () = {
     assert!(size_of::<NatReverse>() == 48);
     assert!(offset_of!(NatReverse, last_seen) == 44);
     assert!(size_of::<Traffic>() == 24);
-    assert!(size_of::<Settings>() == 10);
+    assert!(size_of::<Settings>() == 48);
+    assert!(offset_of!(Settings, tunnel_source_v4) == 16);
     assert!(size_of::<NatFlowRecord>() == 140);
     assert!(size_of::<FragKey>() == 40);
-    assert!(size_of::<FragRoute>() == 48);
+    assert!(size_of::<FragRoute>() == 52);
+    assert!(size_of::<TunnelJob>() == 16);
 };
 
 #[cfg(test)]

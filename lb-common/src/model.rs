@@ -19,6 +19,7 @@ use std::collections::HashMap;
 
 mod fragment;
 mod relay;
+mod tunnel;
 
 /// The maps as the model sees them.
 #[derive(Clone, Debug, Default)]
@@ -78,7 +79,7 @@ impl ModelMaps {
         Outcome { reason, action: reason.xdp_action(), packet }
     }
 
-    fn balance(&mut self, packet: &mut [u8]) -> Result<Reason, Reason> {
+    fn balance(&mut self, packet: &mut Vec<u8>) -> Result<Reason, Reason> {
         if self.settings.check_mac != 0 {
             let destination = packet.get(..6).ok_or(Reason::PassTruncated)?;
             if destination != self.settings.own_mac {
@@ -116,15 +117,25 @@ impl ModelMaps {
         };
         let client_mac: [u8; 6] = packet[6..12].try_into().unwrap();
         let (backend, index, snat_port) = self.choose(&parsed, &vip, client_mac)?;
+        let mut hash = 0;
         if vip.mode == MODE_NAT {
             let dport = if backend.port == 0 { parsed.flow.dport } else { backend.port };
             rewrite_flow(packet, &parsed, &vip.snat_addr, snat_port, &backend.addr, dport);
-        } else if vip.mode != MODE_DSR {
+            set_macs(packet, backend.mac);
+        } else if is_tunnel(vip.mode) {
+            hash = flow_hash(&parsed.flow);
+            let tunnel = tunnel::Tunnel { backend, gue: vip.mode == MODE_GUE, hash };
+            let sent = self.encapsulate(packet, parsed.family, parsed.l4_end - ETH_HLEN, &tunnel, Reason::TxForward)?;
+            if sent != Reason::TxForward {
+                return Ok(sent); // answered "too big" instead
+            }
+        } else if vip.mode == MODE_DSR {
+            set_macs(packet, backend.mac);
+        } else {
             return Err(Reason::DropInternal);
         }
-        set_macs(packet, backend.mac);
         if parsed.fragment == Fragment::First {
-            self.remember_forward(&parsed, &vip, index, &backend);
+            self.remember_forward(&parsed, &vip, index, &backend, hash);
         }
         Ok(Reason::TxForward)
     }

@@ -12,7 +12,7 @@
 //! flow label, and GUE's UDP source port.
 
 use crate::maps::{FAMILY_V4, FAMILY_V6};
-use crate::packet::{IPV4_MIN_HLEN, IPV6_HLEN, UDP_HLEN};
+use crate::packet::{ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, UDP_HLEN, icmp};
 
 /// IP protocol numbers of a tunnelled packet.
 pub const IPPROTO_IPIP: u8 = 4;
@@ -71,30 +71,19 @@ pub const fn entropy(hash: u32) -> u32 {
 }
 
 /// The outer source address for a flow: `prefix`'s first `prefix_len` bits, the rest from the
-/// flow's entropy (a prefix of the full length is one fixed address). IPv4 uses the first 4
-/// bytes and leaves the rest zero.
+/// flow's entropy (a prefix of the full length is one fixed address). At most the last 32 bits
+/// vary: a wider host part keeps the prefix's own bits above them. IPv4 uses the first 4 bytes
+/// and leaves the rest zero.
 #[inline(always)]
-pub const fn outer_source(prefix: &[u8; 16], prefix_len: u8, family: u8, hash: u32) -> [u8; 16] {
-    let bits: u32 = if family == FAMILY_V6 { 128 } else { 32 };
-    let len = if prefix_len as u32 > bits { bits } else { prefix_len as u32 };
+pub fn outer_source(prefix: &[u8; 16], prefix_len: u8, family: u8, hash: u32) -> [u8; 16] {
     let mut out = *prefix;
-    let mixed = entropy(hash);
-    // Host bits past the prefix take the entropy's bits, last byte first; at most 32 of them
-    // vary (a wider host part keeps the prefix's own bits above those).
-    let last = (bits / 8) as usize;
-    let mut i = 0;
-    while i < 4 {
-        let byte = last - 1 - i;
-        let first_bit = byte as u32 * 8;
-        if first_bit + 8 > len {
-            // Bits of this byte at or past `len` are host bits.
-            let keep = if len > first_bit { len - first_bit } else { 0 };
-            let host_mask: u8 = if keep == 0 { 0xff } else { 0xffu8 >> keep };
-            let random = (mixed >> (8 * i)) as u8;
-            out[byte] = (out[byte] & !host_mask) | (random & host_mask);
-        }
-        i += 1;
-    }
+    // The last 32-bit word of the address, and how many of its leading bits are prefix.
+    let (at, fixed_bits) =
+        if family == FAMILY_V6 { (12, (prefix_len as u32).saturating_sub(96)) } else { (0, prefix_len as u32) };
+    let fixed: u32 = if fixed_bits >= 32 { u32::MAX } else { !(u32::MAX >> fixed_bits) };
+    let word = u32::from_be_bytes([out[at], out[at + 1], out[at + 2], out[at + 3]]);
+    let word = (word & fixed) | (entropy(hash) & !fixed);
+    out[at..at + 4].copy_from_slice(&word.to_be_bytes());
     out
 }
 
@@ -111,21 +100,33 @@ pub const fn flow_label(hash: u32) -> u32 {
     if label == 0 { 1 } else { label }
 }
 
-/// The outer IPv4 header (20 bytes, checksum included): DF set (the load balancer answers
-/// "fragmentation needed" itself when the tunnelled packet would not fit), ID 0 as for any
-/// atomic datagram (RFC 6864), the inner packet's TOS copied (DSCP, and ECN as RFC 6040's
-/// normal mode does).
+/// Writes an IPv4 header without options (20 bytes, checksum included), TTL 64, into `h`. As a
+/// tunnel's outer header: DF set (the load balancer answers "fragmentation needed" itself when
+/// a tunnelled packet would not fit), ID 0 as for any atomic datagram (RFC 6864), the inner
+/// packet's TOS copied (DSCP, and ECN as RFC 6040's normal mode does). Written in place: the
+/// XDP program hands the packet's own bytes, and keeps its stack small.
 #[inline(always)]
-pub fn ipv4_outer(src: &[u8; 16], dst: &[u8; 16], protocol: u8, tos: u8, payload_len: usize) -> [u8; IPV4_MIN_HLEN] {
+pub fn write_ipv4_header(
+    h: &mut [u8; IPV4_MIN_HLEN],
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    protocol: u8,
+    tos: u8,
+    payload_len: usize,
+) {
     let total = (IPV4_MIN_HLEN + payload_len) as u16;
-    let mut h = [0u8; IPV4_MIN_HLEN];
     h[0] = 0x45;
     h[1] = tos;
     h[2] = (total >> 8) as u8;
     h[3] = total as u8;
+    h[4] = 0;
+    h[5] = 0;
     h[6] = 0x40; // DF
+    h[7] = 0;
     h[8] = OUTER_TTL;
     h[9] = protocol;
+    h[10] = 0;
+    h[11] = 0;
     h[12] = src[0];
     h[13] = src[1];
     h[14] = src[2];
@@ -134,27 +135,24 @@ pub fn ipv4_outer(src: &[u8; 16], dst: &[u8; 16], protocol: u8, tos: u8, payload
     h[17] = dst[1];
     h[18] = dst[2];
     h[19] = dst[3];
-    let check = !crate::csum::fold(crate::csum::add_words(0, &h));
-    let check = check.to_ne_bytes();
+    let check = (!crate::csum::fold(crate::csum::add_words(0, h))).to_ne_bytes();
     h[10] = check[0];
     h[11] = check[1];
-    h
 }
 
-/// The outer IPv6 header (40 bytes): the inner packet's traffic class, a flow label from the
-/// flow's entropy.
+/// Writes an IPv6 header (40 bytes), hop limit 64, into `h`. As a tunnel's outer header: the
+/// inner packet's traffic class, a flow label from the flow's entropy.
 #[inline(always)]
-pub fn ipv6_outer(
+pub fn write_ipv6_header(
+    h: &mut [u8; IPV6_HLEN],
     src: &[u8; 16],
     dst: &[u8; 16],
     next_header: u8,
     traffic_class: u8,
     label: u32,
     payload_len: usize,
-) -> [u8; IPV6_HLEN] {
-    let mut h = [0u8; IPV6_HLEN];
-    let first = (6u32 << 28) | ((traffic_class as u32) << 20) | (label & 0x000f_ffff);
-    let first = first.to_be_bytes();
+) {
+    let first = ((6u32 << 28) | ((traffic_class as u32) << 20) | (label & 0x000f_ffff)).to_be_bytes();
     h[0] = first[0];
     h[1] = first[1];
     h[2] = first[2];
@@ -169,30 +167,46 @@ pub fn ipv6_outer(
         h[24 + i] = dst[i];
         i += 1;
     }
-    h
 }
 
-/// The outer UDP header and GUE header of a GUE packet. The UDP checksum is 0: allowed for
-/// IPv4, and for tunnels over IPv6 by RFC 6935/6936 (Linux's `fou` accepts it; the inner packet
-/// keeps its own checksum).
+/// Writes the outer UDP header and GUE header of a GUE packet into `h`. The UDP checksum is 0:
+/// allowed for IPv4, and for tunnels over IPv6 by RFC 6935/6936 (Linux's `fou` accepts it; the
+/// inner packet keeps its own checksum).
 #[inline(always)]
-pub fn udp_gue(sport: u16, dport: u16, inner_family: u8, inner_len: usize) -> [u8; UDP_HLEN + GUE_HLEN] {
+pub fn write_udp_gue(h: &mut [u8; UDP_HLEN + GUE_HLEN], sport: u16, dport: u16, inner_family: u8, inner_len: usize) {
     let len = (UDP_HLEN + GUE_HLEN + inner_len) as u16;
     let gue = gue_header(inner_family);
-    [
-        (sport >> 8) as u8,
-        sport as u8,
-        (dport >> 8) as u8,
-        dport as u8,
-        (len >> 8) as u8,
-        len as u8,
-        0,
-        0,
-        gue[0],
-        gue[1],
-        gue[2],
-        gue[3],
-    ]
+    h[0] = (sport >> 8) as u8;
+    h[1] = sport as u8;
+    h[2] = (dport >> 8) as u8;
+    h[3] = dport as u8;
+    h[4] = (len >> 8) as u8;
+    h[5] = len as u8;
+    h[6] = 0;
+    h[7] = 0;
+    h[8] = gue[0];
+    h[9] = gue[1];
+    h[10] = gue[2];
+    h[11] = gue[3];
+}
+
+/// How much of a packet that does not fit the tunnel an ICMP "fragmentation needed" / "packet
+/// too big" answer quotes: its IP header and more than enough of the rest for the client to
+/// find the flow, within IPv4's 576-byte limit for ICMP errors (RFC 1812). A fixed length keeps
+/// the checksum one helper call.
+pub const TOO_BIG_QUOTE: usize = 512;
+
+/// The ICMP header of a "fragmentation needed" (IPv4: type 3 code 4, the next-hop MTU in the
+/// last 16 bits, RFC 1191) or "packet too big" (IPv6: type 2 code 0, the MTU in the last 32
+/// bits, RFC 4443) naming `fits`; checksum zero, to be filled in.
+#[inline(always)]
+pub fn too_big_icmp_header(family: u8, fits: usize) -> [u8; ICMP_HLEN] {
+    let mtu = (fits as u32).to_be_bytes();
+    if family == FAMILY_V6 {
+        [icmp::PACKET_TOO_BIG_V6, 0, 0, 0, mtu[0], mtu[1], mtu[2], mtu[3]]
+    } else {
+        [icmp::DEST_UNREACH_V4, icmp::FRAG_NEEDED_CODE, 0, 0, 0, 0, mtu[2], mtu[3]]
+    }
 }
 
 #[cfg(test)]
@@ -256,7 +270,8 @@ mod tests {
 
     #[test]
     fn the_ipv4_outer_header_checks_out() {
-        let h = ipv4_outer(&v4([10, 0, 0, 2]), &v4([10, 2, 0, 5]), IPPROTO_IPIP, 0x2e, 60);
+        let mut h = [0xaa; 20];
+        write_ipv4_header(&mut h, &v4([10, 0, 0, 2]), &v4([10, 2, 0, 5]), IPPROTO_IPIP, 0x2e, 60);
         assert_eq!(crate::csum::fold(crate::csum::add_words(0, &h)), 0xffff);
         assert_eq!(u16::from_be_bytes([h[2], h[3]]), 80);
         assert_eq!(h[6] & 0x40, 0x40);
@@ -267,7 +282,8 @@ mod tests {
     fn gue_names_the_inner_family() {
         assert_eq!(gue_header(FAMILY_V4), [0, IPPROTO_IPIP, 0, 0]);
         assert_eq!(gue_header(FAMILY_V6), [0, IPPROTO_IPV6, 0, 0]);
-        let u = udp_gue(50000, GUE_DEFAULT_PORT, FAMILY_V6, 100);
+        let mut u = [0xaa; 12];
+        write_udp_gue(&mut u, 50000, GUE_DEFAULT_PORT, FAMILY_V6, 100);
         assert_eq!(u16::from_be_bytes([u[4], u[5]]), 112);
         assert_eq!(&u[8..], &gue_header(FAMILY_V6));
         assert_eq!(overhead(FAMILY_V4, false), 20);

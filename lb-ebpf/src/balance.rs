@@ -100,16 +100,17 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
     Ok(Chosen { index, backend, snat_port: conn.snat_port, new_flow: true })
 }
 
-/// The backend an existing client flow goes to, without placing it: its connection-table entry,
-/// or for DSR (whose entries carry nothing else) the slot its next packet would take. `None`
-/// for a NAT flow without an entry: nothing tells its source port.
+/// The backend an existing client flow goes to, without placing it: its index and entry, from
+/// the connection table, or for DSR and tunnels (whose entries carry nothing else) the slot its
+/// next packet would take; with the NAT source port. `None` for a NAT flow without an entry:
+/// nothing tells its source port.
 #[inline(always)]
-pub fn backend_of_flow(flow: &FlowKey, vip: &VipMeta) -> Option<(&'static Backend, u16)> {
+pub fn backend_of_flow(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, &'static Backend, u16)> {
     if let Some(conn) = CONNS.get_ptr(flow) {
         // SAFETY: a map value pointer stays valid for the program's run.
         let (index, snat_port) = unsafe { ((*conn).backend, (*conn).snat_port) };
         if let Some(backend) = usable_backend(index) {
-            return Some((backend, snat_port));
+            return Some((index, backend, snat_port));
         }
     }
     if vip.mode == MODE_NAT || vip.ring_size == 0 {
@@ -117,7 +118,7 @@ pub fn backend_of_flow(flow: &FlowKey, vip: &VipMeta) -> Option<(&'static Backen
     }
     let slot = placement_hash(flow, flow_hash(flow), vip) % vip.ring_size;
     let index = *RINGS.get(vip.ring_offset + slot)?;
-    Some((usable_backend(index)?, 0))
+    Some((index, usable_backend(index)?, 0))
 }
 
 /// In a pair, tells the daemon about a new NAT flow so that the standby can take it over. A

@@ -1,17 +1,20 @@
 //! ICMP: echo requests to a VIP's address are answered here, so that operators can ping a VIP;
 //! errors that quote a packet of a VIP's flow (unreachable, fragmentation needed / packet too
-//! big, time exceeded) go where that flow goes, translated in NAT mode; the rest passes to the
-//! kernel.
+//! big, time exceeded) go where that flow goes, translated in NAT mode, through the tunnel in
+//! the tunnel modes; the rest passes to the kernel.
 
 use crate::balance::{backend_of_flow, port_towards};
 use crate::maps::{NAT_REV, VIP_ADDRS};
 use crate::parse::{Packet, field, l4_header, ptr_at, read, set_field, write};
 use crate::rewrite::set_macs;
+use crate::tunnel;
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
 use lb_common::csum::{replace_bytes, replace_u16, udp_nonzero};
+use lb_common::hash::flow_hash;
 use lb_common::maps::{
-    FAMILY_V4, FlowKey, MODE_DSR, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, VIP_ADDR_ANSWER_PING, VipAddrKey,
+    FAMILY_V4, FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, VIP_ADDR_ANSWER_PING,
+    TunnelJob, VipAddrKey,
 };
 use lb_common::packet::{
     DEFAULT_TTL, ETH_HLEN, Fragment, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,
@@ -20,9 +23,9 @@ use lb_common::packet::{
 /// ICMP of the packet's family, parsed up to its 8-byte header. Returns a plain `Reason` (see
 /// `balance` in main.rs).
 #[inline(never)]
-pub fn handle(ctx: &XdpContext, packet: &Packet) -> Reason {
+pub fn handle(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Reason {
     let verdict = if is_icmp_error(packet.family, packet.icmp_type) {
-        relay_error(ctx, packet)
+        relay_error(ctx, packet, job)
     } else {
         answer_ping(ctx, packet)
     };
@@ -156,7 +159,7 @@ fn parse_quoted(ctx: &XdpContext, packet: &Packet, out: &mut Quoted) -> Result<(
 /// when it was a NAT flow's packet to its backend (sent from the SNAT address). The error must
 /// be addressed to the quoted packet's source, as routers address them.
 #[inline(always)]
-fn relay_error(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
+fn relay_error(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Result<Reason, Reason> {
     let mut quoted = Quoted {
         ip_off: 0,
         l4_off: 0,
@@ -179,9 +182,15 @@ fn relay_error(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
         _pad: [0; 2],
     };
     if let Some(vip) = crate::find_vip(&towards_us) {
-        let (backend, snat_port) = backend_of_flow(&towards_us, vip).ok_or(Reason::PassIcmpNoFlow)?;
+        let (index, backend, snat_port) = backend_of_flow(&towards_us, vip).ok_or(Reason::PassIcmpNoFlow)?;
         match vip.mode {
             MODE_DSR => {}
+            MODE_IPIP | MODE_GUE => {
+                // Inside the tunnel, as the flow's own packets go (the same outer source too).
+                let gue = vip.mode == MODE_GUE;
+                tunnel::check_fits(packet, backend.family, gue, true, job)?;
+                return Ok(tunnel::hand_over(job, index, gue, flow_hash(&towards_us), Reason::TxIcmpToBackend));
+            }
             MODE_NAT => {
                 let to = Translation {
                     outer_src: &vip.snat_addr,

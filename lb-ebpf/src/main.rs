@@ -1,4 +1,5 @@
-//! The XDP load balancer: for each packet, parse → find the VIP → choose a backend → rewrite → send.
+//! The XDP load balancer: for each packet, parse → find the VIP → choose a backend → rewrite
+//! (MACs, NAT addresses, or a tunnel's outer header) → send.
 //! ICMP echo requests to a VIP's address are answered on the spot; ICMP errors about a VIP's
 //! flows go where the flow goes; later fragments of a datagram go where its first went.
 #![no_std]
@@ -11,31 +12,46 @@ mod icmp;
 mod maps;
 mod parse;
 mod rewrite;
+mod tunnel;
 
 use aya_ebpf::macros::xdp;
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::XdpContext;
-use lb_common::maps::{FlowKey, MODE_DSR, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic, VipKey, VipMeta};
+use lb_common::hash::flow_hash;
+use lb_common::maps::{
+    FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic, TunnelJob, VipKey, VipMeta,
+};
 use lb_common::nat::note_segment;
 use lb_common::packet::{Fragment, icmp_protocol};
-use maps::{NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, VIPS};
+use maps::{NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, TUNNEL_JOB, VIPS};
 use parse::{Packet, parse, read};
 use rewrite::{Rewrite, set_flow, set_macs};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let Some(job) = TUNNEL_JOB.get_ptr_mut(0) else {
+        return Reason::DropInternal.xdp_action();
+    };
+    // SAFETY: per-CPU scratch: only this packet's handling uses it, while it runs.
+    let job = unsafe { &mut *job };
     let mut packet = Packet::empty();
-    let reason = match read_packet(&ctx, &mut packet) {
+    let mut reason = match read_packet(&ctx, &mut packet) {
         Err(reason) => reason,
         // Apart, each with its own stack frame: together they would pass the 512 bytes a
         // program's call chain may use.
-        Ok(()) if packet.fragment == Fragment::Later => fragment::forward_later(&ctx, &packet),
-        Ok(()) if packet.flow.proto == icmp_protocol(packet.family) => icmp::handle(&ctx, &packet),
+        Ok(()) if packet.fragment == Fragment::Later => fragment::forward_later(&ctx, &packet, job),
+        Ok(()) if packet.flow.proto == icmp_protocol(packet.family) => icmp::handle(&ctx, &packet, job),
         Ok(()) => match find_vip(&packet.flow) {
-            Some(vip) => balance(&ctx, &packet, vip),
+            Some(vip) => balance(&ctx, &packet, vip, job),
             None => nat_reply(&ctx, &packet),
         },
     };
+    // Leaving through a tunnel, or too big for it: done here, each in a frame of its own.
+    if reason == Reason::PendingTunnel {
+        reason = tunnel::send(&ctx, &packet, job);
+    } else if reason == Reason::TxIcmpTooBig {
+        reason = tunnel::too_big(&ctx, &packet, job);
+    }
     if let Some(counter) = STATS_REASON.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU value, only this CPU writes it.
         unsafe { *counter += 1 };
@@ -57,8 +73,8 @@ fn read_packet(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Reason> {
 /// TCP and UDP to a VIP: to its backend. Returns a plain `Reason`: a `Result` would come back
 /// through the caller's stack, which the verifier refuses.
 #[inline(never)]
-fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipMeta) -> Reason {
-    match balance_packet(ctx, packet, vip) {
+fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipMeta, job: &mut TunnelJob) -> Reason {
+    match balance_packet(ctx, packet, vip, job) {
         Ok(reason) | Err(reason) => reason,
     }
 }
@@ -73,14 +89,14 @@ fn nat_reply(ctx: &XdpContext, packet: &Packet) -> Reason {
 }
 
 #[inline(always)]
-fn balance_packet(ctx: &XdpContext, packet: &Packet, vip: &VipMeta) -> Result<Reason, Reason> {
+fn balance_packet(ctx: &XdpContext, packet: &Packet, vip: &VipMeta, job: &mut TunnelJob) -> Result<Reason, Reason> {
     let client_mac: [u8; 6] = read(ctx, 6)?;
     let chosen = balance::choose(packet, vip, client_mac)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    add_traffic(&STATS_VIP, vip.vip_index, bytes, chosen.new_flow);
-    add_traffic(&STATS_BACKEND, chosen.index, bytes, chosen.new_flow);
+    let mut hash = 0;
+    let mut sent = Reason::TxForward;
     match vip.mode {
-        MODE_DSR => {}
+        MODE_DSR => set_macs(ctx, chosen.backend.mac)?,
         MODE_NAT => {
             let to = Rewrite {
                 src: &vip.snat_addr,
@@ -89,14 +105,23 @@ fn balance_packet(ctx: &XdpContext, packet: &Packet, vip: &VipMeta) -> Result<Re
                 dport: balance::backend_port(chosen.backend, packet),
             };
             set_flow(ctx, packet, &to)?;
+            set_macs(ctx, chosen.backend.mac)?;
+        }
+        MODE_IPIP | MODE_GUE => {
+            let gue = vip.mode == MODE_GUE;
+            // Too big (answered instead) is not traffic of the VIP.
+            tunnel::check_fits(packet, chosen.backend.family, gue, false, job)?;
+            hash = flow_hash(&packet.flow);
+            sent = tunnel::hand_over(job, chosen.index, gue, hash, Reason::TxForward);
         }
         _ => return Err(Reason::DropInternal),
     }
-    set_macs(ctx, chosen.backend.mac)?;
+    add_traffic(&STATS_VIP, vip.vip_index, bytes, chosen.new_flow);
+    add_traffic(&STATS_BACKEND, chosen.index, bytes, chosen.new_flow);
     if fragment::is_first(packet) {
-        fragment::remember_forward(packet, vip, chosen.index, chosen.backend);
+        fragment::remember_forward(packet, vip, chosen.index, chosen.backend, hash);
     }
-    Ok(Reason::TxForward)
+    Ok(sent)
 }
 
 /// Whether the frame's destination MAC is the interface's own (when the daemon set it). A frame

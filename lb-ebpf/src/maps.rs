@@ -7,7 +7,8 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use lb_common::layout::REASON_SLOTS;
 use lb_common::maps::{
     Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FRAGS_ENTRIES, FlowKey, FragKey,
-    FragRoute, MAX_BACKENDS, NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, VipAddr, VipAddrKey, VipKey, VipMeta,
+    FragRoute, MAX_BACKENDS, NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, TunnelJob, VipAddr, VipAddrKey, VipKey,
+    VipMeta,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -43,6 +44,10 @@ pub static NAT_REV: LruHashMap<FlowKey, NatReverse> = LruHashMap::with_max_entri
 /// Fragmented datagrams whose first fragment was forwarded: where the later ones go.
 #[map(name = "FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragRoute> = LruHashMap::with_max_entries(FRAGS_ENTRIES, 0);
+
+/// The tunnel the packet in hand is to leave through (scratch, one per CPU).
+#[map(name = "TUNNEL_JOB")]
+pub static TUNNEL_JOB: PerCpuArray<TunnelJob> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "STATS_REASON")]
 pub static STATS_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);

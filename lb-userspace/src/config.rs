@@ -32,6 +32,11 @@ pub struct DaemonSettings {
     pub sizes: DataplaneSizes,
     pub vrrp: Option<VrrpSettings>,
     pub bgp: Option<BgpSettings>,
+    /// Tunnel modes: GUE's UDP port on the backends.
+    pub gue_port: u16,
+    /// Tunnel modes: outer source addresses or prefixes, at most one per family (a family not
+    /// named takes the interface's first global address).
+    pub tunnel_source: Vec<ipnet::IpNet>,
 }
 
 impl DaemonSettings {
@@ -98,6 +103,16 @@ struct RawDaemon {
     ring_size: Option<Spanned<u32>>,
     max_vips: Option<Spanned<u32>>,
     max_conns: Option<Spanned<u32>>,
+    gue_port: Option<Spanned<u16>>,
+    tunnel_source: Option<Spanned<OneOrMore>>,
+}
+
+/// A setting given as one string or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMore {
+    One(String),
+    More(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -315,6 +330,34 @@ fn convert_daemon(report: &mut Report, daemon: &Spanned<RawDaemon>) -> Option<Da
             format!("2 x {max_vips} VIPs x ring_size {ring_size} entries do not fit one BPF array"),
         );
     }
+    let gue_port = raw.gue_port.as_ref().map_or(lb_common::tunnel::GUE_DEFAULT_PORT, |p| *p.get_ref());
+    if gue_port == 0 {
+        report.add(
+            &raw.gue_port.as_ref().map_or_else(|| daemon.span(), Spanned::span),
+            "daemon.gue_port",
+            "must be 1-65535",
+        );
+    }
+    let mut tunnel_source = Vec::new();
+    if let Some(sources) = &raw.tunnel_source {
+        let texts = match sources.get_ref() {
+            OneOrMore::One(text) => vec![text.clone()],
+            OneOrMore::More(texts) => texts.clone(),
+        };
+        for text in texts {
+            match crate::tunnel::parse_source(&text) {
+                Ok(net) if tunnel_source.iter().any(|n: &ipnet::IpNet| n.addr().is_ipv4() == net.addr().is_ipv4()) => {
+                    report.add(
+                        &sources.span(),
+                        "daemon.tunnel_source",
+                        format!("{text:?}: one source per address family"),
+                    )
+                }
+                Ok(net) => tunnel_source.push(net),
+                Err(message) => report.add(&sources.span(), "daemon.tunnel_source", message),
+            }
+        }
+    }
     if report.problems.len() > before {
         return None;
     }
@@ -327,6 +370,8 @@ fn convert_daemon(report: &mut Report, daemon: &Spanned<RawDaemon>) -> Option<Da
         sizes: DataplaneSizes { max_vips, ring_size, max_conns },
         vrrp: None,
         bgp: None,
+        gue_port,
+        tunnel_source,
     })
 }
 

@@ -15,3 +15,4 @@ pub mod planner;
 pub mod report;
 pub mod status_page;
 pub mod store;
+pub mod tunnel;

@@ -1,7 +1,7 @@
 //! The desired state an operator declares: VIPs, their backends and health checks, and the rules
 //! that make it valid. Shared by the config file, the API and the persisted state.
 
-use lb_common::maps::{MODE_DSR, MODE_NAT, PROTO_TCP, PROTO_UDP};
+use lb_common::maps::{MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -46,6 +46,12 @@ pub enum Mode {
     Dsr,
     /// Full NAT: destination to the backend, source to the SNAT address.
     Nat,
+    /// Direct server return through an IP-in-IP tunnel: backends anywhere behind routers, which
+    /// hold the VIP and strip the outer header (`lb decap`).
+    Ipip,
+    /// As `ipip`, with the outer header IP + UDP + GUE (spreads over ECMP paths and receive
+    /// queues by the UDP source port, and crosses networks that pass only TCP/UDP).
+    Gue,
 }
 
 impl Mode {
@@ -53,6 +59,8 @@ impl Mode {
         match self {
             Mode::Dsr => MODE_DSR,
             Mode::Nat => MODE_NAT,
+            Mode::Ipip => MODE_IPIP,
+            Mode::Gue => MODE_GUE,
         }
     }
 
@@ -60,8 +68,19 @@ impl Mode {
         match text {
             "dsr" => Ok(Mode::Dsr),
             "nat" => Ok(Mode::Nat),
-            other => Err(format!("unknown mode {other:?}: expected \"nat\" or \"dsr\"")),
+            "ipip" => Ok(Mode::Ipip),
+            "gue" => Ok(Mode::Gue),
+            other => Err(format!("unknown mode {other:?}: expected \"nat\", \"dsr\", \"ipip\" or \"gue\"")),
         }
+    }
+
+    /// Whether the backends' answers bypass the load balancer (every mode but `nat`).
+    pub fn is_direct_return(self) -> bool {
+        self != Mode::Nat
+    }
+
+    pub fn is_tunnel(self) -> bool {
+        matches!(self, Mode::Ipip | Mode::Gue)
     }
 }
 
@@ -70,6 +89,8 @@ impl std::fmt::Display for Mode {
         f.write_str(match self {
             Mode::Dsr => "dsr",
             Mode::Nat => "nat",
+            Mode::Ipip => "ipip",
+            Mode::Gue => "gue",
         })
     }
 }
@@ -285,7 +306,7 @@ impl DesiredState {
                 (Mode::Nat, Some(snat)) if snat.is_ipv4() != vip.address.is_ipv4() => {
                     at(i, None, "snat", format!("SNAT address {snat} is not of the VIP's address family"))
                 }
-                (Mode::Dsr, Some(_)) => at(i, None, "snat", "`snat` applies to nat mode only".into()),
+                (mode, Some(_)) if mode != Mode::Nat => at(i, None, "snat", "`snat` applies to nat mode only".into()),
                 _ => {}
             }
             let (min, max) = vip.snat_ports;
@@ -342,7 +363,8 @@ impl DesiredState {
                 }
             }
             for (j, backend) in vip.backends.iter().enumerate() {
-                if backend.address.is_ipv4() != vip.address.is_ipv4() {
+                // A tunnel carries either family in either (4in6, 6in4).
+                if backend.address.is_ipv4() != vip.address.is_ipv4() && !vip.mode.is_tunnel() {
                     at(
                         i,
                         Some(j),
@@ -356,14 +378,17 @@ impl DesiredState {
                 if vip.backends[..j].iter().any(|o| o.address == backend.address) {
                     at(i, Some(j), "address", format!("backend {} is listed twice", backend.address));
                 }
-                if vip.mode == Mode::Dsr && backend.address.port() != vip.address.port() && backend.address.port() != 0
+                if vip.mode.is_direct_return()
+                    && backend.address.port() != vip.address.port()
+                    && backend.address.port() != 0
                 {
                     at(
                         i,
                         Some(j),
                         "address",
                         format!(
-                            "dsr mode cannot change ports: backend port {} differs from the VIP's {}",
+                            "{} mode cannot change ports: backend port {} differs from the VIP's {}",
+                            vip.mode,
                             backend.address.port(),
                             vip.address.port()
                         ),

@@ -1,6 +1,7 @@
 //! Next-hop MAC addresses of backends, from the kernel's routing and neighbour tables (iproute2).
 
 use anyhow::{Context, Result, bail};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::process::Command;
 use std::time::Duration;
@@ -25,6 +26,86 @@ pub fn resolve_next_hop_mac(backend: IpAddr) -> Result<[u8; 6]> {
     bail!(
         "cannot resolve the MAC address of next hop {next_hop} on {dev} for backend {backend}: no neighbour entry after probing (set `mac` for this backend)"
     )
+}
+
+/// The next-hop MACs of many backends at once, from two `ip` runs (every route in one batch,
+/// then the whole neighbour table), so that refreshing them costs the same for 10 backends as
+/// for 10,000. A backend whose next hop has no usable neighbour entry is resolved on its own
+/// (with a probe), at most `probes` of them; the others are left out this time.
+pub fn refresh_next_hops(backends: &[IpAddr], probes: usize) -> HashMap<IpAddr, [u8; 6]> {
+    let mut found = HashMap::new();
+    if backends.is_empty() {
+        return found;
+    }
+    let routes = route_batch(backends).unwrap_or_default();
+    let neighbours = neighbour_table().unwrap_or_default();
+    let mut probed = 0;
+    for backend in backends {
+        let mac = routes.get(backend).and_then(|hop| neighbours.get(hop)).copied();
+        match mac {
+            Some(mac) => {
+                found.insert(*backend, mac);
+            }
+            None if probed < probes => {
+                probed += 1;
+                if let Ok(mac) = resolve_next_hop_mac(*backend) {
+                    found.insert(*backend, mac);
+                }
+            }
+            None => {}
+        }
+    }
+    found
+}
+
+/// Each backend's next hop (gateway or itself) and device, by `ip -batch`.
+fn route_batch(backends: &[IpAddr]) -> Result<HashMap<IpAddr, (IpAddr, String)>> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["-j", "-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running ip (iproute2)")?;
+    let mut commands = String::new();
+    for backend in backends {
+        commands.push_str(&format!("route get {backend}\n"));
+    }
+    child.stdin.take().context("ip's stdin")?.write_all(commands.as_bytes())?;
+    let output = child.wait_with_output()?;
+    let mut routes = HashMap::new();
+    // One JSON array per command that found a route.
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(serde_json::Value::Array(entries)) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Some(route) = entries.first() else { continue };
+        let (Some(dst), Some(dev)) = (route["dst"].as_str(), route["dev"].as_str()) else { continue };
+        let Ok(dst) = dst.parse::<IpAddr>() else { continue };
+        let hop = route["gateway"].as_str().and_then(|g| g.parse().ok()).unwrap_or(dst);
+        routes.insert(dst, (hop, dev.to_string()));
+    }
+    Ok(routes)
+}
+
+/// Every usable neighbour entry: (address, device) → MAC.
+fn neighbour_table() -> Result<HashMap<(IpAddr, String), [u8; 6]>> {
+    let mut table = HashMap::new();
+    for entry in ip_json(&["neigh", "show"])?.as_array().into_iter().flatten() {
+        let states: Vec<&str> =
+            entry.get("state").and_then(|s| s.as_array()).into_iter().flatten().filter_map(|s| s.as_str()).collect();
+        if states.iter().any(|s| matches!(*s, "FAILED" | "INCOMPLETE")) {
+            continue;
+        }
+        let (Some(dst), Some(dev), Some(mac)) =
+            (entry["dst"].as_str(), entry["dev"].as_str(), entry.get("lladdr").and_then(|m| m.as_str()))
+        else {
+            continue;
+        };
+        if let (Ok(dst), Ok(mac)) = (dst.parse::<IpAddr>(), crate::config::parse_mac(mac)) {
+            table.insert((dst, dev.to_string()), mac);
+        }
+    }
+    Ok(table)
 }
 
 /// The MAC address of one of our interfaces. Asked over netlink (through `ip`), not read from

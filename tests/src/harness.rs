@@ -69,6 +69,15 @@ impl Harness {
         Ok(())
     }
 
+    /// The tunnel modes' outer sources, GUE port and MTU (0: no limit), on both sides.
+    pub fn set_tunnel(&mut self, sources: &lb::tunnel::TunnelSources, gue_port: u16, mtu: u16) -> Result<()> {
+        self.dataplane.set_tunnel(sources, gue_port, mtu)?;
+        sources.apply(&mut self.model.settings);
+        self.model.settings.gue_port = gue_port.to_be();
+        self.model.settings.mtu = mtu;
+        Ok(())
+    }
+
     /// Builds the Maglev table over `backends` (equal weights) and publishes the VIP to both sides.
     /// Returns the table.
     pub fn publish_vip(&mut self, key: &VipKey, forwarding: &VipForwarding, backends: &[u32]) -> Result<Vec<u32>> {

@@ -1,13 +1,14 @@
 //! The model of the fragments' routes (`lb-ebpf/src/fragment.rs`): a first fragment's route is
 //! remembered under its datagram's key; later fragments take it, or go to the kernel.
 
+use super::tunnel::Tunnel;
 use super::{ModelMaps, Parsed, get16, put16, set_macs};
 use crate::csum::replace_bytes;
 use crate::maps::*;
 use crate::packet::{ETH_HLEN, ipv4, ipv6};
 
 impl ModelMaps {
-    pub(super) fn later_fragment(&mut self, p: &mut [u8], parsed: &Parsed) -> Result<Reason, Reason> {
+    pub(super) fn later_fragment(&mut self, p: &mut Vec<u8>, parsed: &Parsed) -> Result<Reason, Reason> {
         let Some(route) = self.frags.get(&key(parsed)).copied() else {
             let vip_address = VipAddrKey { addr: parsed.flow.dst, family: parsed.family, _pad: [0; 3] };
             return Err(if self.vip_addrs.contains_key(&vip_address) {
@@ -16,6 +17,11 @@ impl ModelMaps {
                 Reason::PassFragment
             });
         };
+        if route.flags & FRAG_TUNNEL != 0 {
+            let backend = self.backends.get(&route.backend).copied().unwrap_or_default();
+            let tunnel = Tunnel { backend, gue: route.flags & FRAG_GUE != 0, hash: route.hash };
+            return self.encapsulate(p, parsed.family, parsed.l4_end - ETH_HLEN, &tunnel, Reason::TxFragment);
+        }
         if route.flags & FRAG_REWRITE != 0 {
             set_addresses(p, parsed, &route.src, &route.dst);
         }
@@ -23,16 +29,30 @@ impl ModelMaps {
         Ok(Reason::TxFragment)
     }
 
-    pub(super) fn remember_forward(&mut self, parsed: &Parsed, vip: &VipMeta, index: u32, backend: &Backend) {
+    pub(super) fn remember_forward(
+        &mut self,
+        parsed: &Parsed,
+        vip: &VipMeta,
+        index: u32,
+        backend: &Backend,
+        hash: u32,
+    ) {
         let nat = vip.mode == MODE_NAT;
+        let flags = match vip.mode {
+            MODE_NAT => FRAG_REWRITE,
+            MODE_IPIP => FRAG_TUNNEL,
+            MODE_GUE => FRAG_TUNNEL | FRAG_GUE,
+            _ => 0,
+        };
         let route = FragRoute {
             src: if nat { vip.snat_addr } else { [0; 16] },
             dst: if nat { backend.addr } else { [0; 16] },
             mac: backend.mac,
-            flags: if nat { FRAG_REWRITE } else { 0 },
+            flags,
             _pad: 0,
             vip_index: vip.vip_index,
             backend: index,
+            hash,
         };
         self.frags.insert(key(parsed), route);
     }
@@ -46,6 +66,7 @@ impl ModelMaps {
             _pad: 0,
             vip_index: FRAG_NO_STATS,
             backend: 0,
+            hash: 0,
         };
         self.frags.insert(key(parsed), route);
     }

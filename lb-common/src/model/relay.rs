@@ -27,7 +27,7 @@ struct Translation {
 }
 
 impl ModelMaps {
-    pub(super) fn icmp(&mut self, p: &mut [u8], parsed: &Parsed) -> Result<Reason, Reason> {
+    pub(super) fn icmp(&mut self, p: &mut Vec<u8>, parsed: &Parsed) -> Result<Reason, Reason> {
         if is_icmp_error(parsed.family, parsed.icmp_type) {
             self.relay_error(p, parsed)
         } else {
@@ -81,7 +81,7 @@ impl ModelMaps {
     }
 
     /// Where an error about a VIP flow's packet goes: the flow's backend, or a NAT flow's client.
-    fn relay_error(&mut self, p: &mut [u8], parsed: &Parsed) -> Result<Reason, Reason> {
+    fn relay_error(&mut self, p: &mut Vec<u8>, parsed: &Parsed) -> Result<Reason, Reason> {
         let quoted = parse_quoted(p, parsed)?;
         let sent = quoted.flow;
         if parsed.flow.dst != sent.src {
@@ -100,6 +100,10 @@ impl ModelMaps {
                     dport: snat_port,
                 };
                 translate(p, parsed, &quoted, &to);
+            } else if is_tunnel(vip.mode) {
+                let tunnel = super::tunnel::Tunnel { backend, gue: vip.mode == MODE_GUE, hash: flow_hash(&towards_us) };
+                let sent = Reason::TxIcmpToBackend;
+                return self.encapsulate(p, parsed.family, parsed.l4_end - ETH_HLEN, &tunnel, sent);
             } else if vip.mode != MODE_DSR {
                 return Err(Reason::DropInternal);
             }

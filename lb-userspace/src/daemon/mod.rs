@@ -32,6 +32,9 @@ struct Sample {
 
 pub struct Daemon {
     settings: DaemonSettings,
+    /// The tunnel modes' outer sources, and the interface MTU the data plane was given.
+    tunnel: crate::tunnel::TunnelSources,
+    mtu: u16,
     config_file: PathBuf,
     config_digest: String,
     dataplane: Dataplane,
@@ -141,6 +144,19 @@ impl Daemon {
         }
         let mut slots = self.slots.clone();
         slots.assign(&state, sizes.max_vips)?;
+        for vip in state.vips.iter().filter(|v| v.mode.is_tunnel()) {
+            for backend in &vip.backends {
+                let ip = backend.address.ip();
+                if self.tunnel.for_backend(ip).is_none() {
+                    let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+                    bail!(
+                        "vip {:?}: backend {ip}: no {family} tunnel source: give {} an {family} address or set [daemon] tunnel_source",
+                        vip.name,
+                        self.settings.interface
+                    );
+                }
+            }
+        }
         let mut macs = self.macs.clone();
         for backend in state.vips.iter().flat_map(|v| &v.backends) {
             let ip = backend.address.ip();
@@ -446,6 +462,59 @@ impl Daemon {
         self.xdp_tx_problem = problem;
     }
 
+    /// Backends whose next-hop MAC comes from the kernel's routing and neighbour tables (no
+    /// `mac` configured): [`Self::update_next_hops`] refreshes them.
+    pub fn resolved_next_hops(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self
+            .state
+            .vips
+            .iter()
+            .flat_map(|v| &v.backends)
+            .filter(|b| b.mac.is_none())
+            .map(|b| b.address.ip())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+
+    /// Next-hop MACs found again (a router replaced, a route moved): the backends whose next hop
+    /// changed get the new one.
+    pub fn update_next_hops(&mut self, found: &HashMap<IpAddr, [u8; 6]>) {
+        let mut changed = false;
+        for (ip, mac) in found {
+            match self.macs.get(ip) {
+                Some(old) if old != mac => {
+                    tracing::info!(backend = %ip, from = %format_mac(old), to = %format_mac(mac), "next hop moved");
+                }
+                Some(_) => continue,
+                None => continue, // not applied (yet, or any more)
+            }
+            self.macs.insert(*ip, *mac);
+            changed = true;
+        }
+        if changed {
+            let plan = self.current_plan();
+            if let Err(error) = self.write(&plan) {
+                tracing::error!(%error, "writing the new next hops failed");
+            }
+        }
+    }
+
+    /// The interface's MTU read again: the data plane's "too big" limit follows it.
+    pub fn update_mtu(&mut self, mtu: u16) {
+        if mtu == self.mtu {
+            return;
+        }
+        match self.dataplane.set_tunnel(&self.tunnel, self.settings.gue_port, mtu) {
+            Ok(()) => {
+                tracing::info!(interface = %self.settings.interface, from = self.mtu, to = mtu, "MTU changed");
+                self.mtu = mtu;
+            }
+            Err(error) => tracing::error!(%error, "giving the data plane the new MTU failed"),
+        }
+    }
+
     /// Everything `lb status` warns about now.
     pub fn warnings(&self) -> Vec<String> {
         self.warnings.iter().chain(&self.xdp_tx_problem).cloned().collect()
@@ -495,4 +564,8 @@ fn local_port_range() -> Result<(u16, u16)> {
         (Some(Ok(first)), Some(Ok(last))) => Ok((first, last)),
         _ => bail!("{PATH} holds {text:?}, not two ports"),
     }
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }

@@ -22,7 +22,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
     let pins = PinDir::for_instance(&instance);
     let store = StateStore::for_instance(&instance);
 
-    let (dataplane, opened) = Dataplane::open_pinned(settings.sizes, &pins)?;
+    let (mut dataplane, opened) = Dataplane::open_pinned(settings.sizes, &pins)?;
     let reused = opened.carried_state;
     let map_set = dataplane.map_set().map(ToString::to_string).unwrap_or_default();
     tracing::info!(pins = %map_set, reused, "data plane loaded");
@@ -42,8 +42,16 @@ pub async fn run(config_file: &Path) -> Result<()> {
         None => (config_state, Slots::default()),
     };
 
+    // Before the first table: tunnel VIPs are planned against these.
+    let tunnel = crate::tunnel::TunnelSources::resolve(&settings.tunnel_source, &settings.interface)?;
+    let mtu = crate::tunnel::interface_mtu(&settings.interface)?;
+    dataplane.set_tunnel(&tunnel, settings.gue_port, mtu)?;
+    tracing::info!(sources = %tunnel.describe(), gue_port = settings.gue_port, mtu, "tunnel settings");
+
     let (transitions, mut transition_events) = tokio::sync::mpsc::unbounded_channel();
     let mut daemon = Daemon {
+        tunnel,
+        mtu,
         settings: settings.clone(),
         config_file: config_file.to_path_buf(),
         config_digest,
@@ -290,13 +298,25 @@ async fn sample_counters(daemon: Arc<Mutex<Daemon>>, interface: String) {
         let daemon = daemon.clone();
         let interface = interface.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            // Inspecting the interface runs `ip`: not while holding the daemon.
-            let problem = (round % CHECK_INTERFACE_EVERY == 0).then(|| interface_problem(&interface));
+            // Inspecting the interface and the neighbours runs `ip`: not while holding the daemon.
+            let check = round % CHECK_INTERFACE_EVERY == 0;
+            let problem = check.then(|| interface_problem(&interface));
+            let mtu = check.then(|| crate::tunnel::interface_mtu(&interface).ok()).flatten();
+            let next_hops = if check {
+                let backends = daemon.lock().map(|d| d.resolved_next_hops()).unwrap_or_default();
+                crate::neighbor::refresh_next_hops(&backends, 4)
+            } else {
+                HashMap::new()
+            };
             if let Ok(mut daemon) = daemon.lock() {
                 daemon.sample();
                 if let Some(problem) = problem {
                     daemon.set_xdp_tx_problem(problem);
                 }
+                if let Some(mtu) = mtu {
+                    daemon.update_mtu(mtu);
+                }
+                daemon.update_next_hops(&next_hops);
             }
         })
         .await;

@@ -172,6 +172,15 @@ impl Dataplane {
         self.update_settings(|s| s.report_nat_flows = 1)
     }
 
+    /// The tunnel modes' outer sources, GUE port and the interface's MTU.
+    pub fn set_tunnel(&mut self, sources: &crate::tunnel::TunnelSources, gue_port: u16, mtu: u16) -> Result<()> {
+        self.update_settings(|s| {
+            sources.apply(s);
+            s.gue_port = gue_port.to_be();
+            s.mtu = mtu;
+        })
+    }
+
     fn update_settings(&mut self, change: impl FnOnce(&mut Settings)) -> Result<()> {
         let mut settings: Array<&mut MapData, Settings> = Array::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)?;
         let mut current = settings.get(&0, 0).context("reading the program's settings")?;
