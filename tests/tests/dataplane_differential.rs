@@ -2,7 +2,8 @@
 //! and through the host reference model; every verdict and every output byte must agree, and
 //! so must the connection, NAT and fragment tables and the reason counters at the end. The mix
 //! holds ICMP, IPv6 extension headers and fragmented datagrams (in order, reordered, or missing
-//! their first fragment, interleaved with other traffic), both ways through NAT.
+//! their first fragment, interleaved with other traffic), both ways through NAT, and tunnel VIPs
+//! (ipip and gue, backends of both families) with an MTU some fragments do not fit.
 
 use lb::dataplane::VipForwarding;
 use lb_common::maps::*;
@@ -41,8 +42,23 @@ fn setup(harness: &mut Harness) -> Vec<Vip> {
             .set_backend(10 + i, &backend(format!("[fd00:1::{i}]:8080").parse().unwrap(), [2, 0xbe, 0, 0, 1, i as u8]))
             .unwrap();
     }
+    // Tunnel backends: routed, the VIP's port kept (port 0), of either family for either VIP.
+    for i in 1..=4u32 {
+        harness
+            .set_backend(20 + i, &backend(format!("10.2.{i}.5:0").parse().unwrap(), [2, 0xbe, 0, 0, 2, i as u8]))
+            .unwrap();
+        harness
+            .set_backend(30 + i, &backend(format!("[fd00:2:{i}::5]:0").parse().unwrap(), [2, 0xbe, 0, 0, 3, i as u8]))
+            .unwrap();
+    }
+    // An MTU that the larger fragments do not fit once tunnelled: they are answered "too big".
+    let sources = lb::tunnel::TunnelSources {
+        v4: Some("172.16.9.0/24".parse().unwrap()),
+        v6: Some("fd00:9::/112".parse().unwrap()),
+    };
+    harness.set_tunnel(&sources, 6080, 1000).unwrap();
     let mut vips = Vec::new();
-    // The last three place new flows by client (network): client affinity.
+    // Client affinity on three; tunnels of every family mix on the last four.
     for (slot, (addr, proto, mode, client_affinity)) in [
         ("10.0.0.10:80", PROTO_TCP, MODE_DSR, None),
         ("10.0.0.10:53", PROTO_UDP, MODE_DSR, None),
@@ -56,6 +72,10 @@ fn setup(harness: &mut Harness) -> Vec<Vip> {
         ("10.0.0.40:80", PROTO_TCP, MODE_NAT, Some(30)),
         ("[fd00::40]:53", PROTO_UDP, MODE_DSR, Some(126)),
         ("10.0.0.50:0", PROTO_UDP, MODE_NAT, Some(32)),
+        ("10.0.0.60:80", PROTO_TCP, MODE_IPIP, None),
+        ("[fd00::60]:53", PROTO_UDP, MODE_GUE, None),
+        ("10.0.0.70:0", PROTO_UDP, MODE_GUE, Some(24)),
+        ("[fd00::70]:80", PROTO_TCP, MODE_IPIP, None),
     ]
     .into_iter()
     .enumerate()
@@ -73,7 +93,12 @@ fn setup(harness: &mut Harness) -> Vec<Vip> {
             snat_port_max: 30400,
             client_affinity,
         };
-        let backends: Vec<u32> = if v4 { vec![1, 2, 3] } else { vec![11, 12, 13] };
+        let backends: Vec<u32> = match (mode, slot % 2) {
+            (MODE_IPIP | MODE_GUE, 0) => vec![21, 22, 33], // IPv4 and IPv6 backends mixed
+            (MODE_IPIP | MODE_GUE, _) => vec![31, 32, 23],
+            _ if v4 => vec![1, 2, 3],
+            _ => vec![11, 12, 13],
+        };
         let key = vip_key(addr, proto);
         harness.publish_vip(&key, &forwarding, &backends).unwrap();
         vips.push(Vip { addr, proto, key, forwarding, backends });
@@ -230,7 +255,11 @@ fn random_packets_agree_with_the_reference_model() {
         // Backends change while traffic runs: a backend joins, another goes down.
         if n == PACKETS / 3 {
             for vip in &mut vips {
-                vip.backends.push(if vip.addr.is_ipv4() { 4 } else { 14 });
+                vip.backends.push(match vip.forwarding.mode {
+                    MODE_IPIP | MODE_GUE => 24 + 10 * (vip.key.family == FAMILY_V6) as u32,
+                    _ if vip.addr.is_ipv4() => 4,
+                    _ => 14,
+                });
                 harness.publish_vip(&vip.key, &vip.forwarding, &vip.backends).unwrap();
             }
         }
@@ -348,6 +377,7 @@ fn random_packets_agree_with_the_reference_model() {
         Reason::PassFragmentNoFirst,
         Reason::PassFragment,
         Reason::PassIpv6ExtHeader,
+        Reason::TxIcmpTooBig,
     ] {
         assert!(
             by_reason.get(&(reason as u32)).copied().unwrap_or(0) > 50,
