@@ -8,6 +8,7 @@ pub mod legacy;
 pub mod netns;
 pub mod pair;
 pub mod privilege;
+pub mod routed;
 pub mod service;
 pub mod topology;
 

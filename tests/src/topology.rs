@@ -83,7 +83,7 @@ pub struct Topology {
 }
 
 /// The test server binary, built by cargo with the tests.
-fn name_server_path() -> String {
+pub fn name_server_path() -> String {
     crate::sibling_binary("name-server").to_string_lossy().into_owned()
 }
 

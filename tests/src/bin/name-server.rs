@@ -1,5 +1,6 @@
-//! Test backend: answers every TCP line with its own name, an HTTP request with its name and the
-//! status found in STATUS_FILE (200 when the file is absent), and `GET /bytes/N` with N bytes.
+//! Test backend: answers every TCP line with its own name (the line `peer`: its name and the
+//! connection's peer address), an HTTP request with its name and the status found in
+//! STATUS_FILE (200 when the file is absent), and `GET /bytes/N` with N bytes.
 //!
 //! A UDP datagram (up to 65535 bytes) gets `NAME\n` back; a request longer than that gets an
 //! answer exactly as long as the request: `NAME\n`, then the request's own bytes from that
@@ -41,6 +42,7 @@ fn main() {
         let name = name.clone();
         let status_file = status_file.clone();
         std::thread::spawn(move || {
+            let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |p| p.to_string());
             let mut writer = match stream.try_clone() {
                 Ok(w) => w,
                 Err(_) => return,
@@ -82,7 +84,10 @@ fn main() {
                     );
                     return;
                 }
-                if writer.write_all(format!("{name}\n").as_bytes()).is_err() {
+                // `peer`: the name and the address the connection came from (to show that a
+                // backend behind a tunnel sees the client's own address).
+                let answer = if line == "peer" { format!("{name} {peer}\n") } else { format!("{name}\n") };
+                if writer.write_all(answer.as_bytes()).is_err() {
                     break;
                 }
             }

@@ -1,0 +1,176 @@
+//! The tunnel modes end to end across a router (`lb_tests::routed`): the load balancer and its
+//! backends share no network, so only a tunnel reaches them. A real `lb daemon` on the load
+//! balancer; `lb decap` on every backend; a plain TCP client.
+//!
+//! For `ipip` and `gue`, IPv4 and IPv6 VIPs (and an IPv6 VIP over IPv4 backends, 6in4): 300
+//! connections spread over the three backends, each backend sees the client's own address, and
+//! the backends' answers reach the client through the router without crossing the load
+//! balancer (counted on the router). A long-lived connection keeps its backend when a backend
+//! is added.
+
+use lb_tests::daemon::{LbDaemon, unique_instance};
+use lb_tests::privilege::require_root;
+use lb_tests::routed::{CLIENT_V4, CLIENT_V6, RoutedLab, SERVICE_PORT, vip};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+const CONNECTIONS: usize = 300;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+struct TunnelVip {
+    name: &'static str,
+    mode: &'static str,
+    addr: SocketAddr,
+    /// The backends' family (the outer headers'), when it differs from the VIP's.
+    v6_backends: bool,
+}
+
+fn vips() -> Vec<TunnelVip> {
+    let at = |v6: bool, n: u16| SocketAddr::new(vip(v6, n), SERVICE_PORT);
+    vec![
+        TunnelVip { name: "ipip4", mode: "ipip", addr: at(false, 1), v6_backends: false },
+        TunnelVip { name: "ipip6", mode: "ipip", addr: at(true, 1), v6_backends: true },
+        TunnelVip { name: "gue4", mode: "gue", addr: at(false, 2), v6_backends: false },
+        TunnelVip { name: "gue6", mode: "gue", addr: at(true, 2), v6_backends: true },
+        TunnelVip { name: "gue6in4", mode: "gue", addr: at(true, 3), v6_backends: false },
+    ]
+}
+
+fn config(lab: &RoutedLab, vips: &[TunnelVip], backends: usize) -> String {
+    let mut config = "[daemon]\ninterface = \"eth0\"\ninstance = \"{instance}\"\nring_size = 1021\nmax_vips = 8\nmax_conns = 65536\n".to_string();
+    for vip in vips {
+        config.push_str(&format!(
+            "\n[[vip]]\nname = \"{}\"\naddress = \"{}\"\nprotocol = \"tcp\"\nmode = \"{}\"\n",
+            vip.name, vip.addr, vip.mode
+        ));
+        for backend in lab.backends.iter().take(backends) {
+            let addr = SocketAddr::new(backend.addr(vip.v6_backends), SERVICE_PORT);
+            config.push_str(&format!("\n[[vip.backend]]\naddress = \"{addr}\"\n"));
+        }
+    }
+    config
+}
+
+/// One connection: `peer` asked, the answering backend's name and the address it saw back.
+fn ask(stream: &mut TcpStream) -> std::io::Result<(String, IpAddr)> {
+    stream.write_all(b"peer\n")?;
+    let mut line = String::new();
+    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+    let (name, peer) = line.trim().split_once(' ').ok_or_else(|| std::io::Error::other(format!("answer {line:?}")))?;
+    let peer: SocketAddr = peer.parse().map_err(|e| std::io::Error::other(format!("peer {peer:?}: {e}")))?;
+    Ok((name.to_string(), peer.ip()))
+}
+
+fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
+fn client_addr(v6: bool) -> IpAddr {
+    if v6 { CLIENT_V6.into() } else { CLIENT_V4.into() }
+}
+
+#[test]
+fn tunnelled_connections_spread_and_backends_answer_the_client_directly() {
+    if !require_root("tunnelled_connections_spread_and_backends_answer_the_client_directly") {
+        return;
+    }
+    let vips = vips();
+    let addresses: Vec<IpAddr> = vips.iter().map(|v| v.addr.ip()).collect();
+    let lab = RoutedLab::new(&addresses).unwrap();
+    let daemon = LbDaemon::start(&lab.lb, &unique_instance(), &config(&lab, &vips, 3)).unwrap();
+    for vip in &vips {
+        let (via_lb_before, direct_before) = lab.answers().unwrap();
+        let forwarded_before = daemon.reason_count("tx_forward").unwrap();
+        let client = client_addr(vip.addr.is_ipv6());
+        let outcome = lab
+            .client
+            .enter(|| {
+                let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
+                let mut failures = Vec::new();
+                for i in 0..CONNECTIONS {
+                    match connect(vip.addr).and_then(|mut s| ask(&mut s)) {
+                        Ok((name, seen)) if seen == client => *per_backend.entry(name).or_default() += 1,
+                        Ok((name, seen)) => failures.push(format!("#{i}: {name} saw {seen}, not {client}")),
+                        Err(e) => failures.push(format!("#{i}: {e}")),
+                    }
+                }
+                (per_backend, failures)
+            })
+            .unwrap();
+        let (per_backend, failures) = outcome;
+        let what = format!("{} ({} {})", vip.name, vip.mode, vip.addr);
+        assert!(
+            failures.is_empty(),
+            "{what}: {} of {CONNECTIONS} connections failed, first: {:?}\n{}\n{}",
+            failures.len(),
+            &failures[..failures.len().min(5)],
+            lab.diagnose(),
+            daemon.log()
+        );
+        assert_eq!(per_backend.len(), 3, "{what}: every backend answers: {per_backend:?}");
+        for (name, count) in &per_backend {
+            let share = *count as f64 / CONNECTIONS as f64;
+            assert!((0.20..=0.47).contains(&share), "{what}: {name} got {count} of {CONNECTIONS}: {per_backend:?}");
+        }
+        let (via_lb, direct) = lab.answers().unwrap();
+        let forwarded = daemon.reason_count("tx_forward").unwrap() - forwarded_before;
+        eprintln!(
+            "{what}: {per_backend:?}; answers through the router: {} straight from backends, {} via the load balancer; load balancer forwarded {forwarded}",
+            direct - direct_before,
+            via_lb - via_lb_before
+        );
+        assert_eq!(via_lb, via_lb_before, "{what}: no answer may cross the load balancer");
+        // At least a SYN-ACK and the answer line per connection.
+        assert!(direct - direct_before >= 2 * CONNECTIONS as u64, "{what}: too few direct answers");
+        assert!(forwarded >= 3 * CONNECTIONS as u64, "{what}: SYN, data and ACKs go through the tunnel");
+    }
+}
+
+#[test]
+fn a_long_lived_tunnelled_connection_survives_a_backend_joining() {
+    if !require_root("a_long_lived_tunnelled_connection_survives_a_backend_joining") {
+        return;
+    }
+    let vips: Vec<TunnelVip> = vips().into_iter().filter(|v| v.name == "ipip4" || v.name == "gue6").collect();
+    let addresses: Vec<IpAddr> = vips.iter().map(|v| v.addr.ip()).collect();
+    let lab = RoutedLab::new(&addresses).unwrap();
+    // Two backends first; the third joins while the connections are open.
+    let daemon = LbDaemon::start(&lab.lb, &unique_instance(), &config(&lab, &vips, 2)).unwrap();
+    lab.client
+        .enter(|| {
+            // Enough connections that some would be placed on the new backend if re-placed.
+            let mut streams: Vec<(usize, TcpStream, String)> = Vec::new();
+            for (v, vip) in vips.iter().enumerate() {
+                for _ in 0..40 {
+                    let mut stream = connect(vip.addr).unwrap();
+                    let (name, _) = ask(&mut stream).unwrap();
+                    streams.push((v, stream, name));
+                }
+            }
+            for vip in &vips {
+                let third = SocketAddr::new(lab.backends[2].addr(vip.v6_backends), SERVICE_PORT);
+                daemon.ok(&["backend", "add", "--vip", vip.name, "--address", &third.to_string()]).unwrap();
+            }
+            let mut moved = 0;
+            for (v, stream, name) in &mut streams {
+                let (again, _) = ask(stream).unwrap_or_else(|e| panic!("{}: connection broken: {e}", vips[*v].name));
+                assert_eq!(&again, name, "{}: a connection changed backend", vips[*v].name);
+                moved += (again != *name) as usize;
+            }
+            // New connections do reach the new backend.
+            let mut reached_third = 0;
+            for vip in &vips {
+                for _ in 0..60 {
+                    let (name, _) = ask(&mut connect(vip.addr).unwrap()).unwrap();
+                    reached_third += (name == lab.backends[2].name) as usize;
+                }
+            }
+            eprintln!("{} connections kept their backend ({moved} moved); {reached_third} of 120 new ones reached the new backend", streams.len());
+            assert!(reached_third > 0, "new connections never reached the added backend");
+        })
+        .unwrap();
+}
