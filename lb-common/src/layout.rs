@@ -9,6 +9,7 @@
 //! (`lb-userspace/src/dataplane/migrate.rs`). A host test pins this table's fingerprint to the
 //! version, so a change cannot slip through unnoticed.
 
+use crate::decap::{DECAP_VERDICT_SLOTS, DecapSettings, MAP_DECAP_SETTINGS, MAP_DECAP_STATS};
 use crate::maps::*;
 use core::mem::size_of;
 
@@ -107,7 +108,7 @@ const fn spec(name: &'static str, kind: MapKind, key: usize, value: usize, entri
 }
 
 /// Every map of the XDP object.
-pub const MAPS: [MapSpec; 14] = [
+pub const MAPS: [MapSpec; 16] = [
     spec(MAP_VIPS, MapKind::Hash, size_of::<VipKey>(), size_of::<VipMeta>(), Entries::PerVip, true),
     spec(MAP_RINGS, MapKind::Array, 4, 4, Entries::Rings, true),
     spec(MAP_BACKENDS, MapKind::Array, 4, size_of::<Backend>(), Entries::Fixed(MAX_BACKENDS), true),
@@ -135,6 +136,10 @@ pub const MAPS: [MapSpec; 14] = [
     spec(MAP_TUNNEL_JOB, MapKind::PerCpuArray, 4, size_of::<TunnelJob>(), Entries::Fixed(1), false),
     // The benchmark sink's counter.
     spec(MAP_SINK_COUNT, MapKind::PerCpuArray, 4, 8, Entries::Fixed(1), false),
+    // `lb decap`'s, on backends: pinned by `lb decap attach` in a directory of its own, never
+    // by the daemon (the load balancer's copies stay unused).
+    spec(MAP_DECAP_SETTINGS, MapKind::Array, 4, size_of::<DecapSettings>(), Entries::Fixed(1), false),
+    spec(MAP_DECAP_STATS, MapKind::PerCpuArray, 4, 8, Entries::Fixed(DECAP_VERDICT_SLOTS), false),
 ];
 
 /// The row of the map called `name`.

@@ -5,6 +5,7 @@
 #![cfg_attr(not(feature = "user"), no_std)]
 
 pub mod csum;
+pub mod decap;
 pub mod hash;
 pub mod layout;
 pub mod maps;

@@ -6,6 +6,7 @@
 #![no_main]
 
 mod balance;
+mod decap;
 mod floor;
 mod fragment;
 mod icmp;

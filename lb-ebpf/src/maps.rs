@@ -4,6 +4,7 @@
 
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
+use lb_common::decap::{DECAP_VERDICT_SLOTS, DecapSettings};
 use lb_common::layout::REASON_SLOTS;
 use lb_common::maps::{
     Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FRAGS_ENTRIES, FlowKey, FragKey,
@@ -61,3 +62,11 @@ pub static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "STATS_BACKEND")]
 pub static STATS_BACKEND: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// `lb decap`'s settings (the GUE port), written before the program is attached.
+#[map(name = "DECAP_SETTINGS")]
+pub static DECAP_SETTINGS: Array<DecapSettings> = Array::with_max_entries(1, 0);
+
+/// `lb decap`'s packets per verdict (`lb_common::decap::DecapVerdict`).
+#[map(name = "DECAP_STATS")]
+pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECAP_VERDICT_SLOTS, 0);

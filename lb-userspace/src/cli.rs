@@ -3,6 +3,8 @@
 
 use crate::api::{self, Request};
 use crate::config::{parse_mac, parse_port_range};
+use crate::dataplane::AttachMode;
+use crate::dataplane::decap::{DecapAttach, DecapAttached, DecapStatus};
 use crate::model::{Affinity, BackendSpec, DEFAULT_SNAT_PORTS, Mode, Protocol, VipSpec};
 use crate::report::*;
 use anyhow::{Context, Result, anyhow};
@@ -86,6 +88,42 @@ pub enum Command {
     /// the peer lives (the host, for a container's eth0); it stays attached until detached.
     #[command(subcommand)]
     XdpPass(XdpPassCommand),
+    /// On a backend of `ipip` and `gue` VIPs: strip the tunnel headers from packets for this
+    /// host, in XDP, without kernel tunnel modules. Runs without the daemon; what it attaches
+    /// stays attached until detached.
+    #[command(subcommand)]
+    Decap(DecapCommand),
+}
+
+#[derive(Subcommand)]
+pub enum DecapCommand {
+    /// Attach decapsulation to INTERFACE and pin it. Again on an attached interface: sets the
+    /// GUE port, and replaces another build's program in place.
+    Attach {
+        #[arg(long)]
+        interface: String,
+        /// The UDP port GUE arrives on (the load balancer's `gue_port`); 0: IPIP only.
+        #[arg(long, default_value_t = lb_common::tunnel::GUE_DEFAULT_PORT)]
+        gue_port: u16,
+        /// native: in the driver (fast); generic: in the network stack, for drivers without XDP.
+        #[arg(long, default_value = "native", value_parser = parse_xdp_mode)]
+        xdp_mode: AttachMode,
+    },
+    /// Remove decapsulation from INTERFACE.
+    Detach {
+        #[arg(long)]
+        interface: String,
+    },
+    /// The interfaces of this network namespace with decapsulation: GUE port and packets per verdict.
+    Status,
+}
+
+fn parse_xdp_mode(mode: &str) -> Result<AttachMode, String> {
+    match mode {
+        "native" => Ok(AttachMode::Native),
+        "generic" => Ok(AttachMode::Generic),
+        other => Err(format!("{other:?} is not an XDP mode: native or generic")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -221,6 +259,7 @@ pub async fn run_client(cli: Cli) -> Result<()> {
         | Command::Detach
         | Command::Verify
         | Command::XdpPass(_)
+        | Command::Decap(_)
         | Command::Completions { .. }
         | Command::Man => {
             unreachable!("handled by main")
@@ -417,4 +456,62 @@ fn print_stats(s: &StatsReport) {
         reasons.add_row(vec!["xdp_tx_errors (driver)".into(), errors.to_string()]);
     }
     println!("\n{reasons}");
+}
+
+/// What `lb decap attach` did, in a sentence or two.
+pub fn print_decap_attached(interface: &str, done: &DecapAttached) {
+    let gue = |port: u16| if port == 0 { "GUE off (IPIP only)".to_string() } else { format!("GUE on UDP port {port}") };
+    match &done.how {
+        DecapAttach::Fresh => println!("{interface}: decapsulation attached, {}", gue(done.gue_port)),
+        DecapAttach::Replaced { stale } => {
+            println!("{interface}: decapsulation attached anew ({stale}), {}", gue(done.gue_port))
+        }
+        DecapAttach::Already => println!("{interface}: decapsulation is attached already"),
+        DecapAttach::Upgraded { counters_kept } => println!(
+            "{interface}: decapsulation was attached with another build's program: replaced in place{}",
+            if *counters_kept { "" } else { " (its counters start again)" }
+        ),
+    }
+    match done.previous_gue_port {
+        Some(previous) if previous != done.gue_port => {
+            println!("{interface}: {} (was: {})", gue(done.gue_port), gue(previous))
+        }
+        Some(_) if done.how == DecapAttach::Already => println!("{interface}: {}", gue(done.gue_port)),
+        _ => {}
+    }
+    println!("pinned in {}", done.pin_dir.display());
+}
+
+/// `lb decap status`: one block per interface, counters that moved.
+pub fn print_decap_status(interfaces: &[DecapStatus]) {
+    if interfaces.is_empty() {
+        println!("no interface of this network namespace has decapsulation attached (`lb decap attach`)");
+        return;
+    }
+    for (i, s) in interfaces.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        let state = match &s.xdp_mode {
+            Some(mode) => format!("{} ({mode} XDP, program {})", s.state, s.program_id.unwrap_or(0)),
+            None => s.state.clone(),
+        };
+        let gue = if s.gue_port == 0 { "off (IPIP only)".to_string() } else { format!("UDP port {}", s.gue_port) };
+        for (k, v) in [("interface", s.interface.clone()), ("state", state), ("gue", gue), ("pins", s.pin_dir.clone())]
+        {
+            t.add_row(vec![k.to_string(), v]);
+        }
+        println!("{t}");
+        let mut counters = table(&["verdict", "packets"]);
+        for verdict in lb_common::decap::DecapVerdict::ALL {
+            let packets = s.counters.get(verdict.name()).copied().unwrap_or(0);
+            counters.add_row(vec![verdict.name().to_string(), packets.to_string()]);
+        }
+        println!("\n{counters}");
+        for warning in &s.warnings {
+            println!("WARNING: {warning}");
+        }
+    }
 }

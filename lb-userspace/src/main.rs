@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, Parser};
-use lb::cli::{Cli, Command, XdpPassCommand, run_client};
-use lb::dataplane::{AttachMode, Dataplane, PassThrough, PinDir};
+use lb::cli::{Cli, Command, DecapCommand, XdpPassCommand, print_decap_attached, print_decap_status, run_client};
+use lb::dataplane::{AttachMode, Dataplane, PassThrough, PinDir, decap};
 use lb::store::StateStore;
 use lb::{api, daemon};
 use tracing_subscriber::EnvFilter;
@@ -59,6 +59,24 @@ fn run() -> Result<()> {
                 let _ = std::fs::remove_dir(dir); // only when no other interface's pin is left
             }
             println!("{interface}: pass-through XDP program detached");
+            Ok(())
+        }
+        Command::Decap(DecapCommand::Attach { interface, gue_port, xdp_mode }) => {
+            print_decap_attached(&interface, &decap::attach(&interface, gue_port, xdp_mode)?);
+            Ok(())
+        }
+        Command::Decap(DecapCommand::Detach { interface }) => {
+            let dir = decap::detach(&interface)?;
+            println!("{interface}: decapsulation detached (removed {})", dir.display());
+            Ok(())
+        }
+        Command::Decap(DecapCommand::Status) => {
+            let interfaces = decap::status()?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&interfaces)?);
+            } else {
+                print_decap_status(&interfaces);
+            }
             Ok(())
         }
         Command::Verify => {

@@ -2,6 +2,7 @@
 //! attach or take over, write backends, publish a VIP's table, forget connections, read counters.
 
 mod bpffs;
+pub mod decap;
 mod migrate;
 mod pinned;
 mod pins;

@@ -60,13 +60,16 @@ impl Dataplane {
 }
 
 /// The object with tiny maps, for programs that use none of them.
-fn small_object() -> Result<Ebpf> {
-    EbpfLoader::new()
-        .map_max_entries(MAP_RINGS, 2)
-        .map_max_entries(MAP_CONNS, 2)
-        .map_max_entries(MAP_NAT_REV, 2)
-        .load(EBPF_OBJECT)
-        .context("loading the XDP object")
+pub(super) fn small_object() -> Result<Ebpf> {
+    small_object_with(|_| {})
+}
+
+/// The same, with more loader settings (e.g. pinned maps to reuse).
+pub(super) fn small_object_with<'a>(customize: impl FnOnce(&mut EbpfLoader<'a>)) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(MAP_RINGS, 2).map_max_entries(MAP_CONNS, 2).map_max_entries(MAP_NAT_REV, 2);
+    customize(&mut loader);
+    loader.load(EBPF_OBJECT).context("loading the XDP object")
 }
 
 /// Loads `program` from the small object and attaches it to `interface`.
