@@ -124,14 +124,7 @@ impl RoutedLab {
         subnet1.plug(&router, "r-b1")?;
         router.addr("r-b1", "10.21.0.1/24")?;
         router.addr("r-b1", "fd21::1/64")?;
-        let mut lab = Self {
-            backends: Vec::new(),
-            client,
-            lb,
-            router,
-            _lb_port_pass: lb_port_pass,
-            _subnet1: subnet1,
-        };
+        let mut lab = Self { backends: Vec::new(), client, lb, router, _lb_port_pass: lb_port_pass, _subnet1: subnet1 };
         lab.count_answers()?;
         for (n, (v4, v6)) in [("10.21.0.5", "fd21::5"), ("10.21.0.6", "fd21::6")].into_iter().enumerate() {
             let ns = Netns::new(&format!("rbe{}", n + 1))?;
@@ -186,13 +179,17 @@ impl RoutedLab {
     /// they came from the load balancer or not.
     fn count_answers(&self) -> Result<()> {
         let rules = format!(
-            "table inet lbtest {{ chain fwd {{ type filter hook forward priority 0; \
-             ip saddr {VIP_NET_V4} iifname \"r-lb\" counter comment \"via-lb\"; \
-             ip6 saddr {VIP_NET_V6} iifname \"r-lb\" counter comment \"via-lb\"; \
-             ip saddr {VIP_NET_V4} oifname \"r-c\" iifname != \"r-lb\" counter comment \"direct\"; \
-             ip6 saddr {VIP_NET_V6} oifname \"r-c\" iifname != \"r-lb\" counter comment \"direct\"; }} }}"
+            "table inet lbtest {{\n chain answers {{\n  type filter hook forward priority 0;\n  \
+             ip saddr {VIP_NET_V4} iifname \"r-lb\" counter comment \"via-lb\"\n  \
+             ip6 saddr {VIP_NET_V6} iifname \"r-lb\" counter comment \"via-lb\"\n  \
+             ip saddr {VIP_NET_V4} oifname \"r-c\" iifname != \"r-lb\" counter comment \"direct\"\n  \
+             ip6 saddr {VIP_NET_V6} oifname \"r-c\" iifname != \"r-lb\" counter comment \"direct\"\n }}\n}}\n"
         );
-        self.router.exec(&["nft", &rules]).map(drop)
+        let file = std::env::temp_dir().join(format!("{}.nft", self.router.name()));
+        std::fs::write(&file, rules)?;
+        let loaded = self.router.exec(&["nft", "-f", &file.to_string_lossy()]);
+        let _ = std::fs::remove_file(&file);
+        loaded.map(drop)
     }
 
     /// Packets of the VIPs' answers the router forwarded: (through the load balancer, straight
@@ -241,7 +238,11 @@ impl RoutedLab {
         for (name, ns) in namespaces {
             for args in [&["-s", "link"][..], &["addr"], &["route"], &["-6", "route"], &["neigh"], &["-6", "neigh"]] {
                 let text = ns.ip(args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-                report.push_str(&format!("--- {name}: ip {} ---\n{}\n", args.join(" "), text.unwrap_or_else(|e| e.to_string())));
+                report.push_str(&format!(
+                    "--- {name}: ip {} ---\n{}\n",
+                    args.join(" "),
+                    text.unwrap_or_else(|e| e.to_string())
+                ));
             }
         }
         report.push_str(&format!("--- router answers (via lb, direct) ---\n{:?}\n", self.answers()));

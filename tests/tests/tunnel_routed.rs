@@ -60,7 +60,8 @@ fn ask(stream: &mut TcpStream) -> std::io::Result<(String, IpAddr)> {
     BufReader::new(stream.try_clone()?).read_line(&mut line)?;
     let (name, peer) = line.trim().split_once(' ').ok_or_else(|| std::io::Error::other(format!("answer {line:?}")))?;
     let peer: SocketAddr = peer.parse().map_err(|e| std::io::Error::other(format!("peer {peer:?}: {e}")))?;
-    Ok((name.to_string(), peer.ip()))
+    // The server listens on both families: an IPv4 peer shows as IPv4-mapped IPv6.
+    Ok((name.to_string(), peer.ip().to_canonical()))
 }
 
 fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -155,11 +156,9 @@ fn a_long_lived_tunnelled_connection_survives_a_backend_joining() {
                 let third = SocketAddr::new(lab.backends[2].addr(vip.v6_backends), SERVICE_PORT);
                 daemon.ok(&["backend", "add", "--vip", vip.name, "--address", &third.to_string()]).unwrap();
             }
-            let mut moved = 0;
             for (v, stream, name) in &mut streams {
                 let (again, _) = ask(stream).unwrap_or_else(|e| panic!("{}: connection broken: {e}", vips[*v].name));
                 assert_eq!(&again, name, "{}: a connection changed backend", vips[*v].name);
-                moved += (again != *name) as usize;
             }
             // New connections do reach the new backend.
             let mut reached_third = 0;
@@ -169,7 +168,10 @@ fn a_long_lived_tunnelled_connection_survives_a_backend_joining() {
                     reached_third += (name == lab.backends[2].name) as usize;
                 }
             }
-            eprintln!("{} connections kept their backend ({moved} moved); {reached_third} of 120 new ones reached the new backend", streams.len());
+            eprintln!(
+                "{} connections kept their backend; {reached_third} of 120 new ones reached the new backend",
+                streams.len()
+            );
             assert!(reached_third > 0, "new connections never reached the added backend");
         })
         .unwrap();
