@@ -46,6 +46,8 @@ pub const FRAGS_ENTRIES: u32 = 16384;
 pub const NEW_NAT_FLOWS_BYTES: u32 = 4 << 20;
 /// The XDP program's function name.
 pub const PROGRAM_NAME: &str = "lb_xdp";
+/// The TC egress program that sends health checks via a VIP (`lb-ebpf/src/check_path.rs`).
+pub const CHECK_PATH_PROGRAM_NAME: &str = "lb_hc";
 /// A program that passes every frame (see `lb-ebpf/src/floor.rs`).
 pub const PASS_PROGRAM_NAME: &str = "lb_pass";
 /// Cost floors for benchmarks: XDP_DROP, and a MAC swap with XDP_TX.
@@ -90,7 +92,8 @@ pub const fn snat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) ->
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// The attached interface's MAC: frames for any other destination are passed untouched.
+    /// The attached interface's MAC: with `check_mac`, frames for any other destination are
+    /// passed untouched. Also the source MAC of health checks sent via a VIP.
     pub own_mac: [u8; 6],
     /// 0 (unset, e.g. BPF_PROG_TEST_RUN without a daemon): every destination MAC is accepted.
     pub check_mac: u8,
@@ -117,6 +120,8 @@ pub struct Settings {
     pub tunnel_prefix_v6: u8,
     pub tunnel_source_v4: [u8; 16],
     pub tunnel_source_v6: [u8; 16],
+    /// The attached interface's index: health checks sent via a VIP leave through it (`lb_hc`).
+    pub ifindex: u32,
 }
 
 /// A new NAT flow, both table entries, as the program reports it in `NEW_NAT_FLOWS`.
@@ -497,7 +502,7 @@ const _: () = {
     assert!(size_of::<NatReverse>() == 48);
     assert!(offset_of!(NatReverse, last_seen) == 44);
     assert!(size_of::<Traffic>() == 24);
-    assert!(size_of::<Settings>() == 48);
+    assert!(size_of::<Settings>() == 52);
     assert!(offset_of!(Settings, tunnel_source_v4) == 16);
     assert!(size_of::<NatFlowRecord>() == 140);
     assert!(size_of::<FragKey>() == 40);

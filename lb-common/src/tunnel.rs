@@ -190,6 +190,47 @@ pub fn write_udp_gue(h: &mut [u8; UDP_HLEN + GUE_HLEN], sport: u16, dport: u16, 
     h[11] = gue[3];
 }
 
+/// Health checks sent "via the VIP" (`via_vip`) carry a socket mark that names the backend and
+/// how its client traffic travels; the load balancer's TC egress program (`lb_hc`) then sends
+/// them exactly that way. The mark's upper 16 bits are this tag, so that other marks on the
+/// host are left alone.
+pub const CHECK_MARK_TAG: u32 = 0x4c42_0000;
+const CHECK_MARK_INDEX_BITS: u32 = 14;
+
+/// How a marked check packet travels: as the backend's client traffic does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckPath {
+    /// Same L2 segment: only the MACs change (`dsr`).
+    Direct,
+    Ipip,
+    Gue,
+}
+
+/// The socket mark of a check to backend slot `index` (below 2^14, as every `BACKENDS` index).
+pub const fn check_mark(index: u32, path: CheckPath) -> u32 {
+    let path = match path {
+        CheckPath::Direct => 0,
+        CheckPath::Ipip => 1,
+        CheckPath::Gue => 2,
+    };
+    CHECK_MARK_TAG | (path << CHECK_MARK_INDEX_BITS) | (index & ((1 << CHECK_MARK_INDEX_BITS) - 1))
+}
+
+/// The backend slot and path a mark names; None for any other mark.
+#[inline(always)]
+pub const fn parse_check_mark(mark: u32) -> Option<(u32, CheckPath)> {
+    if mark & 0xffff_0000 != CHECK_MARK_TAG {
+        return None;
+    }
+    let path = match (mark >> CHECK_MARK_INDEX_BITS) & 3 {
+        0 => CheckPath::Direct,
+        1 => CheckPath::Ipip,
+        2 => CheckPath::Gue,
+        _ => return None,
+    };
+    Some((mark & ((1 << CHECK_MARK_INDEX_BITS) - 1), path))
+}
+
 /// How much of a packet that does not fit the tunnel an ICMP "fragmentation needed" / "packet
 /// too big" answer quotes: its IP header and more than enough of the rest for the client to
 /// find the flow, within IPv4's 576-byte limit for ICMP errors (RFC 1812). A fixed length keeps
@@ -276,6 +317,18 @@ mod tests {
         assert_eq!(u16::from_be_bytes([h[2], h[3]]), 80);
         assert_eq!(h[6] & 0x40, 0x40);
         assert_eq!((h[8], h[9]), (OUTER_TTL, IPPROTO_IPIP));
+    }
+
+    #[test]
+    fn check_marks_name_backend_and_path_and_nothing_else() {
+        for path in [CheckPath::Direct, CheckPath::Ipip, CheckPath::Gue] {
+            for index in [0, 1, 16383] {
+                assert_eq!(parse_check_mark(check_mark(index, path)), Some((index, path)));
+            }
+        }
+        assert_eq!(parse_check_mark(0), None);
+        assert_eq!(parse_check_mark(0x4c43_0001), None);
+        assert_eq!(parse_check_mark(CHECK_MARK_TAG | 3 << 14), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 #![no_main]
 
 mod balance;
+mod check_path;
 mod decap;
 mod floor;
 mod fragment;

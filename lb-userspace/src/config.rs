@@ -147,6 +147,7 @@ struct RawCheck {
     body_contains: Option<Spanned<String>>,
     port: Option<Spanned<u16>>,
     initial: Option<Spanned<String>>,
+    via_vip: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -525,6 +526,7 @@ fn convert_check(report: &mut Report, check: &Spanned<RawCheck>, owner: &str) ->
         timeout: timeout?,
         rise: raw.rise.as_ref().map_or(2, |r| *r.get_ref()),
         fall: raw.fall.as_ref().map_or(3, |f| *f.get_ref()),
+        via_vip: raw.via_vip.unwrap_or(false),
     })
 }
 

@@ -143,6 +143,11 @@ pub struct CheckSpec {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// Sent to the VIP's address instead of the backend's, the way the VIP's client traffic
+    /// reaches the backend (inside its tunnel, or with its MAC for `dsr`): the check then proves
+    /// that the backend serves the VIP (tunnel stripped, VIP held, service listening).
+    #[serde(default)]
+    pub via_vip: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,6 +348,16 @@ impl DesiredState {
             }
             if let Some(check) = &vip.check {
                 check_problems(check, &mut |field, message| at(i, None, field, message));
+            }
+            let via_vip =
+                vip.check.iter().chain(vip.backends.iter().filter_map(|b| b.check.as_ref())).any(|c| c.via_vip);
+            if via_vip && vip.mode == Mode::Nat {
+                at(
+                    i,
+                    None,
+                    "check.via_vip",
+                    "via_vip needs backends that hold the VIP (modes dsr, ipip, gue); nat backends do not".into(),
+                );
             }
             for (j, backend) in vip.backends.iter().enumerate() {
                 if let Some(check) = &backend.check {

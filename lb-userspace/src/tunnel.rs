@@ -80,7 +80,7 @@ pub fn parse_source(text: &str) -> Result<IpNet, String> {
 }
 
 /// The interface's addresses of global scope, in the kernel's order.
-fn global_addresses(interface: &str) -> Result<Vec<IpAddr>> {
+pub fn global_addresses(interface: &str) -> Result<Vec<IpAddr>> {
     let links = ip_json(&["address", "show", "dev", interface])?;
     let mut addresses = Vec::new();
     for info in links.get(0).and_then(|l| l["addr_info"].as_array()).into_iter().flatten() {

@@ -176,3 +176,91 @@ fn a_long_lived_tunnelled_connection_survives_a_backend_joining() {
         })
         .unwrap();
 }
+
+/// The `lb backend list` row of `backend` in VIP `vip`.
+fn backend_row(daemon: &LbDaemon, vip: &str, backend: &str) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&daemon.ok(&["--json", "backend", "list"]).unwrap()).unwrap();
+    rows.into_iter()
+        .find(|r| r["vip"] == vip && r["address"] == backend)
+        .unwrap_or_else(|| panic!("no {vip} {backend}"))
+}
+
+/// Waits until every `(vip, backend)` is in `state`; returns how long it took.
+fn wait_states(daemon: &LbDaemon, rows: &[(&str, String)], state: &str, limit: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        let pending: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(vip, backend)| backend_row(daemon, vip, backend))
+            .filter(|row| row["state"] != state)
+            .collect();
+        if pending.is_empty() {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "not {state} after {limit:?}: {pending:?}\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_check_via_the_vip_takes_out_a_backend_that_lost_the_vip_while_a_plain_check_passes() {
+    if !require_root("a_check_via_the_vip_takes_out_a_backend_that_lost_the_vip_while_a_plain_check_passes") {
+        return;
+    }
+    // One VIP per check kind, all three via the VIP; a fourth VIP checks the same backends'
+    // own addresses.
+    let timing = "interval = \"200ms\", timeout = \"150ms\", rise = 2, fall = 2";
+    let checks = [
+        ("tcp4", "ipip", vip(false, 1), format!("{{ kind = \"tcp\", via_vip = true, {timing} }}")),
+        ("icmp4", "gue", vip(false, 2), format!("{{ kind = \"icmp\", via_vip = true, {timing} }}")),
+        ("http6", "gue", vip(true, 1), format!("{{ kind = \"http\", via_vip = true, {timing} }}")),
+        ("plain4", "ipip", vip(false, 3), format!("{{ kind = \"tcp\", {timing} }}")),
+    ];
+    let addresses: Vec<IpAddr> = checks.iter().map(|c| c.2).collect();
+    let lab = RoutedLab::new(&addresses).unwrap();
+    let mut config = "[daemon]\ninterface = \"eth0\"\ninstance = \"{instance}\"\nring_size = 1021\nmax_vips = 8\nmax_conns = 65536\n".to_string();
+    for (name, mode, addr, check) in &checks {
+        let addr = SocketAddr::new(*addr, SERVICE_PORT);
+        config.push_str(&format!(
+            "\n[[vip]]\nname = \"{name}\"\naddress = \"{addr}\"\nprotocol = \"tcp\"\nmode = \"{mode}\"\ncheck = {check}\n"
+        ));
+        for backend in &lab.backends {
+            let backend = SocketAddr::new(backend.addr(addr.is_ipv6()), SERVICE_PORT);
+            config.push_str(&format!("\n[[vip.backend]]\naddress = \"{backend}\"\n"));
+        }
+    }
+    let daemon = LbDaemon::start(&lab.lb, &unique_instance(), &config).unwrap();
+    daemon.wait_none_down(Duration::from_secs(10)).unwrap();
+    let be1 = |v6: bool| SocketAddr::new(lab.backends[0].addr(v6), SERVICE_PORT).to_string();
+    let via_rows: Vec<(&str, String)> = checks[..3].iter().map(|c| (c.0, be1(c.2.is_ipv6()))).collect();
+    for (name, backend) in &via_rows {
+        let row = backend_row(&daemon, name, backend);
+        assert_eq!(row["health"], "up", "{name}: {row}");
+    }
+
+    // be1 loses the VIPs checked via the VIP; its service and its own address stay.
+    for (_, _, addr, _) in &checks[..3] {
+        lab.backends[0].hold_vip(*addr, false).unwrap();
+    }
+    let took = wait_states(&daemon, &via_rows, "down", Duration::from_secs(5));
+    for (name, backend) in &via_rows {
+        let row = backend_row(&daemon, name, backend);
+        let reason = row["last_check"].as_str().unwrap_or_default();
+        assert!(reason.contains("via VIP"), "{name}: the reason must say the VIP does not answer: {row}");
+        eprintln!("{name}: be1 down after {took:?}: {reason}");
+    }
+    let plain = backend_row(&daemon, "plain4", &be1(false));
+    assert_eq!(plain["state"], "serving", "the plain check to the backend's own address still passes: {plain}");
+    // Clients of the checked VIPs no longer reach be1.
+    let tcp4 = SocketAddr::new(checks[0].2, SERVICE_PORT);
+    let names: Vec<String> =
+        lab.client.enter(|| (0..30).map(|_| ask(&mut connect(tcp4).unwrap()).unwrap().0).collect()).unwrap();
+    assert!(!names.contains(&lab.backends[0].name), "tcp4 still sends clients to be1: {names:?}");
+
+    // The VIPs come back: so does be1.
+    for (_, _, addr, _) in &checks[..3] {
+        lab.backends[0].hold_vip(*addr, true).unwrap();
+    }
+    wait_states(&daemon, &via_rows, "serving", Duration::from_secs(5));
+}

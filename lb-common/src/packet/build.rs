@@ -511,26 +511,19 @@ mod tests {
                     let proto = if gue.is_some() { PROTO_UDP } else { tunnel::inner_protocol(inner_family) };
                     if src.is_ipv4() {
                         theirs.extend_from_slice(&ETH_P_IP.to_be_bytes());
-                        theirs.extend_from_slice(&tunnel::ipv4_outer(
-                            &a16(src),
-                            &a16(dst),
-                            proto,
-                            0,
-                            gue_len + inner_len,
-                        ));
+                        let mut header = [0; IPV4_MIN_HLEN];
+                        tunnel::write_ipv4_header(&mut header, &a16(src), &a16(dst), proto, 0, gue_len + inner_len);
+                        theirs.extend_from_slice(&header);
                     } else {
                         theirs.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
-                        theirs.extend_from_slice(&tunnel::ipv6_outer(
-                            &a16(src),
-                            &a16(dst),
-                            proto,
-                            0,
-                            0,
-                            gue_len + inner_len,
-                        ));
+                        let mut header = [0; IPV6_HLEN];
+                        tunnel::write_ipv6_header(&mut header, &a16(src), &a16(dst), proto, 0, 0, gue_len + inner_len);
+                        theirs.extend_from_slice(&header);
                     }
                     if let Some((sport, dport)) = gue {
-                        theirs.extend_from_slice(&tunnel::udp_gue(sport, dport, inner_family, inner_len));
+                        let mut header = [0; UDP_HLEN + tunnel::GUE_HLEN];
+                        tunnel::write_udp_gue(&mut header, sport, dport, inner_family, inner_len);
+                        theirs.extend_from_slice(&header);
                     }
                     theirs.extend_from_slice(&frame[ETH_HLEN..]);
                     assert_eq!(ours, theirs, "{inner:?} in {src} -> {dst}, gue {gue:?}");

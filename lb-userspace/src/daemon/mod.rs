@@ -7,7 +7,7 @@ pub mod run;
 
 use crate::config::DaemonSettings;
 use crate::dataplane::{Attachment, Dataplane, PinDir, VipForwarding};
-use crate::health::{Health, HealthEngine, Transition, effective_check};
+use crate::health::{Health, HealthEngine, Transition, Via, effective_check};
 use crate::model::{DesiredState, Mode, VipSpec};
 use crate::neighbor::resolve_next_hop_mac;
 use crate::planner::{Slots, addr16, backend_entry, backend_id, table_members, vip_id, vip_key};
@@ -15,6 +15,7 @@ use crate::store::{SavedState, StateStore};
 use anyhow::{Context, Result, bail};
 use lb_common::maglev::{build_table, slots_changed};
 use lb_common::maps::{BACKEND_USABLE, Traffic};
+use lb_common::tunnel::{CheckPath, check_mark};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ pub struct Daemon {
     /// The tunnel modes' outer sources, and the interface MTU the data plane was given.
     tunnel: crate::tunnel::TunnelSources,
     mtu: u16,
+    /// The interface's own IPv4 and IPv6 addresses: checks via a VIP are sent from them.
+    check_sources: (Option<IpAddr>, Option<IpAddr>),
     config_file: PathBuf,
     config_digest: String,
     dataplane: Dataplane,
@@ -102,10 +105,10 @@ impl Daemon {
         let plan = self.plan(state)?;
         let changes = diff::changes(&self.state, &plan.state);
         let previous = self.current_plan();
-        self.sync_health(&plan.state);
+        self.sync_health(&plan.state, &plan.slots);
         if let Err(error) = self.write(&plan) {
             tracing::error!(%error, "writing the data plane failed; restoring the previous state");
-            self.sync_health(&previous.state);
+            self.sync_health(&previous.state, &previous.slots);
             if let Err(rollback) = self.write(&previous) {
                 tracing::error!(%rollback, "restoring the previous state failed too");
             }
@@ -269,7 +272,7 @@ impl Daemon {
     /// Starts or stops health checks to match `state`. A backend seen for the first time starts
     /// as its check says, except one the running data plane already serves (a restarted daemon
     /// taking over), which starts up: a restart must not take healthy backends out.
-    fn sync_health(&mut self, state: &DesiredState) {
+    fn sync_health(&mut self, state: &DesiredState, slots: &Slots) {
         let mut initial: HashMap<String, Health> = HashMap::new();
         for vip in &state.vips {
             for backend in &vip.backends {
@@ -285,9 +288,22 @@ impl Daemon {
                 initial.insert(backend_id(vip, backend.address), if up { Health::Up } else { Health::Down });
             }
         }
-        self.health.sync(state, &|vip, backend| {
-            initial.get(&backend_id(vip, backend.address)).copied().unwrap_or(Health::Down)
-        });
+        let via = |vip: &VipSpec, backend: &crate::model::BackendSpec| {
+            let path = match vip.mode {
+                Mode::Dsr => CheckPath::Direct,
+                Mode::Ipip => CheckPath::Ipip,
+                Mode::Gue => CheckPath::Gue,
+                Mode::Nat => return None, // refused by validation
+            };
+            let index = slots.backend(vip, backend.address)?;
+            let source = if vip.address.is_ipv4() { self.check_sources.0 } else { self.check_sources.1 };
+            Some(Via { mark: check_mark(index, path), source })
+        };
+        self.health.sync(
+            state,
+            &|vip, backend| initial.get(&backend_id(vip, backend.address)).copied().unwrap_or(Health::Down),
+            &via,
+        );
     }
 
     /// The VIP addresses this node can serve now: those with at least one usable backend.

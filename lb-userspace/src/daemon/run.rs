@@ -49,9 +49,15 @@ pub async fn run(config_file: &Path) -> Result<()> {
     tracing::info!(sources = %tunnel.describe(), gue_port = settings.gue_port, mtu, "tunnel settings");
 
     let (transitions, mut transition_events) = tokio::sync::mpsc::unbounded_channel();
+    let addresses = crate::tunnel::global_addresses(&settings.interface)?;
+    let check_sources = (
+        addresses.iter().copied().find(std::net::IpAddr::is_ipv4),
+        addresses.iter().copied().find(std::net::IpAddr::is_ipv6),
+    );
     let mut daemon = Daemon {
         tunnel,
         mtu,
+        check_sources,
         settings: settings.clone(),
         config_file: config_file.to_path_buf(),
         config_digest,
@@ -100,8 +106,10 @@ pub async fn run(config_file: &Path) -> Result<()> {
         // The standby gets every NAT flow, so that it continues them after a takeover.
         daemon.dataplane.report_nat_flows()?;
     }
+    let own_mac = crate::neighbor::interface_mac(&settings.interface)?;
+    let ifindex = crate::netdev::interface(&settings.interface)?.ifindex;
+    daemon.dataplane.set_interface(ifindex, own_mac)?;
     if settings.check_destination_mac {
-        let own_mac = crate::neighbor::interface_mac(&settings.interface)?;
         daemon.dataplane.set_own_mac(own_mac)?;
     } else {
         tracing::warn!(interface = %settings.interface, "destination MAC not checked: frames flooded here for other hosts are forwarded too");
@@ -109,6 +117,12 @@ pub async fn run(config_file: &Path) -> Result<()> {
     let attachment = daemon.dataplane.attach_pinned(&pins, &settings.interface, settings.xdp_mode)?;
     tracing::info!(interface = %settings.interface, attachment = %attachment.describe(), changes = changes.len(), "data plane attached; serving");
     daemon.attachment = Some(attachment);
+    if let Err(error) = daemon.dataplane.attach_check_path(&settings.interface) {
+        // Checks with `via_vip` then fail, each saying why; nothing else depends on it.
+        let warning = format!("health checks via a VIP cannot be sent: {error:#}");
+        tracing::error!("{warning}");
+        daemon.warnings.push(warning);
+    }
     daemon.set_xdp_tx_problem(interface_problem(&settings.interface));
 
     if let Some(bgp) = &settings.bgp {

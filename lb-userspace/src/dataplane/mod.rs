@@ -168,6 +168,36 @@ impl Dataplane {
         })
     }
 
+    /// The interface health checks sent via a VIP leave through, and its MAC (their source).
+    pub fn set_interface(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        self.update_settings(|s| {
+            s.ifindex = ifindex;
+            s.own_mac = mac;
+        })
+    }
+
+    /// Attaches the program that sends health checks via the VIP (`via_vip`) the way client
+    /// traffic goes (`lb-ebpf/src/check_path.rs`): on the egress of `interface`, and of `lo`,
+    /// where the route to a VIP this host holds itself leads. Attached for as long as this data
+    /// plane lives: checks run only while the daemon does.
+    pub fn attach_check_path(&mut self, interface: &str) -> Result<()> {
+        use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(CHECK_PATH_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {CHECK_PATH_PROGRAM_NAME} missing from the object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().context("verifying and loading the health-check path program")?;
+        }
+        for device in [interface, "lo"] {
+            program
+                .attach_with_options(device, TcAttachType::Egress, TcAttachOptions::TcxOrder(Default::default()))
+                .with_context(|| format!("attaching the health-check path program (tcx egress) to {device}"))?;
+        }
+        Ok(())
+    }
+
     /// From now on every new NAT flow is also reported, for [`Self::drain_new_nat_flows`].
     pub fn report_nat_flows(&mut self) -> Result<()> {
         self.update_settings(|s| s.report_nat_flows = 1)

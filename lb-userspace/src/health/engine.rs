@@ -1,7 +1,7 @@
 //! The health-check engine: one lightweight task per checked backend on the daemon's runtime (no
 //! thread per check), results in a shared status table, transitions sent to the daemon.
 
-use super::probe::{IcmpClients, probe};
+use super::probe::{IcmpClients, Via, probe};
 use super::tracker::{Health, Tracker};
 use crate::model::{BackendSpec, CheckSpec, DesiredState, VipSpec};
 use crate::planner::backend_id;
@@ -42,6 +42,7 @@ pub struct BackendStatus {
 struct Checker {
     spec: CheckSpec,
     target: SocketAddr,
+    via: Option<Via>,
     task: JoinHandle<()>,
 }
 
@@ -75,17 +76,29 @@ impl HealthEngine {
 
     /// Checks exactly the backends of `state` that have a check: starts new checkers, restarts
     /// those whose check changed, stops those of removed backends. `initial` gives the state a
-    /// backend starts in when it is first seen.
-    pub fn sync(&mut self, state: &DesiredState, initial: &dyn Fn(&VipSpec, &BackendSpec) -> Health) {
+    /// backend starts in when it is first seen; `via` how a check via the VIP leaves.
+    pub fn sync(
+        &mut self,
+        state: &DesiredState,
+        initial: &dyn Fn(&VipSpec, &BackendSpec) -> Health,
+        via: &dyn Fn(&VipSpec, &BackendSpec) -> Option<Via>,
+    ) {
         let mut wanted = Vec::new();
         for vip in &state.vips {
             for backend in &vip.backends {
                 let Some(spec) = effective_check(vip, backend) else { continue };
                 let id = backend_id(vip, backend.address);
-                let target = SocketAddr::new(backend.address.ip(), spec.port.unwrap_or(backend.address.port()));
+                let port = spec.port.unwrap_or(backend.address.port());
+                let (target, via) = if spec.via_vip {
+                    // The VIP's address, at the port the backend serves it on.
+                    let port = if port == 0 { vip.address.port() } else { port };
+                    (SocketAddr::new(vip.address.ip(), port), via(vip, backend))
+                } else {
+                    (SocketAddr::new(backend.address.ip(), port), None)
+                };
                 wanted.push(id.clone());
                 if let Some(checker) = self.checkers.get(&id) {
-                    if checker.spec == *spec && checker.target == target {
+                    if checker.spec == *spec && checker.target == target && checker.via == via {
                         continue;
                     }
                     checker.task.abort();
@@ -114,13 +127,14 @@ impl HealthEngine {
                     backend: backend.address,
                     spec: spec.clone(),
                     target,
+                    via,
                     start,
                     ident,
                     icmp: self.icmp.clone(),
                     status: self.status.clone(),
                     events: self.events.clone(),
                 }));
-                self.checkers.insert(id, Checker { spec: spec.clone(), target, task });
+                self.checkers.insert(id, Checker { spec: spec.clone(), target, via, task });
             }
         }
         self.checkers.retain(|id, checker| {
@@ -131,6 +145,8 @@ impl HealthEngine {
             keep
         });
         self.status.lock().expect("status lock").retain(|id, _| wanted.contains(id));
+        let marks: Vec<u32> = self.checkers.values().filter_map(|c| c.via.map(|v| v.mark)).collect();
+        self.icmp.retain_marked(&|mark| marks.contains(&mark));
     }
 
     /// Whether a checked backend is up; None for backends without a check.
@@ -161,6 +177,7 @@ struct CheckLoop {
     backend: SocketAddr,
     spec: CheckSpec,
     target: SocketAddr,
+    via: Option<Via>,
     start: Health,
     ident: u16,
     icmp: IcmpClients,
@@ -180,7 +197,7 @@ async fn check_loop(c: CheckLoop) {
         tokio::time::sleep_until(next).await;
         let jitter = rand::rng().random_range(Duration::ZERO..=interval / 10);
         next = Instant::now() + interval + jitter;
-        let result = probe(&c.spec.kind, c.target, c.spec.timeout, &c.icmp, c.ident, seq).await;
+        let result = probe(&c.spec.kind, c.target, c.spec.timeout, &c.icmp, (c.ident, seq), c.via).await;
         seq = seq.wrapping_add(1);
         let transition = tracker.record(result.is_ok());
         let detail = match &result {

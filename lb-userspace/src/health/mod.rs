@@ -5,4 +5,5 @@ mod probe;
 mod tracker;
 
 pub use engine::{BackendStatus, HealthEngine, Transition, effective_check};
+pub use probe::Via;
 pub use tracker::{Health, Tracker};

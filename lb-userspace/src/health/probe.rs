@@ -6,58 +6,137 @@ use crate::model::CheckKind;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use surge_ping::{Client, Config, ICMP, PingIdentifier, PingSequence};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// How much of a response body an HTTP check reads at most.
 const MAX_BODY: usize = 64 * 1024;
 
-/// Shared ICMP sockets (one per family) for every ICMP check of the engine.
+/// Shared ICMP sockets (one per family) for every ICMP check of the engine, and one per
+/// backend for ICMP checks via a VIP (a socket's mark names the backend).
 #[derive(Clone)]
 pub struct IcmpClients {
     v4: Option<Arc<Client>>,
     v6: Option<Arc<Client>>,
+    marked: Arc<Mutex<MarkedClients>>,
 }
+
+/// ICMP sockets for checks via a VIP, by (mark, source address).
+type MarkedClients = HashMap<(u32, IpAddr), Arc<Client>>;
 
 impl IcmpClients {
     /// Opens the sockets; a family that cannot be opened fails its checks with the reason.
     pub fn open() -> Self {
         let open = |kind| Client::new(&Config::builder().kind(kind).build()).ok().map(Arc::new);
-        Self { v4: open(ICMP::V4), v6: open(ICMP::V6) }
+        Self { v4: open(ICMP::V4), v6: open(ICMP::V6), marked: Default::default() }
+    }
+
+    /// The socket for checks via a VIP with `mark`, sent from `source`.
+    fn marked(&self, mark: u32, source: IpAddr) -> Result<Arc<Client>, String> {
+        let mut marked = self.marked.lock().map_err(|_| "ICMP sockets poisoned".to_string())?;
+        if let Some(client) = marked.get(&(mark, source)) {
+            return Ok(client.clone());
+        }
+        let kind = if source.is_ipv4() { ICMP::V4 } else { ICMP::V6 };
+        let config = Config::builder().kind(kind).bind(SocketAddr::new(source, 0)).build();
+        let client = Client::new(&config).map_err(|e| format!("cannot open an ICMP socket: {e}"))?;
+        let fd = client.get_socket().get_native_sock();
+        // SAFETY: the client owns the open socket for as long as the borrow is used.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        socket2::SockRef::from(&socket).set_mark(mark).map_err(|e| format!("cannot mark the ICMP socket: {e}"))?;
+        let client = Arc::new(client);
+        marked.insert((mark, source), client.clone());
+        Ok(client)
+    }
+
+    /// Closes the sockets of checks via a VIP that are gone.
+    pub fn retain_marked(&self, keep: &dyn Fn(u32) -> bool) {
+        if let Ok(mut marked) = self.marked.lock() {
+            marked.retain(|(mark, _), _| keep(*mark));
+        }
     }
 }
 
-/// Runs one check against `target` within `timeout`.
+/// How a check via a VIP leaves: the socket mark the load balancer's `lb_hc` program steers by,
+/// and the address the backend answers to (the interface's own, of the VIP's family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Via {
+    pub mark: u32,
+    pub source: Option<IpAddr>,
+}
+
+/// Runs one check against `target` within `timeout`; `via` for a check via a VIP.
 pub async fn probe(
     kind: &CheckKind,
     target: SocketAddr,
     timeout: Duration,
     icmp: &IcmpClients,
-    ident: u16,
-    seq: u16,
+    (ident, seq): (u16, u16),
+    via: Option<Via>,
 ) -> Result<Duration, String> {
     let started = Instant::now();
     let attempt = async {
         match kind {
-            CheckKind::Icmp => icmp_echo(icmp, target.ip(), ident, seq, timeout).await,
-            CheckKind::Tcp => TcpStream::connect(target).await.map(drop).map_err(describe_io),
+            CheckKind::Icmp => icmp_echo(icmp, target.ip(), ident, seq, timeout, via).await,
+            CheckKind::Tcp => connect(target, via).await.map(drop),
             CheckKind::Http { method, path, host, expect_status, body_contains } => {
-                http_request(target, method, path, host.as_deref(), *expect_status, body_contains.as_deref()).await
+                let request = (method.as_str(), path.as_str(), host.as_deref());
+                http_request(target, via, request, *expect_status, body_contains.as_deref()).await
             }
         }
     };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(())) => Ok(started.elapsed()),
-        Ok(Err(reason)) => Err(reason),
-        Err(_) => Err(format!("timeout after {}", humantime::format_duration(timeout))),
-    }
+    let result = match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(())) => return Ok(started.elapsed()),
+        Ok(Err(reason)) => reason,
+        Err(_) => format!("timeout after {}", humantime::format_duration(timeout)),
+    };
+    Err(match via {
+        // The backend's own address may well answer: say what this check is about.
+        Some(_) => format!("via VIP {target}: {result} (does the backend hold the VIP and strip the tunnel?)"),
+        None => result,
+    })
 }
 
-async fn icmp_echo(icmp: &IcmpClients, ip: IpAddr, ident: u16, seq: u16, timeout: Duration) -> Result<(), String> {
-    let client = if ip.is_ipv4() { &icmp.v4 } else { &icmp.v6 };
+/// A TCP connection to `target`, marked and from the given source for a check via a VIP.
+async fn connect(target: SocketAddr, via: Option<Via>) -> Result<TcpStream, String> {
+    let Some(via) = via else {
+        return TcpStream::connect(target).await.map_err(describe_io);
+    };
+    let source = via_source(target.ip(), via)?;
+    let socket = if target.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(describe_io)?;
+    socket2::SockRef::from(&socket).set_mark(via.mark).map_err(|e| format!("cannot mark the socket: {e}"))?;
+    socket.bind(SocketAddr::new(source, 0)).map_err(|e| format!("cannot bind {source}: {e}"))?;
+    socket.connect(target).await.map_err(describe_io)
+}
+
+fn via_source(target: IpAddr, via: Via) -> Result<IpAddr, String> {
+    via.source.ok_or_else(|| {
+        let family = if target.is_ipv4() { "IPv4" } else { "IPv6" };
+        format!("the load balancer's interface has no {family} address to check from")
+    })
+}
+
+async fn icmp_echo(
+    icmp: &IcmpClients,
+    ip: IpAddr,
+    ident: u16,
+    seq: u16,
+    timeout: Duration,
+    via: Option<Via>,
+) -> Result<(), String> {
+    let marked;
+    let client = match via {
+        Some(via) => {
+            marked = Some(icmp.marked(via.mark, via_source(ip, via)?)?);
+            &marked
+        }
+        None if ip.is_ipv4() => &icmp.v4,
+        None => &icmp.v6,
+    };
     let Some(client) = client else { return Err("cannot open an ICMP socket".into()) };
     let mut pinger = client.pinger(ip, PingIdentifier(ident)).await;
     pinger.timeout(timeout);
@@ -69,13 +148,12 @@ async fn icmp_echo(icmp: &IcmpClients, ip: IpAddr, ident: u16, seq: u16, timeout
 
 async fn http_request(
     target: SocketAddr,
-    method: &str,
-    path: &str,
-    host: Option<&str>,
+    via: Option<Via>,
+    (method, path, host): (&str, &str, Option<&str>),
     (low, high): (u16, u16),
     body_contains: Option<&str>,
 ) -> Result<(), String> {
-    let stream = TcpStream::connect(target).await.map_err(describe_io)?;
+    let stream = connect(target, via).await?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;

@@ -70,6 +70,7 @@ fn main() -> Result<()> {
         kind,
         port: None,
         initial_up: false,
+        via_vip: false,
         interval: Duration::from_secs(1),
         timeout: Duration::from_millis(500),
         rise: 2,
@@ -94,7 +95,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (events, mut transitions) = tokio::sync::mpsc::unbounded_channel();
     let mut engine = HealthEngine::new(runtime.handle().clone(), events);
-    engine.sync(&state, &|_, _| lb::health::Health::Down);
+    engine.sync(&state, &|_, _| lb::health::Health::Down, &|_, _| None);
     // Let every checker start, then measure.
     std::thread::sleep(Duration::from_secs(3));
     let (cpu0, wall0) = (cpu_time(), Instant::now());
