@@ -27,6 +27,9 @@ pub const ROUTER_AS: u32 = 65000;
 const NODE_AS: u32 = 65001;
 
 pub struct EcmpTopology {
+    /// How the nodes reach the backends: "dsr", or a tunnel ("ipip", "gue") that the backends
+    /// strip with `lb decap`.
+    pub mode: &'static str,
     /// Dropped first: servers and BIRD die before their namespaces go.
     servers: Vec<Process>,
     router_bird: Option<Process>,
@@ -41,6 +44,10 @@ pub struct EcmpTopology {
 
 impl EcmpTopology {
     pub fn new(backends: usize) -> Result<Self> {
+        Self::with_mode(backends, "dsr")
+    }
+
+    pub fn with_mode(backends: usize, mode: &'static str) -> Result<Self> {
         let mut bridge = Bridge::new("ecmp-br")?;
         let client = Netns::new("ecmp-client")?;
         let router = Netns::new("ecmp-router")?;
@@ -62,6 +69,7 @@ impl EcmpTopology {
             nodes.push(node);
         }
         let mut topology = Self {
+            mode,
             servers: Vec::new(),
             router_bird: None,
             run_dir: std::env::temp_dir().join(format!("lb-test-{}", router.name())),
@@ -80,6 +88,10 @@ impl EcmpTopology {
             ns.ip(&["route", "add", "default", "via", &ROUTER.to_string()])?;
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"])?;
+            if mode != "dsr" {
+                let lb = crate::daemon::lb_binary().to_string_lossy().into_owned();
+                ns.nsenter(&[&lb, "decap", "attach", "--interface", "eth0"])?;
+            }
             let server = crate::sibling_binary("name-server").to_string_lossy().into_owned();
             let mut process = ns.spawn(&[&server, &format!("be{n}"), &PORT.to_string()])?;
             let stdout = process.child().stdout.take().context("name-server stdout")?;
@@ -116,15 +128,16 @@ impl EcmpTopology {
         Ok(())
     }
 
-    /// A node's configuration: a DSR VIP over every backend, announced over BGP to the router.
+    /// A node's configuration: a VIP of the topology's mode over every backend, announced over
+    /// BGP to the router.
     pub fn node_config(&self, node: usize) -> String {
         let mut config = format!(
             "[daemon]\ninterface = \"eth0\"\ninstance = \"{{instance}}\"\nmax_vips = 4\nmax_conns = 65536\n\
              metrics = \"127.0.0.1:{METRICS_PORT}\"\n\n\
              [bgp]\nlocal_as = {NODE_AS}\nrouter_id = \"{}\"\nneighbor = \"{ROUTER}\"\nneighbor_as = {ROUTER_AS}\nhold_time = 3\n\n\
-             [[vip]]\nname = \"web\"\naddress = \"{VIP}:{PORT}\"\nprotocol = \"tcp\"\nmode = \"dsr\"\n\
+             [[vip]]\nname = \"web\"\naddress = \"{VIP}:{PORT}\"\nprotocol = \"tcp\"\nmode = \"{}\"\n\
              check = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2, initial = \"up\" }}\n",
-            NODES[node]
+            NODES[node], self.mode
         );
         for (_, address) in &self.backends {
             config.push_str(&format!("\n[[vip.backend]]\naddress = \"{address}:{PORT}\"\n"));
@@ -174,6 +187,13 @@ impl EcmpTopology {
 
 impl Drop for EcmpTopology {
     fn drop(&mut self) {
+        if self.mode != "dsr" {
+            // The pinned decap links would outlive the backends' interfaces.
+            let lb = crate::daemon::lb_binary().to_string_lossy().into_owned();
+            for (ns, _) in &self.backends {
+                let _ = ns.nsenter(&[&lb, "decap", "detach", "--interface", "eth0"]);
+            }
+        }
         self.servers.clear();
         self.router_bird = None;
         let _ = std::fs::remove_dir_all(&self.run_dir);

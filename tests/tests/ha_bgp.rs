@@ -1,6 +1,7 @@
 //! Active/active: two `lb` nodes announce the VIP over BGP, a router spreads flows over them
 //! with ECMP; when one node goes away its route is withdrawn and the connections that crossed it
-//! continue through the other node to the same backend (both compute the same Maglev table).
+//! continue through the other node to the same backend (both compute the same Maglev table), in
+//! `dsr` mode and through GUE tunnels.
 
 use lb_tests::daemon::LbDaemon;
 use lb_tests::ecmp::{EcmpTopology, METRICS_PORT, NODES, PORT, ROUTER, ROUTER_AS, VIP};
@@ -31,10 +32,22 @@ fn vip_packets(node: &LbDaemon) -> u64 {
 
 #[test]
 fn connections_survive_the_loss_of_a_node() {
-    if !require_root("connections_survive_the_loss_of_a_node") {
-        return;
+    if require_root("connections_survive_the_loss_of_a_node") {
+        survive_the_loss_of_a_node("dsr");
     }
-    let topology = EcmpTopology::new(3).unwrap();
+}
+
+/// The same with the backends behind a tunnel: both nodes encapsulate a flow alike (same
+/// backend, same outer headers), so its packets reach the backend whichever node they cross.
+#[test]
+fn tunnelled_connections_survive_the_loss_of_a_node() {
+    if require_root("tunnelled_connections_survive_the_loss_of_a_node") {
+        survive_the_loss_of_a_node("gue");
+    }
+}
+
+fn survive_the_loss_of_a_node(mode: &'static str) {
+    let topology = EcmpTopology::with_mode(3, mode).unwrap();
     let mut a = topology.start_node(0).unwrap();
     let b = topology.start_node(1).unwrap();
     let took = topology.wait_next_hops(&NODES, Duration::from_secs(15)).unwrap();
@@ -92,7 +105,7 @@ fn connections_survive_the_loss_of_a_node() {
         }
     }
     println!(
-        "connections surviving the loss of node a: {survived}/{CONNECTIONS} ({survived_via_a} of the {via_a} that had crossed it)"
+        "{mode}: connections surviving the loss of node a: {survived}/{CONNECTIONS} ({survived_via_a} of the {via_a} that had crossed it)"
     );
     assert_eq!(survived, CONNECTIONS, "every connection continues on node b with the same backend");
 
