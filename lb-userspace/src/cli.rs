@@ -100,6 +100,7 @@ pub enum DecapCommand {
     /// Attach decapsulation to INTERFACE and pin it. Again on an attached interface: sets the
     /// GUE port, and replaces another build's program in place.
     Attach {
+        /// The interface the tunnelled packets arrive on (e.g. eth0).
         #[arg(long)]
         interface: String,
         /// The UDP port GUE arrives on (the load balancer's `gue_port`); 0: IPIP only.
@@ -111,6 +112,7 @@ pub enum DecapCommand {
     },
     /// Remove decapsulation from INTERFACE.
     Detach {
+        /// The interface `lb decap attach` was given.
         #[arg(long)]
         interface: String,
     },

@@ -6,6 +6,7 @@ pub mod harness;
 pub mod invalid_configs;
 pub mod legacy;
 pub mod netns;
+pub mod packet_socket;
 pub mod pair;
 pub mod privilege;
 pub mod routed;

@@ -9,8 +9,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-/// Directories whose entries tests create (one per daemon instance, plus BIRD's files).
-const DIRS: [&str; 3] = ["/run/lb", "/sys/fs/bpf", "/var/lib/lb"];
+/// Directories whose entries tests create (one per daemon instance, plus BIRD's files, and one
+/// per namespace and interface that `lb decap attach` pinned).
+const DIRS: [&str; 4] = ["/run/lb", "/sys/fs/bpf", DECAP_PINS, "/var/lib/lb"];
+/// `lb decap`'s pins: `netns<inode>-<interface>` directories.
+const DECAP_PINS: &str = "/sys/fs/bpf/lb-decap";
 /// Programs tests start that must be gone afterwards.
 const PROGRAMS: [&str; 4] = ["name-server", "bird", "keepalived", "haproxy"];
 
@@ -72,6 +75,17 @@ pub fn remove_stale() {
             }
         }
     }
+    // Decapsulation pinned in a namespace that is gone: its interface went with it.
+    let live = live_netns_inodes();
+    for name in entries(Path::new(DECAP_PINS)) {
+        let inode = name.strip_prefix("netns").and_then(|rest| rest.split('-').next()).and_then(|n| n.parse().ok());
+        if inode.is_some_and(|inode: u64| !live.contains(&inode)) {
+            let path = Path::new(DECAP_PINS).join(&name);
+            let _ = std::fs::remove_dir_all(&path);
+            removed.push(path.display().to_string());
+        }
+    }
+    let _ = std::fs::remove_dir(DECAP_PINS); // only when empty
     let tmp = std::env::temp_dir();
     for name in entries(&tmp) {
         let owner = name.strip_prefix("lb-test-t").or_else(|| name.strip_prefix("lbt"));
@@ -84,6 +98,17 @@ pub fn remove_stale() {
     if !removed.is_empty() {
         println!("xtask test: removed what killed earlier test runs left: {}", removed.join(", "));
     }
+}
+
+/// The inodes of every network namespace that still exists: named ones and processes' own.
+fn live_netns_inodes() -> BTreeSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let named = entries(Path::new("/run/netns")).into_iter().map(|n| Path::new("/run/netns").join(n));
+    let of_processes = entries(Path::new("/proc"))
+        .into_iter()
+        .filter(|p| p.parse::<u32>().is_ok())
+        .map(|pid| Path::new("/proc").join(pid).join("ns/net"));
+    named.chain(of_processes).filter_map(|path| std::fs::metadata(path).ok()).map(|m| m.ino()).collect()
 }
 
 /// Whether the process whose pid starts `tail` (up to the first non-digit) has exited.
