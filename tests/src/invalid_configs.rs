@@ -97,6 +97,31 @@ pub fn cases(instance: &str, b1: &str, b2: &str) -> Vec<(&'static str, String, S
             format!("{FILE}:13: vip \"web\": mode: unknown mode \"tunnel\""),
         ),
         (
+            "tunnel source not an address",
+            edit("ring_size = 65537", "ring_size = 65537\ntunnel_source = \"bogus\""),
+            format!("{FILE}:8: daemon.tunnel_source: \"bogus\" is not an address or prefix"),
+        ),
+        (
+            "two tunnel sources of one family",
+            edit("ring_size = 65537", "ring_size = 65537\ntunnel_source = [\"10.0.0.2\", \"172.16.0.0/16\"]"),
+            format!("{FILE}:8: daemon.tunnel_source: \"172.16.0.0/16\": one source per address family"),
+        ),
+        (
+            "tunnel source prefix with host bits",
+            edit("ring_size = 65537", "ring_size = 65537\ntunnel_source = \"172.16.0.1/16\""),
+            format!("{FILE}:8: daemon.tunnel_source: \"172.16.0.1/16\" has host bits set; the prefix is 172.16.0.0/16"),
+        ),
+        (
+            "GUE port 0",
+            edit("ring_size = 65537", "ring_size = 65537\ngue_port = 0"),
+            format!("{FILE}:8: daemon.gue_port: must be 1-65535"),
+        ),
+        (
+            "check via the VIP in nat mode",
+            edit("fall = 3 }", "fall = 3, via_vip = true }"),
+            format!("{FILE}:15: vip \"web\": check.via_vip: via_vip needs backends that hold the VIP"),
+        ),
+        (
             "unknown XDP mode",
             edit(r#"xdp_mode = "native""#, r#"xdp_mode = "turbo""#),
             format!("{FILE}:4: daemon.xdp_mode: unknown XDP mode \"turbo\""),
