@@ -14,7 +14,8 @@
 //!   `net.ipv6.conf.all.forwarding`; an interface set to 0 while `all` is 1 would forward while
 //!   this lookup says disabled. `lb decap attach` refuses that combination.)
 //! - `NOT_FWDED`: the route is not unicast (local, broadcast, multicast), there is no route at
-//!   all, or the address is link-local (IPv6): delivered here or dropped, never forwarded.
+//!   all, or the source or destination is link-local (IPv6): delivered here or dropped, never
+//!   forwarded.
 //! - `SUCCESS`, `NO_NEIGH`, `FRAG_NEEDED`, `UNSUPP_LWT`: a unicast route elsewhere: forwarded.
 //! - `BLACKHOLE`, `UNREACHABLE`, `PROHIBIT`: routes that discard: not this host's either.
 //! - A negative errno (no such ingress device): unknown, taken as "forwarded" so that a packet
@@ -175,7 +176,8 @@ fn read_inner(ctx: &XdpContext, outer: &Outer, gue_port: u16) -> Result<Inner, D
     };
     let left = outer.end - off;
     let mut inner = Inner { family, src: [0; 16], dst: [0; 16], multicast: false, off };
-    // The upper-layer protocol and where its header starts, for the nesting check.
+    // The upper-layer protocol, where its header starts and how long it may be (0: no header
+    // here), for the nesting check.
     let (proto, l4_off, l4_len) = if family == FAMILY_V4 {
         let h: [u8; IPV4_MIN_HLEN] = read(ctx, off).map_err(|_| DropMalformed)?;
         let ihl = ((h[0] & 0x0f) as usize) * 4;
@@ -188,7 +190,7 @@ fn read_inner(ctx: &XdpContext, outer: &Outer, gue_port: u16) -> Result<Inner, D
         inner.multicast = h[16] & 0xf0 == 0xe0 || h[16..20] == [0xff; 4];
         // A later fragment's payload starts with data, not with a header.
         let later_fragment = u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0;
-        (if later_fragment { 0 } else { h[9] }, off + ihl, total - ihl)
+        (h[9], off + ihl, if later_fragment { 0 } else { total - ihl })
     } else {
         let h: [u8; IPV6_HLEN] = read(ctx, off).map_err(|_| DropMalformed)?;
         let payload = u16::from_be_bytes([h[4], h[5]]) as usize;

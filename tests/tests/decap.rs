@@ -341,6 +341,12 @@ fn table() -> Vec<(&'static str, When, Vec<u8>, Expect)> {
         ("GUE in IPIP", Always, gue_in_ipip, Dropped(DropNested)),
         ("IPIP (6in6) in GUE", Always, ipip_in_gue, Dropped(DropNested)),
         ("GUE in GUE over IPv6", Always, gue_in_gue_v6, Dropped(DropNested)),
+        (
+            "IPIP in a later fragment of the inner packet",
+            Always,
+            with(tunnel_to(&tunnel(&v4, false, false), BACKEND4, false), |b| set16(b, IN4 + ipv4::FRAG, 0x0010)),
+            Dropped(DropNested),
+        ),
         // Fragments: for the kernel to reassemble.
         (
             "4in4, outer first fragment (MF)",
