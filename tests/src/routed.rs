@@ -216,6 +216,26 @@ impl RoutedLab {
         Ok((via_lb, direct))
     }
 
+    /// Sends the client's packets for `backend` (IPv4) through the load balancer's kernel, which
+    /// forwards them like a router (the same path as a VIP's packets, without XDP), or stops.
+    pub fn route_through_lb(&self, backend: IpAddr, through: bool) -> Result<()> {
+        let verb = if through { "add" } else { "del" };
+        self.lb.exec(&["sysctl", "-qw", &format!("net.ipv4.ip_forward={}", through as u8)])?;
+        self.lb.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.eth0.send_redirects=0",
+        ])?;
+        // Only what comes from the client takes the detour: the load balancer's own packets to
+        // the backend come back to the router on r-lb, and go the normal way.
+        self.router.ip(&["rule", verb, "iif", "r-c", "table", "100"])?;
+        if through {
+            self.router.ip(&["route", "add", &format!("{backend}/32"), "via", &LB_V4.to_string(), "table", "100"])?;
+        }
+        Ok(())
+    }
+
     /// Waits until the client reaches `targets` (links up, routes in place, neighbours known).
     pub fn wait_reachable(&self, targets: &[IpAddr]) -> Result<()> {
         for target in targets {

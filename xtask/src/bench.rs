@@ -31,6 +31,11 @@ fn steps(quick: bool) -> Vec<Step> {
         },
         Step { name: "end-to-end pps vs nftables", binary: "e2e-pps", args: vec![pick("200000", "1000000")] },
         Step {
+            name: "bulk TCP through a tunnelled VIP",
+            binary: "tunnel-throughput",
+            args: vec![pick("128", "1024"), pick("1", "3")],
+        },
+        Step {
             name: "TCP connections per second vs HAProxy",
             binary: "tcp-cps",
             args: vec![pick("2", "5"), "4".into()],
