@@ -369,6 +369,11 @@ fn print_status(s: &StatusReport) {
         t.add_row(vec![k.to_string(), v]);
     }
 
+    if let Some(tunnel) = &s.tunnel {
+        let sources = format!("{}, {}", tunnel.source_v4, tunnel.source_v6);
+        t.add_row(vec!["tunnels".into(), format!("from {sources}; GUE port {}; MTU {}", tunnel.gue_port, tunnel.mtu)]);
+    }
+
     if let Some(v) = &s.vrrp {
         let state = match &v.fault {
             Some(fault) => format!("{} ({fault})", v.state),

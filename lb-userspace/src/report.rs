@@ -24,12 +24,24 @@ pub struct StatusReport {
     pub ring_size: u32,
     pub max_vips: u32,
     pub max_conns: u32,
+    /// The tunnel modes' settings: outer sources, GUE port, the interface MTU packets must fit.
+    #[serde(default)]
+    pub tunnel: Option<TunnelStatus>,
     /// Active/standby state, when `[vrrp]` is configured.
     #[serde(default)]
     pub vrrp: Option<VrrpStatus>,
     /// Active/active announcements, when `[bgp]` is configured.
     #[serde(default)]
     pub bgp: Option<BgpStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    /// Per family: the address or prefix outer headers are sent from, or "none".
+    pub source_v4: String,
+    pub source_v6: String,
+    pub gue_port: u16,
+    pub mtu: u16,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

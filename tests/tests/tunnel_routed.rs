@@ -83,6 +83,14 @@ fn tunnelled_connections_spread_and_backends_answer_the_client_directly() {
     let addresses: Vec<IpAddr> = vips.iter().map(|v| v.addr.ip()).collect();
     let lab = RoutedLab::new(&addresses).unwrap();
     let daemon = LbDaemon::start(&lab.lb, &unique_instance(), &config(&lab, &vips, 3)).unwrap();
+    // With no tunnel_source configured, the outer sources are the interface's own addresses.
+    let status: serde_json::Value = serde_json::from_str(&daemon.ok(&["--json", "status"]).unwrap()).unwrap();
+    let tunnel = &status["tunnel"];
+    assert_eq!(
+        (tunnel["source_v4"].as_str(), tunnel["source_v6"].as_str()),
+        (Some("10.10.0.2/32"), Some("fd10::2/128"))
+    );
+    assert_eq!((tunnel["gue_port"].as_u64(), tunnel["mtu"].as_u64()), (Some(6080), Some(1500)), "{status}");
     for vip in &vips {
         let (via_lb_before, direct_before) = lab.answers().unwrap();
         let forwarded_before = daemon.reason_count("tx_forward").unwrap();

@@ -147,6 +147,12 @@ impl Daemon {
             ring_size: self.settings.sizes.ring_size,
             max_vips: self.settings.sizes.max_vips,
             max_conns: self.settings.sizes.max_conns,
+            tunnel: Some(crate::report::TunnelStatus {
+                source_v4: self.tunnel.v4.map_or_else(|| "none".into(), |n| n.to_string()),
+                source_v6: self.tunnel.v6.map_or_else(|| "none".into(), |n| n.to_string()),
+                gue_port: self.settings.gue_port,
+                mtu: self.mtu,
+            }),
             vrrp: self.pair.as_ref().map(|pair| {
                 let view = pair.view.lock().expect("pair view poisoned");
                 let digest = crate::store::digest(&self.state);
