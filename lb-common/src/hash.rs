@@ -34,7 +34,13 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     h = mix(h, (key.sport as u32) | ((key.dport as u32) << 16));
     h = mix(h, (key.proto as u32) | ((key.family as u32) << 8));
     // fmix32 with the length (40 bytes) folded in, as MurmurHash3 does.
-    h ^= 40;
+    fmix32(h ^ 40)
+}
+
+/// MurmurHash3's finalizer: a bijection with full avalanche, for deriving further values (NAT
+/// port candidates, tunnel entropy) from a hash without their bits following its own.
+#[inline(always)]
+pub const fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -79,12 +79,7 @@ pub const NAT_PORT_TRIES: u32 = 32;
 pub const fn snat_port_candidate(hash: u32, attempt: u32, min: u16, max: u16) -> u16 {
     let range = (max as u32).saturating_sub(min as u32) + 1;
     // murmur3's fmix32 (a bijection with full avalanche) over a seeded hash and the attempt.
-    let mut h = hash ^ 0x9e37_79b9 ^ attempt.wrapping_mul(0x27d4_eb2f);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
+    let h = crate::hash::fmix32(hash ^ 0x9e37_79b9 ^ attempt.wrapping_mul(0x27d4_eb2f));
     min + (h % range) as u16
 }
 

@@ -62,12 +62,7 @@ pub const fn gue_header(family: u8) -> [u8; GUE_HLEN] {
 /// and entropy drawn from the same low bits would follow the backend choice.
 #[inline(always)]
 pub const fn entropy(hash: u32) -> u32 {
-    let mut h = hash ^ 0x7f4a_7c15;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    crate::hash::fmix32(hash ^ 0x7f4a_7c15)
 }
 
 /// The outer source address for a flow: `prefix`'s first `prefix_len` bits, the rest from the

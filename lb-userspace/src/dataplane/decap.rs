@@ -223,23 +223,7 @@ fn pinned_map_fits(path: &Path) -> bool {
 
 /// The pinned link when its program is the one `iface` runs; otherwise why it is stale.
 fn live_link(pins: &DecapPins, iface: &Interface) -> Result<Result<XdpLink, String>> {
-    let path = pins.link();
-    let pinned = PinnedLink::from_pin(&path).with_context(|| format!("opening the pinned link {}", path.display()))?;
-    let fd_link = FdLink::from(pinned);
-    let program = fd_link.info().context("reading the pinned link")?.program_id();
-    let name = &iface.ifname;
-    Ok(match iface.xdp_program() {
-        Some(running) if running.id == program => {
-            Ok(XdpLink::try_from(fd_link).context("the pinned link is not an XDP link")?)
-        }
-        Some(running) => {
-            Err(format!("{name} runs XDP program {}, not the pinned link's program {program}", running.id))
-        }
-        None => Err(format!(
-            "the pinned link's program {program} is not on {name}: the interface was removed or recreated, or the \
-             link was detached"
-        )),
-    })
+    super::pinned::pinned_link_on(&pins.link(), iface)
 }
 
 fn link_program(path: &Path) -> Result<u32> {

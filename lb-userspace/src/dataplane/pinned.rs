@@ -223,7 +223,7 @@ impl Dataplane {
 }
 
 /// The pinned link, when its program is the one `iface` runs; otherwise why it is stale.
-fn pinned_link_on(path: &Path, iface: &crate::netdev::Interface) -> Result<Result<XdpLink, String>> {
+pub(super) fn pinned_link_on(path: &Path, iface: &crate::netdev::Interface) -> Result<Result<XdpLink, String>> {
     let pinned = PinnedLink::from_pin(path).with_context(|| format!("opening the pinned link {}", path.display()))?;
     let fd_link = FdLink::from(pinned);
     let program = fd_link.info().context("reading the pinned link")?.program_id();
