@@ -5,8 +5,9 @@
 //! For `ipip` and `gue`, IPv4 and IPv6 VIPs (and an IPv6 VIP over IPv4 backends, 6in4): 300
 //! connections spread over the three backends, each backend sees the client's own address, and
 //! the backends' answers reach the client through the router without crossing the load
-//! balancer (counted on the router). A long-lived connection keeps its backend when a backend
-//! is added.
+//! balancer (counted on the router), and a request of full-size segments arrives once the
+//! client's path MTU discovery learned the tunnel's size from the load balancer. A long-lived
+//! connection keeps its backend when a backend is added.
 
 use lb_tests::daemon::{LbDaemon, unique_instance};
 use lb_tests::privilege::require_root;
@@ -133,6 +134,26 @@ fn tunnelled_connections_spread_and_backends_answer_the_client_directly() {
             via_lb - via_lb_before
         );
         assert_eq!(via_lb, via_lb_before, "{what}: no answer may cross the load balancer");
+        // Full-size segments do not fit the tunnel on these 1500-byte links: the client learns
+        // that from the load balancer's "too big" answers, and a large request still arrives.
+        let too_big_before = daemon.reason_count("tx_icmp_too_big").unwrap();
+        let answered = lab
+            .client
+            .enter(|| -> std::io::Result<String> {
+                let mut stream = connect(vip.addr)?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut line = vec![b'x'; 200_000];
+                line.push(b'\n');
+                stream.write_all(&line)?;
+                let mut answer = String::new();
+                BufReader::new(stream).read_line(&mut answer)?;
+                Ok(answer)
+            })
+            .unwrap();
+        let too_big = daemon.reason_count("tx_icmp_too_big").unwrap() - too_big_before;
+        assert!(answered.is_ok_and(|a| a.starts_with("be")), "{what}: a 200 kB request through the tunnel");
+        assert!(too_big > 0, "{what}: full-size segments must have been answered \"too big\"");
+        eprintln!("{what}: a 200 kB request arrived after {too_big} \"too big\" answers");
         // At least a SYN-ACK and the answer line per connection.
         assert!(direct - direct_before >= 2 * CONNECTIONS as u64, "{what}: too few direct answers");
         assert!(forwarded >= 3 * CONNECTIONS as u64, "{what}: SYN, data and ACKs go through the tunnel");
