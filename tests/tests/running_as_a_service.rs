@@ -33,6 +33,26 @@ fn the_unit_file_passes_systemd_analyze_verify() {
     );
 }
 
+/// The backends' decapsulation unit, checked as the instance `lb-decap@eth0` (a template is
+/// only ever run as an instance).
+#[test]
+fn the_decap_unit_passes_systemd_analyze_verify() {
+    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/lb-decap@.service");
+    let unit = std::fs::read_to_string(template).unwrap();
+    assert!(unit.contains("lb decap attach --interface %i") && unit.contains("lb decap detach --interface %i"));
+    let dir = tempdir("decap-unit");
+    let path = dir.join("lb-decap@eth0.service");
+    std::fs::write(&path, unit.replace("/usr/local/sbin/lb", lb_binary().to_str().unwrap())).unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn completions_and_the_manual_page_cover_every_command() {
     let run = |args: &[&str]| -> String {
@@ -154,6 +174,7 @@ fn install_puts_every_piece_in_place_and_keeps_an_existing_configuration() {
     for path in [
         "opt/lb/sbin/lb",
         "etc/systemd/system/lb.service",
+        "etc/systemd/system/lb-decap@.service",
         "etc/lb/lb.toml",
         "opt/lb/share/bash-completion/completions/lb",
         "opt/lb/share/zsh/site-functions/_lb",
@@ -164,6 +185,8 @@ fn install_puts_every_piece_in_place_and_keeps_an_existing_configuration() {
     }
     let unit = std::fs::read_to_string(root.join("etc/systemd/system/lb.service")).unwrap();
     assert!(unit.contains("ExecStart=/opt/lb/sbin/lb daemon --config /etc/lb/lb.toml"), "{unit}");
+    let decap = std::fs::read_to_string(root.join("etc/systemd/system/lb-decap@.service")).unwrap();
+    assert!(decap.contains("ExecStart=/opt/lb/sbin/lb decap attach --interface %i"), "{decap}");
     // The example configuration is valid as shipped.
     let example = root.join("etc/lb/lb.toml");
     lb::config::load(&example).unwrap_or_else(|e| panic!("the example configuration: {e}"));

@@ -17,6 +17,7 @@ const PACKAGE_UNIT_DIR: &str = "/lib/systemd/system";
 pub fn run(root: &Path, binary: &Path, prefix: &Path, destdir: &Path) -> Result<()> {
     stage(root, binary, prefix, destdir, Path::new(LOCAL_UNIT_DIR))?;
     println!("\nNothing was started. Edit /etc/lb/lb.toml, then: systemctl daemon-reload && systemctl enable --now lb");
+    println!("On a backend behind an ipip/gue VIP instead: systemctl enable --now lb-decap@eth0 (its interface)");
     Ok(())
 }
 
@@ -67,9 +68,13 @@ fn stage(root: &Path, binary: &Path, prefix: &Path, destdir: &Path, unit_dir: &P
     let sbin = prefix.join("sbin/lb");
     copy(binary, &staged(&sbin), 0o755)?;
 
-    let unit = std::fs::read_to_string(root.join("packaging/lb.service")).context("reading packaging/lb.service")?;
-    let unit = unit.replace(UNIT_BINARY, sbin.to_str().context("the prefix is not UTF-8")?);
-    write(&staged(&unit_dir.join("lb.service")), unit.as_bytes(), 0o644)?;
+    // The daemon's unit, and the backends' decapsulation unit (a template per interface).
+    for name in ["lb.service", "lb-decap@.service"] {
+        let unit = std::fs::read_to_string(root.join("packaging").join(name))
+            .with_context(|| format!("reading packaging/{name}"))?;
+        let unit = unit.replace(UNIT_BINARY, sbin.to_str().context("the prefix is not UTF-8")?);
+        write(&staged(&unit_dir.join(name)), unit.as_bytes(), 0o644)?;
+    }
 
     let config = staged(Path::new("/etc/lb/lb.toml"));
     if config.exists() {
