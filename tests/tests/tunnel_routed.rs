@@ -248,6 +248,12 @@ fn a_check_via_the_vip_takes_out_a_backend_that_lost_the_vip_while_a_plain_check
     ];
     let addresses: Vec<IpAddr> = checks.iter().map(|c| c.2).collect();
     let lab = RoutedLab::new(&addresses).unwrap();
+    // The load balancer holds the VIPs itself, as a VRRP master does: the backends' answers to
+    // its checks then come from one of its own addresses (accepted with accept_local).
+    for addr in &addresses {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        lab.lb.ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", "lo"]).unwrap();
+    }
     let mut config = "[daemon]\ninterface = \"eth0\"\ninstance = \"{instance}\"\nring_size = 1021\nmax_vips = 8\nmax_conns = 65536\n".to_string();
     for (name, mode, addr, check) in &checks {
         let addr = SocketAddr::new(*addr, SERVICE_PORT);

@@ -38,6 +38,8 @@ pub struct Daemon {
     mtu: u16,
     /// The interface's own IPv4 and IPv6 addresses: checks via a VIP are sent from them.
     check_sources: (Option<IpAddr>, Option<IpAddr>),
+    /// Whether `accept_local` was set on the interface (see `accept_local_sources`).
+    accepts_local: bool,
     config_file: PathBuf,
     config_digest: String,
     dataplane: Dataplane,
@@ -304,6 +306,12 @@ impl Daemon {
             &|vip, backend| initial.get(&backend_id(vip, backend.address)).copied().unwrap_or(Health::Down),
             &via,
         );
+        let via_vip_v4 = state.vips.iter().any(|vip| {
+            vip.address.is_ipv4() && vip.backends.iter().any(|b| effective_check(vip, b).is_some_and(|c| c.via_vip))
+        });
+        if via_vip_v4 && !self.accepts_local {
+            self.accept_local_sources();
+        }
     }
 
     /// The VIP addresses this node can serve now: those with at least one usable backend.
@@ -528,6 +536,41 @@ impl Daemon {
                 self.mtu = mtu;
             }
             Err(error) => tracing::error!(%error, "giving the data plane the new MTU failed"),
+        }
+    }
+
+    /// A backend answers a check via an IPv4 VIP from the VIP's address. When this host holds
+    /// that address itself (a VRRP master, a VIP on `lo`), Linux drops such answers as coming
+    /// from one of its own addresses unless `accept_local` is set on the interface (and
+    /// `rp_filter` is not strict): set the first, warn about the second.
+    fn accept_local_sources(&mut self) {
+        let interface = &self.settings.interface;
+        let conf = |name: &str, key: &str| format!("/proc/sys/net/ipv4/conf/{name}/{key}");
+        match std::fs::write(conf(interface, "accept_local"), "1") {
+            Ok(()) => {
+                tracing::info!(%interface, "accept_local set: answers to checks via a VIP this host holds are accepted");
+                self.accepts_local = true;
+            }
+            Err(error) => {
+                let warning = format!(
+                    "cannot set accept_local on {interface} ({error}): checks via an IPv4 VIP that this host holds itself will fail"
+                );
+                tracing::warn!("{warning}");
+                self.warnings.push(warning);
+            }
+        }
+        let strict = ["all", interface.as_str()]
+            .iter()
+            .filter_map(|name| std::fs::read_to_string(conf(name, "rp_filter")).ok())
+            .filter_map(|value| value.trim().parse::<u8>().ok())
+            .max()
+            == Some(1);
+        if strict {
+            let warning = format!(
+                "rp_filter is strict on {interface}: checks via an IPv4 VIP that this host holds itself (a VRRP master) fail; set net.ipv4.conf.all.rp_filter and net.ipv4.conf.{interface}.rp_filter to 2 (loose) or 0"
+            );
+            tracing::warn!("{warning}");
+            self.warnings.push(warning);
         }
     }
 

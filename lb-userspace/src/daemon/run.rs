@@ -58,6 +58,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
         tunnel,
         mtu,
         check_sources,
+        accepts_local: false,
         settings: settings.clone(),
         config_file: config_file.to_path_buf(),
         config_digest,
