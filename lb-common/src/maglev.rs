@@ -185,6 +185,29 @@ pub fn build_table(backends: &[MaglevBackend], ring_size: u32) -> Result<Vec<u32
             index: b.index,
         })
         .collect();
+    // Which slots are taken, one bit each: the walks probe it, not the table, and at 8 KiB for
+    // the default size it stays in the L1 cache where the table would not.
+    let mut taken = vec![0u64; (ring_size as usize).div_ceil(64)];
+    let mut claim = |walk: &mut Walk, table: &mut [u32]| {
+        // A free slot exists (not all M are filled yet) and the permutation covers all slots,
+        // and the slots already walked past are taken for good, so this terminates.
+        while taken[(walk.slot / 64) as usize] & (1 << (walk.slot % 64)) != 0 {
+            walk.slot += walk.skip;
+            if walk.slot >= m {
+                walk.slot -= m;
+            }
+        }
+        taken[(walk.slot / 64) as usize] |= 1 << (walk.slot % 64);
+        table[walk.slot as usize] = walk.index;
+    };
+    if sorted.iter().all(|b| b.weight == sorted[0].weight) {
+        // Equal weights: every backend's k-th turn falls at the same time, ties go by key
+        // order, so the turns are a plain round robin in key order (the paper's algorithm).
+        for turn in 0..m as usize {
+            claim(&mut walks[turn % sorted.len()], &mut table);
+        }
+        return Ok(table);
+    }
     // k-th turn at (2k - 1) / (2w): the half step rounds each backend's turn count to the
     // nearest instead of down, which would favour heavy backends.
     let mut turns: BinaryHeap<Reverse<Turn>> =
@@ -194,16 +217,7 @@ pub fn build_table(backends: &[MaglevBackend], ring_size: u32) -> Result<Vec<u32
         // The heap holds one turn per backend and is never empty.
         let Some(mut top) = turns.peek_mut() else { unreachable!("no backend turn") };
         let turn = &mut top.0;
-        let walk = &mut walks[turn.pos];
-        // A free slot exists (not all M are filled yet) and the permutation covers all slots,
-        // and the slots already walked past are taken for good, so this terminates.
-        while table[walk.slot as usize] != NO_BACKEND {
-            walk.slot += walk.skip;
-            if walk.slot >= m {
-                walk.slot -= m;
-            }
-        }
-        table[walk.slot as usize] = walk.index;
+        claim(&mut walks[turn.pos], &mut table);
         turn.num += 2;
         // Dropping `top` restores the heap order.
     }
@@ -227,6 +241,8 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     const M: u32 = DEFAULT_RING_SIZE;
+    const KNOWN_TABLE: [u32; 31] =
+        [2, 3, 4, 2, 0, 2, 3, 3, 4, 0, 2, 4, 1, 3, 1, 3, 0, 1, 3, 1, 1, 0, 3, 1, 1, 3, 1, 1, 0, 4, 3];
 
     /// Backends with indexes 0.. and random (but reproducible) keys.
     fn backends(weights: &[u32], seed: u64) -> Vec<MaglevBackend> {
@@ -260,6 +276,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The builder as first written (turns from the heap for every weight, the table itself
+    /// probed): the faster one must produce exactly its tables, or nodes of two releases in one
+    /// ECMP group would disagree.
+    fn reference_table(backends: &[MaglevBackend], ring_size: u32) -> Vec<u32> {
+        let mut sorted = backends.to_vec();
+        sorted.sort_unstable_by_key(|b| b.key);
+        let m = u64::from(ring_size);
+        let mut table = vec![NO_BACKEND; ring_size as usize];
+        let mut walks: Vec<Walk> = sorted
+            .iter()
+            .map(|b| Walk {
+                slot: splitmix64(b.key ^ OFFSET_SEED) % m,
+                skip: fmix64(b.key ^ SKIP_SEED) % (m - 1) + 1,
+                index: b.index,
+            })
+            .collect();
+        let mut turns: BinaryHeap<Reverse<Turn>> = sorted
+            .iter()
+            .enumerate()
+            .map(|(pos, b)| Reverse(Turn { num: 1, den: 2 * u64::from(b.weight), pos }))
+            .collect();
+        for _ in 0..m {
+            let mut top = turns.peek_mut().unwrap();
+            let walk = &mut walks[top.0.pos];
+            while table[walk.slot as usize] != NO_BACKEND {
+                walk.slot = (walk.slot + walk.skip) % m;
+            }
+            table[walk.slot as usize] = walk.index;
+            top.0.num += 2;
+        }
+        table
+    }
+
+    #[test]
+    fn tables_are_those_of_the_reference_builder() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for (n, ring_size) in [(1, 7), (3, 13), (10, 251), (100, 4093), (1000, M), (5000, M)] {
+            for weighted in [false, true] {
+                let weights: Vec<u32> = (0..n).map(|_| if weighted { rng.random_range(1..=8) } else { 3 }).collect();
+                let list = backends(&weights, rng.random());
+                assert_eq!(build_table(&list, ring_size).unwrap(), reference_table(&list, ring_size), "{n} {weighted}");
+            }
+        }
+    }
+
+    /// A fixed input's table, pinned: a change to the hashes or the turn order would move flows
+    /// between releases (and between the nodes of a mixed ECMP group).
+    #[test]
+    fn a_known_table_stays_the_same() {
+        let list: Vec<MaglevBackend> = (0..5u32)
+            .map(|i| MaglevBackend {
+                index: i,
+                key: u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                weight: 1 + i % 2,
+            })
+            .collect();
+        let table = build_table(&list, 31).unwrap();
+        assert_eq!(table, KNOWN_TABLE);
     }
 
     #[test]
