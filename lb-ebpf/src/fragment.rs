@@ -1,8 +1,9 @@
 //! IP fragments of a VIP's datagrams. The first fragment carries the ports: it is balanced like
 //! any packet, and what was done with it is remembered in `FRAGS` under the datagram's
 //! reassembly key. Later fragments carry no ports: they find their first's route there, and get
-//! the same next hop and (NAT) the same addresses, or (tunnels) the same tunnel and outer source. The L4 checksum covers the whole datagram and
-//! sits in the first fragment, whose rewrite updates it for every changed byte.
+//! the same next hop and (NAT) the same addresses, or (tunnels) the same tunnel and outer
+//! source. The L4 checksum covers the whole datagram and sits in the first fragment, whose
+//! rewrite updates it for every changed byte.
 //!
 //! A later fragment that comes before its first (reordered, or its first was lost or went to
 //! another load balancer) cannot be placed: it goes to the kernel, counted, as it did before the

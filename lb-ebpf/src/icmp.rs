@@ -13,8 +13,8 @@ use core::mem::size_of;
 use lb_common::csum::{replace_bytes, replace_u16, udp_nonzero};
 use lb_common::hash::flow_hash;
 use lb_common::maps::{
-    FAMILY_V4, FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, VIP_ADDR_ANSWER_PING,
-    TunnelJob, VipAddrKey,
+    FAMILY_V4, FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, TunnelJob,
+    VIP_ADDR_ANSWER_PING, VipAddrKey,
 };
 use lb_common::packet::{
     DEFAULT_TTL, ETH_HLEN, Fragment, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,

@@ -8,8 +8,8 @@ use lb_common::decap::{DECAP_VERDICT_SLOTS, DecapSettings};
 use lb_common::layout::REASON_SLOTS;
 use lb_common::maps::{
     Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FRAGS_ENTRIES, FlowKey, FragKey,
-    FragRoute, MAX_BACKENDS, NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, TunnelJob, VipAddr, VipAddrKey, VipKey,
-    VipMeta,
+    FragRoute, MAX_BACKENDS, NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, TunnelJob, VipAddr, VipAddrKey,
+    VipKey, VipMeta,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;

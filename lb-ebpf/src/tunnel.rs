@@ -103,7 +103,9 @@ fn encapsulate(ctx: &XdpContext, packet: &Packet, job: &TunnelJob) -> Result<(),
         let header = ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN)?;
         let label = flow_label(job.hash);
         // SAFETY: ptr_at checked the header's bytes; nothing else refers to them.
-        unsafe { write_ipv6_header(&mut *header, &src, &backend.addr, protocol, tos, label, ip_len + added - IPV6_HLEN) };
+        unsafe {
+            write_ipv6_header(&mut *header, &src, &backend.addr, protocol, tos, label, ip_len + added - IPV6_HLEN)
+        };
         IPV6_HLEN
     } else {
         write(ctx, 12, ETH_P_IP.to_be())?;
