@@ -55,9 +55,13 @@ pub enum DecapVerdict {
     /// The inner destination is not this host's (the kernel would forward it, or it is
     /// multicast): decapsulating it would make this host an open relay.
     DropNotLocal = 8,
+    /// The outer header was marked "congestion experienced" on the way, but the inner packet is
+    /// not ECN-capable: dropped, as RFC 6040 has it (the mark would otherwise be lost, and the
+    /// drop is the congestion signal its sender understands).
+    DropCongestionNotEct = 9,
 }
 
-pub const DECAP_VERDICT_COUNT: u32 = 9;
+pub const DECAP_VERDICT_COUNT: u32 = 10;
 const _: () = assert!(DECAP_VERDICT_COUNT <= DECAP_VERDICT_SLOTS);
 
 impl DecapVerdict {
@@ -71,6 +75,7 @@ impl DecapVerdict {
         DecapVerdict::DropMalformed,
         DecapVerdict::DropNested,
         DecapVerdict::DropNotLocal,
+        DecapVerdict::DropCongestionNotEct,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -84,13 +89,17 @@ impl DecapVerdict {
             DecapVerdict::DropMalformed => "drop_malformed",
             DecapVerdict::DropNested => "drop_nested",
             DecapVerdict::DropNotLocal => "drop_not_local",
+            DecapVerdict::DropCongestionNotEct => "drop_congestion_not_ect",
         }
     }
 
     /// The XDP verdict that goes with it.
     pub const fn xdp_action(self) -> u32 {
         match self {
-            DecapVerdict::DropMalformed | DecapVerdict::DropNested | DecapVerdict::DropNotLocal => XDP_DROP,
+            DecapVerdict::DropMalformed
+            | DecapVerdict::DropNested
+            | DecapVerdict::DropNotLocal
+            | DecapVerdict::DropCongestionNotEct => XDP_DROP,
             _ => XDP_PASS,
         }
     }

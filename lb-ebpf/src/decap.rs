@@ -1,7 +1,8 @@
 //! `lb decap`, on a backend of an `ipip` or `gue` VIP: strips the tunnel headers
 //! (`lb_common::tunnel`) from packets for this host whose inner packet is for this host too, and
 //! hands the inner packet to the stack: read the outer headers → is the outer destination ours?
-//! → check the tunnel and inner headers → is the inner destination ours? → strip.
+//! → check the tunnel and inner headers → is the inner destination ours? → carry a congestion
+//! mark inwards → strip.
 //!
 //! "Ours" is asked of the kernel's routing, not of a list of addresses that would go stale when
 //! an operator adds a VIP to `lo` later: `bpf_fib_lookup` on the ingress interface answers
@@ -29,6 +30,7 @@ use aya_ebpf::helpers::{bpf_fib_lookup, bpf_xdp_adjust_head};
 use aya_ebpf::macros::xdp;
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
+use lb_common::csum::replace_u16;
 use lb_common::decap::DecapVerdict::{self, *};
 use lb_common::maps::{FAMILY_V4, FAMILY_V6, PROTO_UDP};
 use lb_common::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, UDP_HLEN, is_ipv6_extension, l4};
@@ -58,6 +60,7 @@ fn decapsulate(ctx: &XdpContext) -> Result<DecapVerdict, DecapVerdict> {
     if inner.multicast || forwards(ctx, inner.family, &inner.src, &inner.dst) {
         return Err(DropNotLocal);
     }
+    carry_congestion_mark(ctx, &outer, &inner)?;
     strip(ctx, inner.off, inner.family)?;
     Ok(PassDecapsulated)
 }
@@ -70,6 +73,8 @@ struct Outer {
     dst: [u8; 16],
     /// IPIP: the outer protocol, which names the inner family. GUE: `PROTO_UDP`.
     proto: u8,
+    /// The ECN field of the outer header.
+    ecn: u8,
     /// Where the tunnel's payload starts (the inner packet, or GUE's UDP header), and where the
     /// outer IP packet ends (Ethernet padding may follow).
     payload_off: usize,
@@ -82,7 +87,7 @@ struct Outer {
 fn read_outer(ctx: &XdpContext, gue_port: u16) -> Result<Outer, DecapVerdict> {
     let ethertype = u16::from_be(read::<u16>(ctx, 12).map_err(|_| PassNotTunnel)?);
     let frame_len = ctx.data_end() - ctx.data();
-    let mut outer = Outer { family: 0, src: [0; 16], dst: [0; 16], proto: 0, payload_off: 0, end: 0 };
+    let mut outer = Outer { family: 0, src: [0; 16], dst: [0; 16], proto: 0, ecn: 0, payload_off: 0, end: 0 };
     let mut more_fragments = false;
     match ethertype {
         ETH_P_IP => {
@@ -100,6 +105,7 @@ fn read_outer(ctx: &XdpContext, gue_port: u16) -> Result<Outer, DecapVerdict> {
             }
             more_fragments = frag & 0x2000 != 0;
             outer.family = FAMILY_V4;
+            outer.ecn = h[1] & 3;
             outer.src[..4].copy_from_slice(&h[12..16]);
             outer.dst[..4].copy_from_slice(&h[16..20]);
             outer.payload_off = ETH_HLEN + ihl;
@@ -116,6 +122,7 @@ fn read_outer(ctx: &XdpContext, gue_port: u16) -> Result<Outer, DecapVerdict> {
                 return Err(PassOuterExtHeader);
             }
             outer.family = FAMILY_V6;
+            outer.ecn = (h[1] >> 4) & 3;
             outer.src.copy_from_slice(&h[8..24]);
             outer.dst.copy_from_slice(&h[24..40]);
             outer.payload_off = ETH_HLEN + IPV6_HLEN;
@@ -149,6 +156,8 @@ struct Inner {
     dst: [u8; 16],
     /// Multicast (or IPv4 limited broadcast): never a VIP, and what multicast routing would relay.
     multicast: bool,
+    /// The ECN field of the inner header.
+    ecn: u8,
     /// Where the inner IP header starts.
     off: usize,
 }
@@ -175,7 +184,7 @@ fn read_inner(ctx: &XdpContext, outer: &Outer, gue_port: u16) -> Result<Inner, D
         inner_family(outer.proto).ok_or(DropMalformed)?
     };
     let left = outer.end - off;
-    let mut inner = Inner { family, src: [0; 16], dst: [0; 16], multicast: false, off };
+    let mut inner = Inner { family, src: [0; 16], dst: [0; 16], multicast: false, ecn: 0, off };
     // The upper-layer protocol, where its header starts and how long it may be (0: no header
     // here), for the nesting check.
     let (proto, l4_off, l4_len) = if family == FAMILY_V4 {
@@ -185,6 +194,7 @@ fn read_inner(ctx: &XdpContext, outer: &Outer, gue_port: u16) -> Result<Inner, D
         if h[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN || total < ihl || total != left {
             return Err(DropMalformed);
         }
+        inner.ecn = h[1] & 3;
         inner.src[..4].copy_from_slice(&h[12..16]);
         inner.dst[..4].copy_from_slice(&h[16..20]);
         inner.multicast = h[16] & 0xf0 == 0xe0 || h[16..20] == [0xff; 4];
@@ -197,6 +207,7 @@ fn read_inner(ctx: &XdpContext, outer: &Outer, gue_port: u16) -> Result<Inner, D
         if h[0] >> 4 != 6 || IPV6_HLEN + payload != left {
             return Err(DropMalformed);
         }
+        inner.ecn = (h[1] >> 4) & 3;
         inner.src.copy_from_slice(&h[8..24]);
         inner.dst.copy_from_slice(&h[24..40]);
         inner.multicast = h[24] == 0xff;
@@ -256,6 +267,37 @@ fn forwards(ctx: &XdpContext, family: u8, src: &[u8; 16], dst: &[u8; 16]) -> boo
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, size_of::<FibLookup>() as i32, 0) };
     !(rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64)
 }
+
+/// ECN through the tunnel (RFC 6040, normal mode): the load balancer copies the inner ECN field
+/// to the outer header, routers on the way may mark the outer one "congestion experienced"
+/// (CE), and that mark must reach the inner packet, or the sender never learns of the
+/// congestion. A CE mark over an inner packet that is not ECN-capable is a drop instead.
+#[inline(always)]
+fn carry_congestion_mark(ctx: &XdpContext, outer: &Outer, inner: &Inner) -> Result<(), DecapVerdict> {
+    if outer.ecn != ECN_CE || inner.ecn == ECN_CE {
+        return Ok(());
+    }
+    if inner.ecn == ECN_NOT_ECT {
+        return Err(DropCongestionNotEct);
+    }
+    let first: [u8; 2] = read(ctx, inner.off).map_err(|_| DropMalformed)?;
+    let marked = if inner.family == FAMILY_V6 {
+        [first[0], first[1] | (ECN_CE << 4)] // the traffic class straddles the two bytes
+    } else {
+        [first[0], first[1] | ECN_CE]
+    };
+    write(ctx, inner.off, marked).map_err(|_| DropMalformed)?;
+    if inner.family == FAMILY_V4 {
+        let check: u16 = read(ctx, inner.off + 10).map_err(|_| DropMalformed)?;
+        let check = replace_u16(check, u16::from_ne_bytes(first), u16::from_ne_bytes(marked));
+        write(ctx, inner.off + 10, check).map_err(|_| DropMalformed)?;
+    }
+    Ok(())
+}
+
+/// The ECN field's values (RFC 3168).
+const ECN_NOT_ECT: u8 = 0;
+const ECN_CE: u8 = 3;
 
 /// Moves the frame's start to just before the inner packet and writes an Ethernet header there
 /// (the same MACs, the inner family's ethertype): the stack receives the inner packet as if it

@@ -131,6 +131,33 @@ fn with_outer_extension(bytes: Vec<u8>, kind: u8) -> Vec<u8> {
     })
 }
 
+/// Sets the ECN field of the IP header at `at` (IPv4: its checksum recomputed).
+fn set_ecn(bytes: &mut [u8], at: usize, ecn: u8) {
+    if bytes[at] >> 4 == 6 {
+        bytes[at + 1] = (bytes[at + 1] & !0x30) | (ecn << 4);
+        return;
+    }
+    bytes[at + 1] = (bytes[at + 1] & !3) | ecn;
+    let hlen = ((bytes[at] & 0x0f) as usize) * 4;
+    set16(bytes, at + ipv4::CHECK, 0);
+    let mut sum: u32 = bytes[at..at + hlen].chunks(2).map(|w| u32::from(get16(w, 0))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    set16(bytes, at + ipv4::CHECK, !(sum as u16));
+}
+
+/// `inner` (a frame) with its ECN field set to `ecn`.
+fn with_ecn(inner: &Frame, ecn: u8) -> Vec<u8> {
+    with(inner.bytes(), |b| set_ecn(b, ETH_HLEN, ecn))
+}
+
+/// The ECN field's values (RFC 3168).
+const NOT_ECT: u8 = 0;
+const ECT0: u8 = 2;
+const ECT1: u8 = 1;
+const CE: u8 = 3;
+
 /// What a row expects.
 #[derive(Clone, Debug)]
 enum Expect {
@@ -385,6 +412,37 @@ fn table() -> Vec<(&'static str, When, Vec<u8>, Expect)> {
             Untouched(PassOuterExtHeader),
         ),
         // Whose destinations.
+        // ECN (RFC 6040): a congestion mark on the outer header reaches the inner packet.
+        (
+            "4in4, outer CE over inner ECT(0): the inner packet is marked CE",
+            Always,
+            with(tunnel_to(&with_ecn(&v4, ECT0), BACKEND4, false), |b| set_ecn(b, OUTER, CE)),
+            Expect::Inner(with_ecn(&v4, CE)),
+        ),
+        (
+            "GUE over IPv6, outer CE over inner IPv6 ECT(1): marked CE",
+            Always,
+            with(tunnel_to(&with_ecn(&v6, ECT1), BACKEND6, true), |b| set_ecn(b, OUTER, CE)),
+            Expect::Inner(with_ecn(&v6, CE)),
+        ),
+        (
+            "4in6, outer ECT(0) over inner ECT(0): unchanged",
+            Always,
+            with(tunnel_to(&with_ecn(&v4, ECT0), BACKEND6, false), |b| set_ecn(b, OUTER, ECT0)),
+            Expect::Inner(with_ecn(&v4, ECT0)),
+        ),
+        (
+            "6in4, outer CE over inner CE: unchanged",
+            Always,
+            with(tunnel_to(&with_ecn(&v6, CE), BACKEND4, false), |b| set_ecn(b, OUTER, CE)),
+            Expect::Inner(with_ecn(&v6, CE)),
+        ),
+        (
+            "4in4, outer CE over an inner packet that is not ECN-capable",
+            Always,
+            with(tunnel_to(&with_ecn(&v4, NOT_ECT), BACKEND4, false), |b| set_ecn(b, OUTER, CE)),
+            Dropped(DropCongestionNotEct),
+        ),
         ("inner destination multicast", Always, tunnel(&inner_to("239.1.2.3"), false, false), Dropped(DropNotLocal)),
         ("inner destination IPv6 multicast", Always, tunnel(&inner_to("ff05::1:3"), true, true), Dropped(DropNotLocal)),
         (
