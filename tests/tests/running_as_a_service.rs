@@ -15,22 +15,27 @@ fn unit_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/lb.service")
 }
 
-#[test]
-fn the_unit_file_passes_systemd_analyze_verify() {
-    let unit = std::fs::read_to_string(unit_file()).unwrap();
-    assert!(unit.contains("Type=notify"), "the daemon tells systemd when it is ready");
-    // The unit names the installed binary; verify needs a binary that exists.
-    let dir = tempdir("unit");
-    let path = dir.join("lb.service");
+/// Writes `unit` as `name` (naming the binary cargo built, as verify needs one that exists) and
+/// demands a clean `systemd-analyze verify`.
+fn assert_unit_verifies(unit: &str, name: &str) {
+    let dir = tempdir(name);
+    let path = dir.join(name);
     std::fs::write(&path, unit.replace("/usr/local/sbin/lb", lb_binary().to_str().unwrap())).unwrap();
     let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success() && out.stderr.is_empty(),
-        "systemd-analyze verify: {}\n{}",
+        "systemd-analyze verify {name}: {}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_unit_file_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(unit_file()).unwrap();
+    assert!(unit.contains("Type=notify"), "the daemon tells systemd when it is ready");
+    assert_unit_verifies(&unit, "lb.service");
 }
 
 /// The backends' decapsulation unit, checked as the instance `lb-decap@eth0` (a template is
@@ -40,17 +45,7 @@ fn the_decap_unit_passes_systemd_analyze_verify() {
     let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/lb-decap@.service");
     let unit = std::fs::read_to_string(template).unwrap();
     assert!(unit.contains("lb decap attach --interface %i") && unit.contains("lb decap detach --interface %i"));
-    let dir = tempdir("decap-unit");
-    let path = dir.join("lb-decap@eth0.service");
-    std::fs::write(&path, unit.replace("/usr/local/sbin/lb", lb_binary().to_str().unwrap())).unwrap();
-    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        out.status.success() && out.stderr.is_empty(),
-        "systemd-analyze verify: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_unit_verifies(&unit, "lb-decap@eth0.service");
 }
 
 #[test]
