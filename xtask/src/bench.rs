@@ -1,9 +1,13 @@
 //! `cargo xtask bench`: runs every benchmark binary in turn, shows their output as it comes,
 //! and keeps the whole run as `<dir>/<date>-<kernel>.md` (target/bench, or bench/results with
 //! `--record`) plus the same figures as JSON
-//! (each Markdown table becomes a list of records keyed by its header).
+//! (each Markdown table becomes a list of records keyed by its header), each figure beside the
+//! previous recorded run's.
+
+mod previous;
 
 use anyhow::{Context, Result, bail};
+use previous::Previous;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -55,9 +59,13 @@ fn steps(quick: bool) -> Vec<Step> {
     steps
 }
 
-/// Runs the benchmarks; returns the Markdown file written.
-pub fn run(root: &Path, dir: &Path, quick: bool, print_json: bool) -> Result<PathBuf> {
+/// Runs the benchmarks and compares them with `previous` (a run's JSON), or else with the newest
+/// run in bench/results; returns the Markdown file written.
+pub fn run(root: &Path, dir: &Path, quick: bool, print_json: bool, previous: Option<&Path>) -> Result<PathBuf> {
     let started = Instant::now();
+    // Found before this run writes its own results, which may land in bench/results too.
+    let previous = Previous::find(previous, &root.join("bench/results"));
+    print!("{}", previous.note(quick));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     println!("[build] release benchmark binaries");
     let status = Command::new(cargo)
@@ -71,13 +79,13 @@ pub fn run(root: &Path, dir: &Path, quick: bool, print_json: bool) -> Result<Pat
     }
     let steps = steps(quick);
     let mut markdown = header(root, quick);
+    markdown.push_str(&format!("\n{}", previous.note(quick)));
     let mut records = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         println!("\n[{}/{}] {} ({:.0} s so far)", i + 1, steps.len(), step.name, started.elapsed().as_secs_f64());
         let output = run_step(root, step)?;
         markdown.push_str(&format!("\n## {}\n\n", step.name));
-        markdown.push_str(&output);
-        records.push(json!({ "step": step.name, "tables": tables(&output), "notes": notes(&output) }));
+        records.push(report_step(step.name, &output, &previous, &mut markdown));
     }
     let seconds = started.elapsed().as_secs_f64();
     markdown.push_str(&format!("\n---\nThe whole run took {seconds:.0} s.\n"));
@@ -90,7 +98,12 @@ pub fn run(root: &Path, dir: &Path, quick: bool, print_json: bool) -> Result<Pat
     );
     let md = dir.join(format!("{stem}.md"));
     std::fs::write(&md, &markdown).with_context(|| format!("writing {}", md.display()))?;
-    let document = json!({ "machine": machine(root, quick), "seconds": seconds, "steps": records });
+    let document = json!({
+        "machine": machine(root, quick),
+        "seconds": seconds,
+        "steps": records,
+        "previous": previous.describe(),
+    });
     let json_path = dir.join(format!("{stem}.json"));
     std::fs::write(&json_path, serde_json::to_string_pretty(&document)?)?;
     match chart(&document, &dir.join(format!("{stem}.svg"))) {
@@ -102,6 +115,23 @@ pub fn run(root: &Path, dir: &Path, quick: bool, print_json: bool) -> Result<Pat
     }
     println!("\nbench: {seconds:.0} s; results in {} and {}", md.display(), json_path.display());
     Ok(md)
+}
+
+/// Appends one step's output to the report, its tables with the previous run's figures beside
+/// this run's, and returns the step's JSON record: its tables as this run printed them (the next
+/// run compares with those), and with a previous run, "compared": per table, per row, "new" or
+/// the previous figure and the change of each compared column.
+fn report_step(name: &str, output: &str, previous: &Previous, markdown: &mut String) -> Value {
+    let parsed = markdown_tables(output);
+    let mut record = json!({ "step": name, "tables": tables(output), "notes": notes(output) });
+    match previous.align(name, &parsed) {
+        Some(alignments) => {
+            markdown.push_str(&previous::annotate(output, &parsed, &alignments));
+            record["compared"] = parsed.iter().zip(&alignments).map(|(t, a)| a.to_json(t)).collect();
+        }
+        None => markdown.push_str(output),
+    }
+    record
 }
 
 /// Runs one binary, echoing its output line by line (the progress), and returns the output.
@@ -172,36 +202,61 @@ fn shell_in(dir: &Path, args: &[&str]) -> String {
 
 /// Every Markdown table of `text` as records keyed by its header cells; numbers become numbers.
 fn tables(text: &str) -> Vec<Vec<Value>> {
+    markdown_tables(text).into_iter().map(|table| table.rows).collect()
+}
+
+/// One Markdown table of a benchmark's output.
+struct Table {
+    /// The records' keys in column order (the JSON records do not keep the order).
+    columns: Vec<String>,
+    rows: Vec<Value>,
+    /// Where it stands in the output (line numbers): the header, the separator, each row.
+    header_line: usize,
+    separator_lines: Vec<usize>,
+    row_lines: Vec<usize>,
+}
+
+fn markdown_tables(text: &str) -> Vec<Table> {
     let mut tables = Vec::new();
-    let mut current: Option<(Vec<String>, Vec<Value>)> = None;
-    for line in text.lines().map(str::trim) {
+    let mut current: Option<Table> = None;
+    for (number, line) in text.lines().map(str::trim).enumerate() {
         if !line.starts_with('|') {
-            if let Some((_, rows)) = current.take() {
-                tables.push(rows);
-            }
+            tables.extend(current.take());
             continue;
         }
-        let cells: Vec<String> = line.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect();
+        let cells = cells(line);
         match &mut current {
-            None => current = Some((cells, Vec::new())),
-            Some(_) if cells.iter().all(|c| c.chars().all(|ch| "-: ".contains(ch))) => {}
-            Some((header, rows)) => {
-                let record: serde_json::Map<String, Value> = header
+            None => {
+                current = Some(Table {
+                    columns: cells.into_iter().map(|k| if k.is_empty() { "name".to_string() } else { k }).collect(),
+                    rows: Vec::new(),
+                    header_line: number,
+                    separator_lines: Vec::new(),
+                    row_lines: Vec::new(),
+                })
+            }
+            Some(table) if cells.iter().all(|c| c.chars().all(|ch| "-: ".contains(ch))) => {
+                table.separator_lines.push(number)
+            }
+            Some(table) => {
+                let record: serde_json::Map<String, Value> = table
+                    .columns
                     .iter()
                     .zip(&cells)
-                    .map(|(k, v)| {
-                        let key = if k.is_empty() { "name".to_string() } else { k.clone() };
-                        (key, v.parse::<f64>().map_or_else(|_| Value::from(v.clone()), Value::from))
-                    })
+                    .map(|(k, v)| (k.clone(), v.parse::<f64>().map_or_else(|_| Value::from(v.clone()), Value::from)))
                     .collect();
-                rows.push(Value::Object(record));
+                table.rows.push(Value::Object(record));
+                table.row_lines.push(number);
             }
         }
     }
-    if let Some((_, rows)) = current {
-        tables.push(rows);
-    }
+    tables.extend(current);
     tables
+}
+
+/// The trimmed cells of one Markdown table line.
+fn cells(line: &str) -> Vec<String> {
+    line.trim().trim_matches('|').split('|').map(|c| c.trim().to_string()).collect()
 }
 
 /// The prose lines (ratios, explanations), without headings and tables.
@@ -217,18 +272,32 @@ fn notes(text: &str) -> Vec<String> {
 struct Bar {
     label: String,
     value: f64,
+    /// The same figure in the previous run, when the report compared it.
+    previous: Option<f64>,
 }
 
 /// The comparison bars from the results: forwarded pps per balancer and frame size, and TCP
-/// connections per second, each group relative to the first bar of its kind drawn in its unit.
+/// connections per second, each group relative to the first bar of its kind drawn in its unit;
+/// with the previous run's figure where the report compared it ("compared" in the results).
 fn comparison(document: &Value) -> Vec<(String, Vec<Bar>)> {
     let mut groups = Vec::new();
     for step in document["steps"].as_array().into_iter().flatten() {
         let Some(first) = step["tables"].as_array().and_then(|t| t.first()).and_then(|t| t.as_array()) else {
             continue;
         };
+        let compared = &step["compared"][0];
         let bars = |value_key: &str, label: &dyn Fn(&Value) -> String| -> Vec<Bar> {
-            first.iter().filter_map(|row| Some(Bar { label: label(row), value: row[value_key].as_f64()? })).collect()
+            first
+                .iter()
+                .enumerate()
+                .filter_map(|(i, row)| {
+                    Some(Bar {
+                        label: label(row),
+                        value: row[value_key].as_f64()?,
+                        previous: previous::figure(&compared[i][value_key]["previous"]),
+                    })
+                })
+                .collect()
         };
         match step["step"].as_str() {
             Some(name) if name.starts_with("end-to-end") => groups.push((
@@ -274,10 +343,19 @@ fn chart(document: &Value, svg: &Path) -> Result<PathBuf> {
         let width = 1100.max(190 * most_bars);
         let root = SVGBackend::new(svg, (width, 420 * groups.len() as u32)).into_drawing_area();
         root.fill(&WHITE)?;
+        let previous_date = document["previous"]["date"].as_str().unwrap_or("the previous run");
         for ((title, bars), area) in groups.iter().zip(root.split_evenly((groups.len(), 1))) {
-            let top = bars.iter().map(|b| b.value).fold(0.0, f64::max) * 1.15;
+            // With the previous run, each slot holds its previous figure (light, left) beside the new.
+            let with_previous = bars.iter().any(|b| b.previous.is_some());
+            let tallest = |b: &Bar| b.previous.map_or(b.value, |p| p.max(b.value));
+            let top = bars.iter().map(tallest).fold(0.0, f64::max) * if with_previous { 1.25 } else { 1.15 };
+            let caption = if with_previous {
+                format!("{title}; light bars: previous run ({previous_date})")
+            } else {
+                title.clone()
+            };
             let mut chart = ChartBuilder::on(&area)
-                .caption(title, ("sans-serif", 22))
+                .caption(caption, ("sans-serif", 22))
                 .margin(15)
                 .x_label_area_size(40)
                 .y_label_area_size(90)
@@ -289,22 +367,47 @@ fn chart(document: &Value, svg: &Path) -> Result<PathBuf> {
                 .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
                 .label_style(("sans-serif", 14))
                 .draw()?;
-            chart.draw_series(bars.iter().enumerate().map(|(i, bar)| {
-                let color = if bar.label.starts_with("lb") {
+            let color = |bar: &Bar| {
+                if bar.label.starts_with("lb") {
                     RGBColor(31, 119, 180) // ours
                 } else if bar.label.starts_with("XDP_TX floor") {
                     RGBColor(200, 220, 235) // the topology's ceiling, not a competitor
                 } else {
                     RGBColor(150, 150, 150) // what a user would run instead
-                };
-                Rectangle::new([(i as f64 + 0.1, 0.0), (i as f64 + 0.9, bar.value)], color.filled())
+                }
+            };
+            let lighter = |RGBColor(r, g, b): RGBColor| {
+                let towards_white = |c: u8| c + ((255 - c) as f64 * 0.6) as u8;
+                RGBColor(towards_white(r), towards_white(g), towards_white(b))
+            };
+            let new_left = if with_previous { 0.5 } else { 0.1 };
+            chart.draw_series(bars.iter().enumerate().map(|(i, bar)| {
+                Rectangle::new([(i as f64 + new_left, 0.0), (i as f64 + 0.9, bar.value)], color(bar).filled())
+            }))?;
+            let before = |(i, bar): (usize, &Bar)| Some((i as f64, bar.previous?, color(bar)));
+            chart.draw_series(bars.iter().enumerate().filter_map(before).map(|(i, previous, color)| {
+                Rectangle::new([(i + 0.1, 0.0), (i + 0.5, previous)], lighter(color).filled())
+            }))?;
+            // Outlined a shade darker, so that even the light floor's previous bar stands out from the white.
+            let darker = |RGBColor(r, g, b): RGBColor| RGBColor(r / 5 * 4, g / 5 * 4, b / 5 * 4);
+            chart.draw_series(bars.iter().enumerate().filter_map(before).map(|(i, previous, color)| {
+                Rectangle::new([(i + 0.1, 0.0), (i + 0.5, previous)], darker(color).stroke_width(1))
             }))?;
             chart.draw_series(bars.iter().enumerate().map(|(i, bar)| {
                 Text::new(
                     format!("{}: {:.0}", bar.label, bar.value),
-                    (i as f64 + 0.12, bar.value + top * 0.05),
+                    (i as f64 + 0.12, tallest(bar) + top * if with_previous { 0.1 } else { 0.05 }),
                     ("sans-serif", 14),
                 )
+            }))?;
+            chart.draw_series(bars.iter().enumerate().filter_map(|(i, bar)| {
+                let previous = bar.previous?;
+                let change = (bar.value - previous) / previous * 100.0;
+                Some(Text::new(
+                    format!("was {previous:.0} ({})", previous::signed_percent(change)),
+                    (i as f64 + 0.12, tallest(bar) + top * 0.05),
+                    ("sans-serif", 13),
+                ))
             }))?;
         }
         root.present()?;
@@ -351,6 +454,32 @@ mod tests {
             ]
         );
         let svg = std::env::temp_dir().join(format!("lb-chart-test-{}.svg", std::process::id()));
+        let png = chart(&document, &svg).unwrap();
+        assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+        let _ = (std::fs::remove_file(&svg), std::fs::remove_file(&png));
+    }
+
+    #[test]
+    fn the_chart_sets_each_figure_beside_the_previous_runs() {
+        let step = "TCP connections per second vs HAProxy";
+        let cps = |nat: u32| {
+            format!(
+                "| balancer | connections/s | failed |\n|---|---:|---:|\n| lb (XDP, nat) | {nat} | 0 |\n\
+                     | HAProxy 2.6, mode tcp, roundrobin | 7344 | 0 |\n"
+            )
+        };
+        let before = cps(11570).replace("| HAProxy 2.6, mode tcp, roundrobin | 7344 | 0 |\n", "");
+        let previous = Previous::Run {
+            file: PathBuf::from("2026-11-25-0945-6.18.44-fc-v509.json"),
+            document: json!({ "machine": { "date": "2026-11-25 09:45" }, "steps": [{ "step": step, "tables": tables(&before) }] }),
+        };
+        let mut markdown = String::new();
+        let document = json!({ "steps": [report_step(step, &cps(12251), &previous, &mut markdown)], "previous": previous.describe() });
+        assert!(markdown.contains("| lb (XDP, nat) | 12251 | 11570 | +6 % | 0 |"), "{markdown}");
+        assert!(markdown.contains("| HAProxy 2.6, mode tcp, roundrobin | 7344 | new |  | 0 |"), "{markdown}");
+        let bars: Vec<(f64, Option<f64>)> = comparison(&document)[0].1.iter().map(|b| (b.value, b.previous)).collect();
+        assert_eq!(bars, vec![(12251.0, Some(11570.0)), (7344.0, None)]);
+        let svg = std::env::temp_dir().join(format!("lb-chart-previous-test-{}.svg", std::process::id()));
         let png = chart(&document, &svg).unwrap();
         assert!(std::fs::metadata(&png).unwrap().len() > 1000);
         let _ = (std::fs::remove_file(&svg), std::fs::remove_file(&png));

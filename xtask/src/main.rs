@@ -73,7 +73,8 @@ enum Task {
     /// Measure the XDP program's per-packet cost (BPF_PROG_TEST_RUN) beside floor programs,
     /// the control plane's table build and publish times, end-to-end pps against nftables and
     /// the health checks' CPU; writes target/bench/<date>-<kernel>.{md,json} (with --record:
-    /// bench/results/, to keep them in the repository).
+    /// bench/results/, to keep them in the repository), each figure beside the previous recorded
+    /// run's.
     Bench {
         /// Write the results to bench/results/ (tracked) instead of target/bench/.
         #[arg(long)]
@@ -84,6 +85,9 @@ enum Task {
         /// Also print the results as JSON at the end.
         #[arg(long)]
         json: bool,
+        /// Compare with this run's JSON rather than the newest in bench/results/.
+        #[arg(long, value_name = "PATH")]
+        previous: Option<PathBuf>,
     },
 }
 
@@ -110,7 +114,7 @@ fn main() -> Result<()> {
         Task::Package { binary } => install::package(&root, &release_binary(&root, binary)?).map(|_| ()),
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo { keep } => demo(&root, keep),
-        Task::Bench { record, quick, json } => bench(&root, record, quick, json),
+        Task::Bench { record, quick, json, previous } => bench(&root, record, quick, json, previous.as_deref()),
         Task::Soak { minutes } => soak(&root, minutes),
     }
 }
@@ -191,13 +195,13 @@ fn soak(root: &Path, minutes: f64) -> Result<()> {
     Ok(())
 }
 
-fn bench(root: &Path, record: bool, quick: bool, json: bool) -> Result<()> {
+fn bench(root: &Path, record: bool, quick: bool, json: bool, previous: Option<&Path>) -> Result<()> {
     setup::ensure()?;
     if !setup::is_root() {
         bail!("the benchmarks load XDP programs and need root: run `sudo cargo xtask bench`");
     }
     let dir = if record { root.join("bench/results") } else { root.join("target/bench") };
-    bench::run(root, &dir, quick, json).map(|_| ())
+    bench::run(root, &dir, quick, json, previous).map(|_| ())
 }
 
 /// `binary`, or the release `lb`, built now.
