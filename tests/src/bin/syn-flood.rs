@@ -561,7 +561,7 @@ fn print(runs: &[Run], settings: Settings) {
     }
     println!(
         "\ndropped before the lb: frames the bridge could not hand to the load balancer's veth, its receive ring full \
-         (clients' SYNs among them); xdp_tx errors: frames the program sent back out that the veth dropped. Frames at \
+         (the clients' packets cross the same ring); xdp_tx errors: frames the program sent back out that the veth dropped. Frames at \
          the sink: the answers to the spoofed sources (dsr: SYN-ACKs straight from the backends; nat: through the \
          load balancer), plus the segment's few broadcasts. Entries: the daemon's pinned tables when the run ended.\n"
     );
