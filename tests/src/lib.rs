@@ -11,6 +11,7 @@ pub mod pair;
 pub mod privilege;
 pub mod routed;
 pub mod service;
+pub mod syn_flood;
 pub mod topology;
 
 /// A binary cargo built into `target/<profile>/`, found from the running executable (a test in

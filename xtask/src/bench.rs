@@ -44,6 +44,11 @@ fn steps(quick: bool) -> Vec<Step> {
             binary: "tcp-cps",
             args: vec![pick("2", "5"), "4".into()],
         },
+        Step {
+            name: "TCP connections during a SYN flood",
+            binary: "syn-flood",
+            args: vec![pick("2", "10"), pick("100", "200")],
+        },
     ];
     for kind in ["tcp", "http", "icmp"] {
         steps.push(Step {
