@@ -114,10 +114,8 @@ fn main() -> Result<()> {
             backends: list.clone(),
         }],
     };
-    // One runtime, as in the daemon.
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (events, mut transitions) = tokio::sync::mpsc::unbounded_channel();
-    let mut engine = HealthEngine::new(runtime.handle().clone(), events);
+    let mut engine = HealthEngine::new(events)?;
     engine.sync(&state, &|_, _| lb::health::Health::Down, &|_, _| None);
     // Let every checker start, then measure.
     std::thread::sleep(Duration::from_secs(3));
