@@ -76,7 +76,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
         attachment: None,
         warnings: opened.warnings,
         xdp_tx_problem: None,
-        health: crate::health::HealthEngine::new(tokio::runtime::Handle::current(), transitions),
+        health: crate::health::HealthEngine::new(transitions).context("starting the health-check thread")?,
         started: Instant::now(),
         samples: (None, None),
         bgp: None,

@@ -1,19 +1,20 @@
-//! The health-check engine: one lightweight task per checked backend on the daemon's runtime (no
-//! thread per check), results in a shared status table, transitions sent to the daemon.
+//! The health-check engine as the daemon sees it: which backends are checked and how, their
+//! status, and their transitions. The checks themselves run on one thread of their own (see
+//! `scheduler`), which records each result in the backend's status record.
 
-use super::probe::{IcmpClients, Via, probe};
-use super::tracker::{Health, Tracker};
-use crate::model::{BackendSpec, CheckSpec, DesiredState, VipSpec};
+use super::probe::{Failure, Subject, Via};
+use super::scheduler::{Command, NewChecker, Scheduler};
+use super::tracker::Health;
+use crate::model::{BackendSpec, CheckKind, CheckSpec, DesiredState, VipSpec};
 use crate::planner::backend_id;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc::UnboundedSender;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 /// A backend changed state.
 #[derive(Clone, Debug)]
@@ -39,23 +40,65 @@ pub struct BackendStatus {
     pub transitions: u64,
 }
 
-struct Checker {
+/// One backend's status as the checks keep it: written by the check thread after every check,
+/// read by the daemon. It outlives a restart of the backend's check (a changed check).
+pub struct Record {
+    pub health: Health,
+    pub since_unix_ms: u64,
+    pub checks: u64,
+    pub transitions: u64,
+    /// The last check's latency, or why it failed.
+    pub last: Option<Result<Duration, Failure>>,
+    pub subject: Arc<Subject>,
+}
+
+impl Record {
+    /// The last check's result in words.
+    pub fn detail(&self) -> String {
+        match &self.last {
+            None => "not checked yet".into(),
+            Some(Ok(latency)) => format!("ok in {:.1} ms", latency.as_secs_f64() * 1e3),
+            Some(Err(failure)) => failure.reason(&self.subject),
+        }
+    }
+
+    fn status(&self) -> BackendStatus {
+        BackendStatus {
+            health: self.health,
+            since_unix_ms: self.since_unix_ms,
+            last_ok: self.last.as_ref().map(Result::is_ok),
+            last_detail: self.detail(),
+            last_latency_ms: self.last.as_ref().and_then(|r| r.as_ref().ok()).map(|l| l.as_secs_f64() * 1e3),
+            checks: self.checks,
+            transitions: self.transitions,
+        }
+    }
+}
+
+/// A status record stays readable even if a thread panicked while holding it (it holds plain
+/// counters).
+pub fn lock(record: &Mutex<Record>) -> MutexGuard<'_, Record> {
+    record.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A checked backend, as the engine started its check.
+struct Checked {
+    id: u64,
     spec: CheckSpec,
     target: SocketAddr,
     via: Option<Via>,
-    task: JoinHandle<()>,
+    record: Arc<Mutex<Record>>,
 }
 
 pub struct HealthEngine {
-    runtime: tokio::runtime::Handle,
-    icmp: IcmpClients,
-    status: Arc<Mutex<HashMap<String, BackendStatus>>>,
-    checkers: HashMap<String, Checker>,
-    events: UnboundedSender<Transition>,
-    next_ident: u16,
+    checked: HashMap<String, Checked>,
+    commands: Sender<Command>,
+    waker: Arc<mio::Waker>,
+    thread: Option<JoinHandle<()>>,
+    next_id: u64,
 }
 
-fn unix_ms() -> u64 {
+pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -65,13 +108,12 @@ pub fn effective_check<'a>(vip: &'a VipSpec, backend: &'a BackendSpec) -> Option
 }
 
 impl HealthEngine {
-    pub fn new(runtime: tokio::runtime::Handle, events: UnboundedSender<Transition>) -> Self {
-        // The ICMP sockets register with the runtime's reactor.
-        let icmp = {
-            let _context = runtime.enter();
-            IcmpClients::open()
-        };
-        Self { runtime, icmp, status: Default::default(), checkers: HashMap::new(), events, next_ident: 1 }
+    /// Starts the check thread (it checks nothing until `sync`).
+    pub fn new(events: UnboundedSender<Transition>) -> std::io::Result<Self> {
+        raise_open_files_limit();
+        let (scheduler, waker, commands) = Scheduler::new(events)?;
+        let thread = std::thread::Builder::new().name("lb-health".into()).spawn(move || scheduler.run())?;
+        Ok(Self { checked: HashMap::new(), commands, waker, thread: Some(thread), next_id: 1 })
     }
 
     /// Checks exactly the backends of `state` that have a check: starts new checkers, restarts
@@ -83,7 +125,7 @@ impl HealthEngine {
         initial: &dyn Fn(&VipSpec, &BackendSpec) -> Health,
         via: &dyn Fn(&VipSpec, &BackendSpec) -> Option<Via>,
     ) {
-        let mut wanted = Vec::new();
+        let mut wanted = HashSet::new();
         for vip in &state.vips {
             for backend in &vip.backends {
                 let Some(spec) = effective_check(vip, backend) else { continue };
@@ -96,129 +138,97 @@ impl HealthEngine {
                 } else {
                     (SocketAddr::new(backend.address.ip(), port), None)
                 };
-                wanted.push(id.clone());
-                if let Some(checker) = self.checkers.get(&id) {
-                    if checker.spec == *spec && checker.target == target && checker.via == via {
+                wanted.insert(id.clone());
+                let subject = Arc::new(Subject {
+                    target,
+                    via,
+                    timeout: spec.timeout,
+                    needle: match &spec.kind {
+                        CheckKind::Http { body_contains, .. } => body_contains.clone(),
+                        _ => None,
+                    },
+                });
+                let record = match self.checked.remove(&id) {
+                    Some(checked) if checked.spec == *spec && checked.target == target && checked.via == via => {
+                        self.checked.insert(id, checked);
                         continue;
                     }
-                    checker.task.abort();
-                }
-                let start = self
-                    .status
-                    .lock()
-                    .expect("status lock")
-                    .get(&id)
-                    .map(|s| s.health)
-                    .unwrap_or_else(|| initial(vip, backend));
-                self.status.lock().expect("status lock").entry(id.clone()).or_insert_with(|| BackendStatus {
-                    health: start,
-                    since_unix_ms: unix_ms(),
-                    last_ok: None,
-                    last_detail: "not checked yet".into(),
-                    last_latency_ms: None,
-                    checks: 0,
-                    transitions: 0,
-                });
-                let ident = self.next_ident;
-                self.next_ident = self.next_ident.wrapping_add(1).max(1);
-                let task = self.runtime.spawn(check_loop(CheckLoop {
-                    id: id.clone(),
+                    Some(checked) => {
+                        self.send(Command::Stop(checked.id));
+                        lock(&checked.record).subject = subject;
+                        checked.record
+                    }
+                    None => Arc::new(Mutex::new(Record {
+                        health: initial(vip, backend),
+                        since_unix_ms: unix_ms(),
+                        checks: 0,
+                        transitions: 0,
+                        last: None,
+                        subject,
+                    })),
+                };
+                let id_number = self.next_id;
+                self.next_id += 1;
+                self.send(Command::Start(Box::new(NewChecker {
+                    id: id_number,
                     vip: vip.name.clone(),
                     backend: backend.address,
                     spec: spec.clone(),
                     target,
                     via,
-                    start,
-                    ident,
-                    icmp: self.icmp.clone(),
-                    status: self.status.clone(),
-                    events: self.events.clone(),
-                }));
-                self.checkers.insert(id, Checker { spec: spec.clone(), target, via, task });
+                    record: record.clone(),
+                })));
+                self.checked.insert(id, Checked { id: id_number, spec: spec.clone(), target, via, record });
             }
         }
-        self.checkers.retain(|id, checker| {
-            let keep = wanted.contains(id);
-            if !keep {
-                checker.task.abort();
+        let gone: Vec<String> = self.checked.keys().filter(|id| !wanted.contains(*id)).cloned().collect();
+        for id in gone {
+            if let Some(checked) = self.checked.remove(&id) {
+                self.send(Command::Stop(checked.id));
             }
-            keep
-        });
-        self.status.lock().expect("status lock").retain(|id, _| wanted.contains(id));
-        let marks: Vec<u32> = self.checkers.values().filter_map(|c| c.via.map(|v| v.mark)).collect();
-        self.icmp.retain_marked(&|mark| marks.contains(&mark));
+        }
+        let _ = self.waker.wake();
     }
 
     /// Whether a checked backend is up; None for backends without a check.
     pub fn is_up(&self, id: &str) -> Option<bool> {
-        self.status.lock().expect("status lock").get(id).map(|s| s.health == Health::Up)
+        self.checked.get(id).map(|c| lock(&c.record).health == Health::Up)
     }
 
     pub fn status(&self, id: &str) -> Option<BackendStatus> {
-        self.status.lock().expect("status lock").get(id).cloned()
+        self.checked.get(id).map(|c| lock(&c.record).status())
     }
 
     pub fn checked(&self) -> usize {
-        self.checkers.len()
+        self.checked.len()
+    }
+
+    fn send(&self, command: Command) {
+        // The thread only ends when told to (below), so a send cannot fail before.
+        let _ = self.commands.send(command);
     }
 }
 
 impl Drop for HealthEngine {
     fn drop(&mut self) {
-        for checker in self.checkers.values() {
-            checker.task.abort();
+        self.send(Command::Quit);
+        let _ = self.waker.wake();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
-struct CheckLoop {
-    id: String,
-    vip: String,
-    backend: SocketAddr,
-    spec: CheckSpec,
-    target: SocketAddr,
-    via: Option<Via>,
-    start: Health,
-    ident: u16,
-    icmp: IcmpClients,
-    status: Arc<Mutex<HashMap<String, BackendStatus>>>,
-    events: UnboundedSender<Transition>,
-}
-
-async fn check_loop(c: CheckLoop) {
-    let mut tracker = Tracker::new(c.start, c.spec.rise, c.spec.fall);
-    let interval = c.spec.interval;
-    // A random first offset and a little jitter on every round keep thousands of checks from
-    // firing in lockstep.
-    let first = rand::rng().random_range(Duration::ZERO..interval.max(Duration::from_millis(1)) / 4);
-    let mut next = Instant::now() + first;
-    let mut seq: u16 = 0;
-    loop {
-        tokio::time::sleep_until(next).await;
-        let jitter = rand::rng().random_range(Duration::ZERO..=interval / 10);
-        next = Instant::now() + interval + jitter;
-        let result = probe(&c.spec.kind, c.target, c.spec.timeout, &c.icmp, (c.ident, seq), c.via).await;
-        seq = seq.wrapping_add(1);
-        let transition = tracker.record(result.is_ok());
-        let detail = match &result {
-            Ok(latency) => format!("ok in {:.1} ms", latency.as_secs_f64() * 1e3),
-            Err(reason) => reason.clone(),
-        };
-        {
-            let mut table = c.status.lock().expect("status lock");
-            let Some(status) = table.get_mut(&c.id) else { return };
-            status.checks += 1;
-            status.last_ok = Some(result.is_ok());
-            status.last_latency_ms = result.as_ref().ok().map(|l| l.as_secs_f64() * 1e3);
-            status.last_detail = detail.clone();
-            if let Some(health) = transition {
-                status.health = health;
-                status.since_unix_ms = unix_ms();
-                status.transitions += 1;
-            }
-        }
-        if let Some(health) = transition {
-            let _ = c.events.send(Transition { vip: c.vip.clone(), backend: c.backend, health, reason: detail });
+/// TCP and HTTP checks keep a socket (an HTTP check its connection) open between checks, one
+/// per checked backend: thousands of backends need more descriptors than the 1024 a service
+/// gets by default. The hard limit stays the system's word.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read or fill the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit);
         }
     }
 }

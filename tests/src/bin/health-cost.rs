@@ -1,13 +1,21 @@
 //! CPU used by the health-check engine: N backends checked at a 1 s interval for a while,
 //! against a few local servers on loopback (each checked many times, as distinct backends).
 //!
-//! Usage: health-cost [BACKENDS] [SECONDS] [KIND]   (default 5000, 20, tcp; kind tcp | http | icmp)
+//! Usage: health-cost [BACKENDS] [SECONDS] [KIND]   (default 5000, 20, tcp;
+//! kind tcp | http | http-close | icmp)
 //! Prints the engine's CPU time per second of wall time (the servers run in other processes).
+//! `http` checks servers that keep connections open between requests and serve them from an
+//! epoll loop, as web servers do;
+//! `http-close` the test backend `name-server`, which closes the connection after each answer.
+//! On loopback the kernel's work for both ends of a connection (the server's half of the
+//! handshake too) is done in the sender's context, so it counts as the engine's.
 
 use anyhow::{Result, bail};
 use lb::health::HealthEngine;
 use lb::model::{BackendSpec, CheckKind, CheckSpec, DesiredState, Mode, Protocol, VipSpec};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,29 +31,44 @@ fn cpu_time() -> Duration {
 }
 
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--serve-http") {
+        let port = args.nth(1).map(|a| a.parse()).transpose()?.unwrap_or(FIRST_PORT);
+        return serve_http(port);
+    }
     let backends: u32 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(5000);
     let seconds: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(20);
-    let kind = match args.next().as_deref().unwrap_or("tcp") {
-        "tcp" => CheckKind::Tcp,
-        "icmp" => CheckKind::Icmp,
-        "http" => CheckKind::Http {
-            method: "GET".into(),
-            path: "/".into(),
-            host: None,
-            expect_status: (200, 299),
-            body_contains: None,
-        },
+    let kind_name = args.next().unwrap_or_else(|| "tcp".into());
+    let http = CheckKind::Http {
+        method: "GET".into(),
+        path: "/".into(),
+        host: None,
+        expect_status: (200, 299),
+        body_contains: None,
+    };
+    let (kind, servers) = match kind_name.as_str() {
+        "tcp" => (CheckKind::Tcp, "name-server"),
+        "icmp" => (CheckKind::Icmp, "name-server"),
+        "http" => (http, "keep-alive"),
+        "http-close" => (http, "name-server"),
         other => bail!("unknown kind {other}"),
     };
-    let server = std::env::current_exe()?.parent().expect("target dir").join("name-server");
+    let exe = std::env::current_exe()?;
+    let name_server = exe.parent().expect("target dir").join("name-server");
     let _servers = Servers(
         (0..SERVERS)
             .map(|i| {
-                Command::new(&server)
-                    .args([format!("s{i}"), (FIRST_PORT + i).to_string()])
-                    .stdout(Stdio::null())
-                    .spawn()
+                let port = (FIRST_PORT + i).to_string();
+                let mut command = if servers == "keep-alive" {
+                    let mut command = Command::new(&exe);
+                    command.args(["--serve-http", &port]);
+                    command
+                } else {
+                    let mut command = Command::new(&name_server);
+                    command.args([format!("s{i}"), port]);
+                    command
+                };
+                command.stdout(Stdio::null()).spawn()
             })
             .collect::<Result<_, _>>()?,
     );
@@ -91,10 +114,8 @@ fn main() -> Result<()> {
             backends: list.clone(),
         }],
     };
-    // One runtime, as in the daemon.
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (events, mut transitions) = tokio::sync::mpsc::unbounded_channel();
-    let mut engine = HealthEngine::new(runtime.handle().clone(), events);
+    let mut engine = HealthEngine::new(events)?;
     engine.sync(&state, &|_, _| lb::health::Health::Down, &|_, _| None);
     // Let every checker start, then measure.
     std::thread::sleep(Duration::from_secs(3));
@@ -110,22 +131,78 @@ fn main() -> Result<()> {
         .filter_map(|b| engine.status(&lb::planner::backend_id(&state.vips[0], b.address)))
         .map(|s| s.checks)
         .sum();
+    let what = match kind_name.as_str() {
+        "tcp" => "Tcp checks",
+        "icmp" => "Icmp checks",
+        "http" => "Http checks (servers keep connections open)",
+        _ => "Http checks (servers close after each answer)",
+    };
     println!(
-        "{backends} backends, {} checks at a 1 s interval: {:.1}% of one core ({:.2} s CPU in {:.1} s), {checks} checks done, {ups} backends came up",
-        state.vips[0]
-            .check
-            .as_ref()
-            .map(|c| format!("{:?}", c.kind))
-            .unwrap_or_default()
-            .split_whitespace()
-            .next()
-            .unwrap_or(""),
+        "{backends} backends, {what} at a 1 s interval: {:.1}% of one core ({:.2} s CPU in {:.1} s), {checks} checks done, {ups} backends came up",
         100.0 * cpu.as_secs_f64() / wall.as_secs_f64(),
         cpu.as_secs_f64(),
         wall.as_secs_f64()
     );
     drop(engine);
     Ok(())
+}
+
+/// An HTTP/1.1 server that keeps each connection open for the next request and serves all of
+/// them from one epoll loop, as an nginx worker does: answers every request with 200 and "ok".
+fn serve_http(port: u16) -> Result<()> {
+    use std::collections::HashMap;
+    use std::os::fd::AsRawFd;
+    const LISTENER: u64 = u64::MAX;
+    let listener = TcpListener::bind(("::", port))?;
+    listener.set_nonblocking(true)?;
+    // SAFETY: epoll_create1 takes flags only.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    let watch = |fd: i32, data: u64| {
+        let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: data };
+        // SAFETY: valid descriptors and an event that outlives the call.
+        unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &raw mut event) }
+    };
+    watch(listener.as_raw_fd(), LISTENER);
+    let mut connections: HashMap<u64, (std::net::TcpStream, Vec<u8>)> = HashMap::new();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut chunk = [0u8; 4096];
+    loop {
+        // SAFETY: the buffer holds as many events as passed.
+        let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, -1) };
+        for event in &events[..n.max(0) as usize] {
+            let key = event.u64;
+            if key == LISTENER {
+                while let Ok((stream, _)) = listener.accept() {
+                    stream.set_nonblocking(true)?;
+                    let fd = stream.as_raw_fd();
+                    watch(fd, fd as u64);
+                    connections.insert(fd as u64, (stream, Vec::new()));
+                }
+                continue;
+            }
+            let Some((stream, received)) = connections.get_mut(&key) else { continue };
+            let open = match stream.read(&mut chunk) {
+                Ok(0) => false,
+                Ok(n) => {
+                    received.extend_from_slice(&chunk[..n]);
+                    let mut open = true;
+                    while let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                        // A client that asks for "Connection: close" gets it.
+                        let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
+                        received.drain(..end + 4);
+                        open &= stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").is_ok();
+                        open &= !head.contains("\r\nconnection: close");
+                    }
+                    open
+                }
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            };
+            if !open {
+                // Closing the descriptor takes it out of the epoll set.
+                connections.remove(&key);
+            }
+        }
+    }
 }
 
 /// The local servers, killed however the benchmark ends.
