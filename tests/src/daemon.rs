@@ -253,3 +253,16 @@ impl Drop for LbDaemon {
         }
     }
 }
+
+/// Entries in a running daemon's pinned connection table and NAT reverse table.
+pub fn table_entries(instance: &str) -> Result<(usize, usize)> {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::maps::{ConnState, FlowKey, MAP_CONNS, MAP_NAT_REV, NatReverse};
+    let pins = lb::dataplane::PinDir::for_instance(instance);
+    let set = pins.map_sets()?.pop().context("no pinned map set")?;
+    let conns = Map::from_map_data(MapData::from_pin(set.map(MAP_CONNS))?)?;
+    let conns: HashMap<_, FlowKey, ConnState> = HashMap::try_from(&conns)?;
+    let nat = Map::from_map_data(MapData::from_pin(set.map(MAP_NAT_REV))?)?;
+    let nat: HashMap<_, FlowKey, NatReverse> = HashMap::try_from(&nat)?;
+    Ok((conns.keys().count(), nat.keys().count()))
+}

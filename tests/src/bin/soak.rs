@@ -7,9 +7,7 @@
 //! Usage: soak [--minutes N] [--out FILE]
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::maps::{ConnState, FlowKey, MAP_CONNS, MAP_NAT_REV, NatReverse};
-use lb_tests::daemon::{LbDaemon, unique_instance};
+use lb_tests::daemon::{LbDaemon, table_entries, unique_instance};
 use lb_tests::service::{tcp_request, udp_stream};
 use lb_tests::topology::{SERVICE_PORT, SNAT_V4, Topology, VIP_V4};
 use std::fmt::Write as _;
@@ -288,17 +286,6 @@ fn process_figures(pid: u32) -> Result<(u64, usize)> {
         .context("VmRSS")?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
     Ok((rss, fds))
-}
-
-/// Entries in the pinned connection table and NAT reverse table.
-fn table_entries(instance: &str) -> Result<(usize, usize)> {
-    let pins = lb::dataplane::PinDir::for_instance(instance);
-    let set = pins.map_sets()?.pop().context("no pinned map set")?;
-    let conns = Map::from_map_data(MapData::from_pin(set.map(MAP_CONNS))?)?;
-    let conns: HashMap<_, FlowKey, ConnState> = HashMap::try_from(&conns)?;
-    let nat = Map::from_map_data(MapData::from_pin(set.map(MAP_NAT_REV))?)?;
-    let nat: HashMap<_, FlowKey, NatReverse> = HashMap::try_from(&nat)?;
-    Ok((conns.keys().count(), nat.keys().count()))
 }
 
 fn render(rows: &[Row], traffic: &Traffic, minutes: f64, failures: &[String]) -> String {

@@ -31,11 +31,9 @@
 //! connections/s, the flood unpaced: 0); prints Markdown tables. Needs root.
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use aya::maps::{HashMap, Map, MapData};
 use ipnet::Ipv4Net;
 use lb::dataplane::{AttachMode, Sink};
-use lb_common::maps::{ConnState, FlowKey, MAP_CONNS, MAP_NAT_REV, NatReverse};
-use lb_tests::daemon::{LbDaemon, unique_instance};
+use lb_tests::daemon::{LbDaemon, table_entries, unique_instance};
 use lb_tests::netns::Netns;
 use lb_tests::packet_socket::PacketSocket;
 use lb_tests::service::tcp_request;
@@ -368,17 +366,6 @@ fn tcp_ext(ns: &Netns) -> Result<BTreeMap<String, u64>> {
 fn read_number(ns: &Netns, path: &str) -> Result<u64> {
     let text = String::from_utf8(ns.exec(&["cat", path])?.stdout)?;
     text.trim().parse().with_context(|| format!("{path} in {}: {text:?}", ns.name()))
-}
-
-/// Entries in the daemon's pinned connection table and NAT reverse table.
-fn table_entries(instance: &str) -> Result<(usize, usize)> {
-    let pins = lb::dataplane::PinDir::for_instance(instance);
-    let set = pins.map_sets()?.pop().context("no pinned map set")?;
-    let conns = Map::from_map_data(MapData::from_pin(set.map(MAP_CONNS))?)?;
-    let conns: HashMap<_, FlowKey, ConnState> = HashMap::try_from(&conns)?;
-    let nat = Map::from_map_data(MapData::from_pin(set.map(MAP_NAT_REV))?)?;
-    let nat: HashMap<_, FlowKey, NatReverse> = HashMap::try_from(&nat)?;
-    Ok((conns.keys().count(), nat.keys().count()))
 }
 
 /// One run's figures.
