@@ -108,7 +108,7 @@ const fn spec(name: &'static str, kind: MapKind, key: usize, value: usize, entri
 }
 
 /// Every map of the XDP object.
-pub const MAPS: [MapSpec; 16] = [
+pub const MAPS: [MapSpec; 18] = [
     spec(MAP_VIPS, MapKind::Hash, size_of::<VipKey>(), size_of::<VipMeta>(), Entries::PerVip, true),
     spec(MAP_RINGS, MapKind::Array, 4, 4, Entries::Rings, true),
     spec(MAP_BACKENDS, MapKind::Array, 4, size_of::<Backend>(), Entries::Fixed(MAX_BACKENDS), true),
@@ -123,6 +123,8 @@ pub const MAPS: [MapSpec; 16] = [
     spec(MAP_NEW_NAT_FLOWS, MapKind::RingBuf, 0, 0, Entries::Fixed(NEW_NAT_FLOWS_BYTES), false),
     // Derived from the desired state and written by every daemon before it attaches.
     spec(MAP_VIP_ADDRS, MapKind::Hash, size_of::<VipAddrKey>(), size_of::<VipAddr>(), Entries::PerVip, false),
+    // Derived from `VIP_ADDRS`, with it.
+    spec(MAP_ADDR_FILTER, MapKind::Array, 4, 8, Entries::Fixed(ADDR_FILTER_WORDS), false),
     // Lives for the milliseconds between a datagram's fragments: a restart loses a few.
     spec(
         MAP_FRAGS,
@@ -134,6 +136,8 @@ pub const MAPS: [MapSpec; 16] = [
     ),
     // Scratch: the tunnel a packet is about to leave through (see `TunnelJob`).
     spec(MAP_TUNNEL_JOB, MapKind::PerCpuArray, 4, size_of::<TunnelJob>(), Entries::Fixed(1), false),
+    // Counted from each daemon's start (pinning it would need a new layout version).
+    spec(MAP_FLOW_EVENTS, MapKind::PerCpuArray, 4, 8, Entries::Fixed(FLOW_EVENT_SLOTS), false),
     // The benchmark sink's counter.
     spec(MAP_SINK_COUNT, MapKind::PerCpuArray, 4, 8, Entries::Fixed(1), false),
     // `lb decap`'s, on backends: pinned by `lb decap attach` in a directory of its own, never

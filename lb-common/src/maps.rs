@@ -36,8 +36,10 @@ pub const MAP_STATS_BACKEND: &str = "STATS_BACKEND";
 pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_NEW_NAT_FLOWS: &str = "NEW_NAT_FLOWS";
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+pub const MAP_ADDR_FILTER: &str = "ADDR_FILTER";
 pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_TUNNEL_JOB: &str = "TUNNEL_JOB";
+pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
 /// Datagrams whose first fragment was seen and whose later fragments may still come. Fragments
 /// of one datagram arrive within milliseconds: this covers well over 100,000 fragmented
 /// datagrams a second, and an evicted entry costs one datagram.
@@ -117,6 +119,30 @@ pub struct Settings {
     pub tunnel_source_v6: [u8; 16],
     /// The attached interface's index: health checks sent via a VIP leave through it (`lb_hc`).
     pub ifindex: u32,
+}
+
+/// What happened to flows' table entries, counted per CPU in `FLOW_EVENTS` (not packets: a
+/// packet is counted once under its [`Reason`], and may also cause an event).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// A NAT source port taken back from a half-open flow (a SYN that nothing followed).
+    HalfOpenPortTaken = 0,
+    /// A connection-table entry could not be written (the table is full).
+    TableFull = 1,
+}
+
+pub const FLOW_EVENT_SLOTS: u32 = 4;
+
+impl FlowEvent {
+    pub const ALL: [FlowEvent; 2] = [FlowEvent::HalfOpenPortTaken, FlowEvent::TableFull];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FlowEvent::HalfOpenPortTaken => "half_open_port_taken",
+            FlowEvent::TableFull => "table_full",
+        }
+    }
 }
 
 /// A new NAT flow, both table entries, as the program reports it in `NEW_NAT_FLOWS`.
@@ -307,7 +333,8 @@ pub struct VipMeta {
 /// `affinity_prefix`), so that every connection of a client reaches the same backend.
 pub const VIP_AFFINITY_CLIENT: u8 = 1;
 
-/// `VIP_ADDRS` key: an address that VIPs use, whatever their ports and protocols.
+/// `VIP_ADDRS` key: an address the program handles (a VIP's, or a NAT VIP's source address),
+/// whatever the ports and protocols. A packet to any other address is passed after one lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VipAddrKey {
@@ -322,10 +349,65 @@ pub struct VipAddrKey {
 pub struct VipAddr {
     /// `VIP_ADDR_*` bits.
     pub flags: u32,
+    /// With `VIP_ADDR_SNAT`: the ports (host order) that the NAT VIPs using this source address
+    /// allocate from, all of them. A packet to another port is the host's own (the ranges stay
+    /// outside the kernel's local port range), and is passed without a `NAT_REV` lookup.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+impl VipAddr {
+    pub const fn with_flags(flags: u32) -> Self {
+        VipAddr { flags, snat_port_min: 0, snat_port_max: 0 }
+    }
+
+    /// The entry of a NAT VIP's source address, allocating from `min..=max`.
+    pub const fn snat(min: u16, max: u16) -> Self {
+        VipAddr { flags: VIP_ADDR_SNAT, snat_port_min: min, snat_port_max: max }
+    }
+
+    /// Both entries' bits, and the smallest port range that holds both SNAT ranges.
+    pub fn merged(self, other: VipAddr) -> VipAddr {
+        let (min, max) = match (self.flags & VIP_ADDR_SNAT != 0, other.flags & VIP_ADDR_SNAT != 0) {
+            (true, true) => (self.snat_port_min.min(other.snat_port_min), self.snat_port_max.max(other.snat_port_max)),
+            (true, false) => (self.snat_port_min, self.snat_port_max),
+            (false, true) => (other.snat_port_min, other.snat_port_max),
+            (false, false) => (0, 0),
+        };
+        VipAddr { flags: self.flags | other.flags, snat_port_min: min, snat_port_max: max }
+    }
+
+    /// Whether a packet to `port` (network byte order) at this address may be a NAT VIP's reply.
+    #[inline(always)]
+    pub fn may_be_nat_reply(&self, port: u16) -> bool {
+        let port = u16::from_be(port);
+        self.flags & VIP_ADDR_SNAT != 0 && port >= self.snat_port_min && port <= self.snat_port_max
+    }
+}
+
+/// `ADDR_FILTER`: one bit per [`address_filter_bit`] value, set for every `VIP_ADDRS` address:
+/// a clear bit tells the program that a packet's destination is none of them without a hash
+/// lookup (an array lookup is a few instructions). A set bit may be another address's: the
+/// hash lookup decides.
+pub const ADDR_FILTER_WORDS: u32 = 256;
+const ADDR_FILTER_BITS_LOG2: u32 = 14; // ADDR_FILTER_WORDS * 64 bits
+
+/// The `ADDR_FILTER` bit of an address: its 32-bit words folded, then a multiplicative hash
+/// (Knuth's) whose top bits index the filter. Returns (word, bit mask).
+#[inline(always)]
+pub fn address_filter_bit(addr: &[u8; 16]) -> (u32, u64) {
+    let word = |at: usize| u32::from_ne_bytes([addr[at], addr[at + 1], addr[at + 2], addr[at + 3]]);
+    let folded = word(0) ^ word(4) ^ word(8) ^ word(12);
+    let bit = folded.wrapping_mul(0x9e37_79b1) >> (32 - ADDR_FILTER_BITS_LOG2);
+    (bit >> 6, 1u64 << (bit & 63))
 }
 
 /// `VipAddr::flags`: ICMP echo requests to the address are answered by the program.
 pub const VIP_ADDR_ANSWER_PING: u32 = 1;
+/// `VipAddr::flags`: some VIP has this address.
+pub const VIP_ADDR_VIP: u32 = 2;
+/// `VipAddr::flags`: a NAT VIP's source address: backends' replies arrive here.
+pub const VIP_ADDR_SNAT: u32 = 4;
 
 /// Backend flags.
 pub const BACKEND_USABLE: u8 = 1;
@@ -365,10 +447,17 @@ pub struct ConnState {
     pub backend: u32,
     /// NAT mode: the allocated source port (network byte order), 0 in DSR mode.
     pub snat_port: u16,
-    pub _pad: [u8; 2],
+    /// `CONN_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
     /// NAT mode: when the client last sent a packet of this flow ([`crate::nat::ticks`]).
     pub last_seen: u32,
 }
+
+/// `ConnState::flags`: a NAT flow opened by a SYN whose client has sent nothing else yet (a
+/// spoofed SYN never will). Set, rather than an "established" bit, so that entries written
+/// before the bit existed count as established.
+pub const CONN_HALF_OPEN: u8 = 1;
 
 /// `NAT_REV` value: how to turn a backend's reply back into the client's flow.
 /// Keyed by the reply's FlowKey (backend → snat address:port).
@@ -498,6 +587,7 @@ const _: () = {
     assert!(offset_of!(NatReverse, last_seen) == 44);
     assert!(size_of::<Traffic>() == 24);
     assert!(size_of::<Settings>() == 52);
+    assert!(size_of::<VipAddr>() == 8);
     assert!(offset_of!(Settings, tunnel_source_v4) == 16);
     assert!(size_of::<NatFlowRecord>() == 140);
     assert!(size_of::<FragKey>() == 40);

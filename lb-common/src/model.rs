@@ -87,14 +87,22 @@ impl ModelMaps {
             }
         }
         let parsed = parse(packet)?;
+        let address = VipAddrKey { addr: parsed.flow.dst, family: parsed.family, _pad: [0; 3] };
+        let Some(address) = self.vip_addrs.get(&address).copied() else {
+            return Err(if parsed.fragment == Fragment::Later { Reason::PassFragment } else { Reason::PassNotVip });
+        };
+        let flags = address.flags;
         if parsed.fragment == Fragment::Later {
-            return self.later_fragment(packet, &parsed);
+            return self.later_fragment(packet, &parsed, flags);
         }
         if parsed.flow.proto == icmp_protocol(parsed.family) {
             return self.icmp(packet, &parsed);
         }
-        let vip = self.find_vip(&parsed.flow);
+        let vip = if flags & VIP_ADDR_VIP != 0 { self.find_vip(&parsed.flow) } else { None };
         let Some(vip) = vip else {
+            if !address.may_be_nat_reply(parsed.flow.dport) {
+                return Err(Reason::PassNotVip);
+            }
             let entry = self.nat_rev.get_mut(&parsed.flow).ok_or(Reason::PassNotVip)?;
             entry.last_seen = self.now;
             if parsed.flow.proto == PROTO_TCP {
@@ -156,7 +164,9 @@ impl ModelMaps {
             && let Some(backend) = self.usable(conn.backend)
         {
             if vip.mode == MODE_NAT {
-                self.conns.get_mut(&parsed.flow).expect("just read").last_seen = self.now;
+                let entry = self.conns.get_mut(&parsed.flow).expect("just read");
+                entry.last_seen = self.now;
+                entry.flags &= !CONN_HALF_OPEN;
                 if parsed.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
                     let reply = reply_key(&parsed.flow, &backend, vip, conn.snat_port);
                     if let Some(reverse) = self.nat_rev.get_mut(&reply) {
@@ -180,6 +190,10 @@ impl ModelMaps {
         }
         let backend = self.usable(index).ok_or(Reason::DropNoBackend)?;
         let mut snat_port = 0;
+        // DSR and tunnels record a TCP flow from the handshake's second packet on.
+        if vip.mode != MODE_NAT && parsed.opens_connection {
+            return Ok((backend, index, 0));
+        }
         if vip.mode == MODE_NAT {
             let reverse = NatReverse {
                 client_addr: parsed.flow.src,
@@ -199,10 +213,13 @@ impl ModelMaps {
                 };
                 // A port still held by a finished or quiet connection goes to this flow.
                 let holder = nat::client_flow(&reply, taken);
-                let client_last_seen = self.conns.get(&holder).filter(|c| c.snat_port == port).map(|c| c.last_seen);
-                let pinned = client_last_seen.is_some().then_some(holder);
-                nat::may_take_port(taken, &reverse, parsed.flow.proto, client_last_seen, self.now)
-                    .then_some((reply, port, pinned))
+                let state = self
+                    .conns
+                    .get(&holder)
+                    .filter(|c| c.snat_port == port)
+                    .map(|c| nat::Holder { last_seen: c.last_seen, half_open: c.flags & CONN_HALF_OPEN != 0 });
+                let pinned = state.is_some().then_some(holder);
+                nat::may_take_port(taken, &reverse, parsed.flow.proto, state, self.now).then_some((reply, port, pinned))
             });
             let (reply, port, pinned) = free.ok_or(Reason::DropNatPorts)?;
             if let Some(holder) = pinned {
@@ -213,7 +230,8 @@ impl ModelMaps {
             snat_port = port;
         }
         let last_seen = if vip.mode == MODE_NAT { self.now } else { 0 };
-        self.conns.insert(parsed.flow, ConnState { backend: index, snat_port, _pad: [0; 2], last_seen });
+        let flags = if vip.mode == MODE_NAT && parsed.opens_connection { CONN_HALF_OPEN } else { 0 };
+        self.conns.insert(parsed.flow, ConnState { backend: index, snat_port, flags, _pad: 0, last_seen });
         Ok((backend, index, snat_port))
     }
 }

@@ -35,6 +35,11 @@ pub const CLOSED_WAIT: u32 = seconds(5);
 pub const BACKEND_TIME_WAIT: u32 = seconds(60);
 /// The client flow no longer uses this port (its table entry moved or was evicted).
 pub const ORPHAN_WAIT: u32 = seconds(60);
+/// A half-open flow (a SYN, then nothing from its client: see `CONN_HALF_OPEN`) keeps its port
+/// this long: beyond a handshake's round trip, and short enough that a flood of spoofed SYNs
+/// holds at most a second's worth of ports. A client whose SYN-ACK was lost sends its SYN
+/// again after a second (Linux), and gets its port back if nobody took it, or another.
+pub const HALF_OPEN_WAIT: u32 = seconds(1);
 /// Open connections that went quiet (IPVS: 900 s for TCP; conntrack: 30 s for UDP).
 pub const TCP_IDLE: u32 = seconds(900);
 pub const UDP_IDLE: u32 = seconds(30);
@@ -78,20 +83,38 @@ const fn elapsed(since: u32, now: u32) -> u32 {
     if d > u32::MAX / 2 { 0 } else { d }
 }
 
+/// The client flow that holds a port, as its `CONNS` entry tells (when that entry still uses
+/// the port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// When its client last sent.
+    pub last_seen: u32,
+    /// Its client sent a SYN and nothing since (`CONN_HALF_OPEN`).
+    pub half_open: bool,
+}
+
 /// Whether the port `taken` holds may go to the flow that asks for it (`claimant`, the reverse
 /// entry that flow would write): when it is the same client flow asking again (its table entry
-/// was lost: evicted, cleared with a down backend, or never synchronised to this node), so that
-/// the backend sees the same four-tuple and the connection goes on; or when the holder's
-/// connection has ended or gone quiet ([`reclaimable`]).
+/// was lost: evicted, cleared with a down backend, or never synchronised to this node); when
+/// the holder is half-open and its client has been quiet for [`HALF_OPEN_WAIT`]; or when the holder's connection has ended or gone quiet
+/// ([`reclaimable`]).
 #[inline(always)]
 pub const fn may_take_port(
     taken: &NatReverse,
     claimant: &NatReverse,
     proto: u8,
-    client_last_seen: Option<u32>,
+    holder: Option<Holder>,
     now: u32,
 ) -> bool {
-    same_client_flow(taken, claimant) || reclaimable(taken, proto, client_last_seen, now)
+    if same_client_flow(taken, claimant) {
+        return true;
+    }
+    match holder {
+        // Judged by the client alone: the backend answers a spoofed SYN, and repeats its answer.
+        Some(Holder { last_seen, half_open: true }) => elapsed(last_seen, now) >= HALF_OPEN_WAIT,
+        Some(Holder { last_seen, half_open: false }) => reclaimable(taken, proto, Some(last_seen), now),
+        None => reclaimable(taken, proto, None, now),
+    }
 }
 
 /// Whether two reverse entries were made for the same client flow.

@@ -1,14 +1,14 @@
 //! Which backend a flow goes to: the connection table first, then the VIP's Maglev ring.
 
-use crate::maps::{BACKENDS, CONNS, NAT_REV, NEW_NAT_FLOWS, RINGS, SETTINGS};
+use crate::maps::{BACKENDS, CONNS, FLOW_EVENTS, NAT_REV, NEW_NAT_FLOWS, RINGS, SETTINGS};
 use crate::parse::Packet;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::hash::{flow_hash, placement_hash};
 use lb_common::maps::{
-    BACKEND_USABLE, Backend, ConnState, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND, NatFlowRecord, NatReverse,
-    Reason, VipMeta, snat_port_candidate,
+    BACKEND_USABLE, Backend, CONN_HALF_OPEN, ConnState, FlowEvent, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND,
+    NatFlowRecord, NatReverse, PROTO_TCP, Reason, VipMeta, snat_port_candidate,
 };
-use lb_common::nat::{client_flow, may_take_port, note_segment, ticks};
+use lb_common::nat::{Holder, client_flow, may_take_port, note_segment, ticks};
 use lb_common::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
 
 const BPF_ANY: u64 = 0;
@@ -56,8 +56,12 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         // An established flow stays on its backend unless that backend is gone or down.
         if let Some(backend) = usable_backend(index) {
             if vip.mode == MODE_NAT {
-                // SAFETY: as above; a plain store, racing only with the same flow on another CPU.
+                // SAFETY: as above; plain stores, racing only with the same flow on another CPU.
                 touch(unsafe { &mut (*conn).last_seen });
+                // Anything after the SYN (here: never a SYN) completes the client's side.
+                if unsafe { (*conn).flags } & CONN_HALF_OPEN != 0 {
+                    unsafe { (*conn).flags &= !CONN_HALF_OPEN };
+                }
                 if packet.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
                     note_client_end(packet, vip, backend, snat_port);
                 }
@@ -77,9 +81,18 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         return Err(Reason::DropNoBackend);
     }
     let backend = usable_backend(index).ok_or(Reason::DropNoBackend)?;
+    // A new flow in a TCP connection's first packet; later ones without an entry (a DSR flow's
+    // handshake completing, or an entry lost) are placed again, not counted again.
+    let new_flow = packet.opens_connection != 0 || packet.flow.proto != PROTO_TCP || vip.mode == MODE_NAT;
     // DSR needs only the backend; NAT adds its source port and the time, below.
-    let mut conn = ConnState { backend: index, snat_port: 0, _pad: [0; 2], last_seen: 0 };
-    if vip.mode == MODE_NAT {
+    let mut conn = ConnState { backend: index, snat_port: 0, flags: 0, _pad: 0, last_seen: 0 };
+    if vip.mode != MODE_NAT {
+        // A SYN goes where the table says and leaves no state: the handshake's next packet
+        // records the flow, so spoofed SYNs fill no table.
+        if packet.opens_connection != 0 {
+            return Ok(Chosen { index, backend, snat_port: 0, new_flow });
+        }
+    } else {
         // The reply direction's entry: how to turn the backend's answers back to the client.
         let reverse = NatReverse {
             client_addr: packet.flow.src,
@@ -93,11 +106,24 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         };
         conn.snat_port = allocate_snat_port(packet, vip, backend, hash, &reverse)?;
         conn.last_seen = reverse.last_seen;
+        if packet.opens_connection != 0 {
+            conn.flags = CONN_HALF_OPEN;
+        }
         report_nat_flow(packet, vip, backend, &conn, &reverse);
     }
     // A full table evicts its least recently used entry; an insert failure only costs stickiness.
-    let _ = CONNS.insert(&packet.flow, &conn, 0);
-    Ok(Chosen { index, backend, snat_port: conn.snat_port, new_flow: true })
+    if CONNS.insert(&packet.flow, &conn, 0).is_err() {
+        flow_event(FlowEvent::TableFull);
+    }
+    Ok(Chosen { index, backend, snat_port: conn.snat_port, new_flow })
+}
+
+#[inline(always)]
+pub fn flow_event(event: FlowEvent) {
+    if let Some(counter) = FLOW_EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        unsafe { *counter += 1 };
+    }
 }
 
 /// The backend an existing client flow goes to, without placing it: its index and entry, from
@@ -209,20 +235,31 @@ fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse) -> bool {
     let taken = unsafe { &*taken };
     let holder = client_flow(reply, taken);
     // The holder's own table entry tells when its client last sent, if it still uses the port.
-    let client_last_seen = match CONNS.get_ptr(&holder) {
+    let holder_state = match CONNS.get_ptr(&holder) {
         // SAFETY: as above.
-        Some(conn) if unsafe { (*conn).snat_port } == reply.dport => Some(unsafe { (*conn).last_seen }),
+        Some(conn) if unsafe { (*conn).snat_port } == reply.dport => {
+            Some(unsafe { Holder { last_seen: (*conn).last_seen, half_open: (*conn).flags & CONN_HALF_OPEN != 0 } })
+        }
         _ => None,
     };
-    let now = reverse.last_seen;
-    if !may_take_port(taken, reverse, reply.proto, client_last_seen, now)
-        || NAT_REV.insert(reply, reverse, BPF_ANY).is_err()
-    {
+    if !may_take_port(taken, reverse, reply.proto, holder_state, reverse.last_seen) {
         return false;
     }
-    if client_last_seen.is_some() {
+    // One number across the calls below (see above).
+    let held = match holder_state {
+        Some(Holder { half_open: true, .. }) => 2u8,
+        Some(_) => 1,
+        None => 0,
+    };
+    if NAT_REV.insert(reply, reverse, BPF_ANY).is_err() {
+        return false;
+    }
+    if held != 0 {
         // The old flow's late packets must not reach the backend on the new flow's tuple.
         let _ = CONNS.remove(&holder);
+    }
+    if held == 2 {
+        flow_event(FlowEvent::HalfOpenPortTaken);
     }
     true
 }

@@ -9,33 +9,28 @@
 //! another load balancer) cannot be placed: it goes to the kernel, counted, as it did before the
 //! program knew fragments. Its datagram is lost either way; the kernel keeps its own traffic's.
 
-use crate::maps::{BACKENDS, FRAGS, STATS_BACKEND, STATS_VIP, VIP_ADDRS};
+use crate::maps::{BACKENDS, FRAGS, STATS_BACKEND, STATS_VIP};
 use crate::parse::Packet;
 use crate::rewrite::{set_addresses, set_macs};
 use crate::tunnel;
 use aya_ebpf::programs::XdpContext;
 use lb_common::maps::{
     Backend, FRAG_GUE, FRAG_NO_STATS, FRAG_REWRITE, FRAG_TUNNEL, FragKey, FragRoute, MODE_GUE, MODE_IPIP, MODE_NAT,
-    NatReverse, Reason, TunnelJob, VipAddrKey, VipMeta,
+    NatReverse, Reason, TunnelJob, VIP_ADDR_VIP, VipMeta,
 };
 
 /// A later fragment: where its first went. Returns a plain `Reason` (see `balance` in main.rs).
 #[inline(never)]
-pub fn forward_later(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Reason {
-    match forward(ctx, packet, job) {
+pub fn forward_later(ctx: &XdpContext, packet: &Packet, address_flags: u32, job: &mut TunnelJob) -> Reason {
+    match forward(ctx, packet, address_flags, job) {
         Ok(reason) | Err(reason) => reason,
     }
 }
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Result<Reason, Reason> {
+fn forward(ctx: &XdpContext, packet: &Packet, address_flags: u32, job: &mut TunnelJob) -> Result<Reason, Reason> {
     let Some(route) = FRAGS.get_ptr(&key(packet)) else {
-        let vip_address = VipAddrKey { addr: packet.flow.dst, family: packet.family, _pad: [0; 3] };
-        return Err(if VIP_ADDRS.get_ptr(&vip_address).is_some() {
-            Reason::PassFragmentNoFirst
-        } else {
-            Reason::PassFragment
-        });
+        return Err(if address_flags & VIP_ADDR_VIP != 0 { Reason::PassFragmentNoFirst } else { Reason::PassFragment });
     };
     // SAFETY: a map value pointer stays valid for the program's run.
     let route = unsafe { &*route };

@@ -14,7 +14,7 @@ use lb_common::csum::{replace_bytes, replace_u16, udp_nonzero};
 use lb_common::hash::flow_hash;
 use lb_common::maps::{
     FAMILY_V4, FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, TunnelJob,
-    VIP_ADDR_ANSWER_PING, VipAddrKey,
+    VIP_ADDR_ANSWER_PING, VIP_ADDR_VIP, VipAddrKey,
 };
 use lb_common::packet::{
     DEFAULT_TTL, ETH_HLEN, Fragment, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,
@@ -181,7 +181,7 @@ fn relay_error(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Result
         family: sent.family,
         _pad: [0; 2],
     };
-    if let Some(vip) = crate::find_vip(&towards_us) {
+    if let Some(vip) = crate::find_vip(&towards_us, VIP_ADDR_VIP) {
         let (index, backend, snat_port) = backend_of_flow(&towards_us, vip).ok_or(Reason::PassIcmpNoFlow)?;
         match vip.mode {
             MODE_DSR => {}

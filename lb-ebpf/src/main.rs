@@ -21,11 +21,12 @@ use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::XdpContext;
 use lb_common::hash::flow_hash;
 use lb_common::maps::{
-    FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic, TunnelJob, VipKey, VipMeta,
+    FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic, TunnelJob, VIP_ADDR_SNAT,
+    VIP_ADDR_VIP, VipAddrKey, VipKey, VipMeta, address_filter_bit,
 };
 use lb_common::nat::note_segment;
 use lb_common::packet::{Fragment, icmp_protocol};
-use maps::{NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, TUNNEL_JOB, VIPS};
+use maps::{ADDR_FILTER, NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, TUNNEL_JOB, VIP_ADDRS, VIPS};
 use parse::{Packet, parse, read};
 use rewrite::{Rewrite, set_flow, set_macs};
 
@@ -39,13 +40,19 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let mut packet = Packet::empty();
     let mut reason = match read_packet(&ctx, &mut packet) {
         Err(reason) => reason,
-        // Apart, each with its own stack frame: together they would pass the 512 bytes a
-        // program's call chain may use.
-        Ok(()) if packet.fragment == Fragment::Later => fragment::forward_later(&ctx, &packet, job),
-        Ok(()) if packet.flow.proto == icmp_protocol(packet.family) => icmp::handle(&ctx, &packet, job),
-        Ok(()) => match find_vip(&packet.flow) {
-            Some(vip) => balance(&ctx, &packet, vip, job),
-            None => nat_reply(&ctx, &packet),
+        Ok(()) => match address_flags(&packet) {
+            // The host's own traffic on this NIC: one lookup, and on to the kernel.
+            0 if packet.fragment == Fragment::Later => Reason::PassFragment,
+            0 => Reason::PassNotVip,
+            // Apart, each with its own stack frame: together they would pass the 512 bytes a
+            // program's call chain may use.
+            flags if packet.fragment == Fragment::Later => fragment::forward_later(&ctx, &packet, flags, job),
+            _ if packet.flow.proto == icmp_protocol(packet.family) => icmp::handle(&ctx, &packet, job),
+            flags => match find_vip(&packet.flow, flags) {
+                Some(vip) => balance(&ctx, &packet, vip, job),
+                None if flags & VIP_ADDR_SNAT != 0 => nat_reply(&ctx, &packet),
+                None => Reason::PassNotVip,
+            },
         },
     };
     // Leaving through a tunnel, or too big for it: done here, each in a frame of its own.
@@ -138,9 +145,33 @@ fn addressed_to_us(ctx: &XdpContext, settings: &Settings) -> Result<bool, Reason
     Ok(destination == settings.own_mac)
 }
 
-/// The VIP for a flow's destination: the exact port first, then the VIP's any-port entry.
+/// What the program does for the packet's destination address (`VIP_ADDR_*` bits): 0 for an
+/// address that is neither a VIP's nor a NAT VIP's source address. A TCP or UDP packet to a
+/// port outside every NAT VIP's range is not a reply: its `VIP_ADDR_SNAT` bit is cleared. One
+/// number rather than the entry: it stays in a register, where a pointer would take stack.
 #[inline(always)]
-fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
+fn address_flags(packet: &Packet) -> u32 {
+    let (word, bit) = address_filter_bit(&packet.flow.dst);
+    if ADDR_FILTER.get(word).is_none_or(|bits| bits & bit == 0) {
+        return 0;
+    }
+    let key = VipAddrKey { addr: packet.flow.dst, family: packet.family, _pad: [0; 3] };
+    let Some(address) = VIP_ADDRS.get_ptr(&key) else {
+        return 0;
+    };
+    // SAFETY: a map value pointer stays valid for the program's run.
+    let address = unsafe { &*address };
+    let ports = packet.fragment != Fragment::Later && packet.flow.proto != icmp_protocol(packet.family);
+    if ports && !address.may_be_nat_reply(packet.flow.dport) { address.flags & !VIP_ADDR_SNAT } else { address.flags }
+}
+
+/// The VIP for a flow's destination, given its address's flags: the exact port first, then the
+/// VIP's any-port entry.
+#[inline(always)]
+fn find_vip(flow: &FlowKey, address_flags: u32) -> Option<&'static VipMeta> {
+    if address_flags & VIP_ADDR_VIP == 0 {
+        return None;
+    }
     let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
     // SAFETY: a map value pointer stays valid for the program's run.
     if let Some(meta) = VIPS.get_ptr(&key) {

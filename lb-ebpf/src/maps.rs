@@ -7,9 +7,9 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use lb_common::decap::{DECAP_VERDICT_SLOTS, DecapSettings};
 use lb_common::layout::REASON_SLOTS;
 use lb_common::maps::{
-    Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FRAGS_ENTRIES, FlowKey, FragKey,
-    FragRoute, MAX_BACKENDS, NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic, TunnelJob, VipAddr, VipAddrKey,
-    VipKey, VipMeta,
+    ADDR_FILTER_WORDS, Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FLOW_EVENT_SLOTS,
+    FRAGS_ENTRIES, FlowKey, FragKey, FragRoute, MAX_BACKENDS, NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic,
+    TunnelJob, VipAddr, VipAddrKey, VipKey, VipMeta,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -20,6 +20,10 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MA
 /// The VIPs' addresses, for what concerns an address rather than a port (answering ping).
 #[map(name = "VIP_ADDRS")]
 pub static VIP_ADDRS: HashMap<VipAddrKey, VipAddr> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// A bit per hashed address of `VIP_ADDRS`: most packets for other addresses stop here.
+#[map(name = "ADDR_FILTER")]
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(ADDR_FILTER_WORDS, 0);
 
 /// Two rings per VIP (active and the one being rewritten), each `ring_size` backend indexes.
 /// Memory-mappable, so the daemon writes a whole table with one copy instead of a syscall a slot.
@@ -49,6 +53,10 @@ pub static FRAGS: LruHashMap<FragKey, FragRoute> = LruHashMap::with_max_entries(
 /// The tunnel the packet in hand is to leave through (scratch, one per CPU).
 #[map(name = "TUNNEL_JOB")]
 pub static TUNNEL_JOB: PerCpuArray<TunnelJob> = PerCpuArray::with_max_entries(1, 0);
+
+/// `lb_common::maps::FlowEvent` counters.
+#[map(name = "FLOW_EVENTS")]
+pub static FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_EVENT_SLOTS, 0);
 
 #[map(name = "STATS_REASON")]
 pub static STATS_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);

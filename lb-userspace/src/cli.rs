@@ -463,6 +463,13 @@ fn print_stats(s: &StatsReport) {
         reasons.add_row(vec!["xdp_tx_errors (driver)".into(), errors.to_string()]);
     }
     println!("\n{reasons}");
+    if s.flow_events.iter().any(|(_, n)| *n > 0) {
+        let mut events = table(&["connection-table event", "count"]);
+        for (event, count) in s.flow_events.iter().filter(|(_, n)| *n > 0) {
+            events.add_row(vec![event.clone(), count.to_string()]);
+        }
+        println!("\n{events}");
+    }
 }
 
 /// What `lb decap attach` did, in a sentence or two.

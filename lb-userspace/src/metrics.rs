@@ -66,6 +66,11 @@ pub fn render(stats: &StatsReport, vrrp: Option<&VrrpStatus>, bgp: Option<&BgpSt
         reasons.get_or_create(&labels(&[("reason", reason)])).inc_by(*count);
     }
     registry.register("lb_packets", "Packets seen by the XDP program, by verdict reason.", reasons);
+    let events = counters();
+    for (event, count) in &stats.flow_events {
+        events.get_or_create(&labels(&[("event", event)])).inc_by(*count);
+    }
+    registry.register("lb_flow_events", "Connection-table events: half-open NAT ports taken back, table full.", events);
     if let Some(errors) = stats.xdp_tx_errors {
         let family = counters();
         family.get_or_create(&labels(&[])).inc_by(errors);
@@ -151,6 +156,7 @@ mod tests {
             reasons: vec![("tx_forward".into(), 5)],
             rate_interval_seconds: 1.0,
             xdp_tx_errors: Some(7),
+            flow_events: vec![("table_full".into(), 2)],
         };
         let text = render(&stats, None, None, "lb");
         for line in [
@@ -162,6 +168,7 @@ mod tests {
             "lb_backend_health_transitions_total{instance=\"lb\",vip=\"web\",backend=\"10.0.1.1:80\"} 2",
             "lb_packets_total{instance=\"lb\",reason=\"tx_forward\"} 5",
             "lb_xdp_tx_errors_total{instance=\"lb\"} 7",
+            "lb_flow_events_total{instance=\"lb\",event=\"table_full\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
@@ -177,6 +184,7 @@ mod tests {
             reasons: vec![],
             rate_interval_seconds: 0.0,
             xdp_tx_errors: None,
+            flow_events: vec![],
         };
         let vrrp = VrrpStatus {
             vrid: 51,

@@ -91,7 +91,7 @@ pub fn vip_addresses(state: &DesiredState) -> Vec<(VipAddrKey, VipAddr)> {
         let ip = vip.address.ip();
         let key = VipAddrKey { addr: addr16(ip), family: family(ip), _pad: [0; 3] };
         if !out.iter().any(|(k, _)| *k == key) {
-            out.push((key, VipAddr { flags: VIP_ADDR_ANSWER_PING }));
+            out.push((key, VipAddr::with_flags(VIP_ADDR_ANSWER_PING)));
         }
     }
     out

@@ -157,6 +157,10 @@ pub struct StatsReport {
     /// them (veth does): forwarded by the program, lost on the wire.
     #[serde(default)]
     pub xdp_tx_errors: Option<u64>,
+    /// Connection-table events (`FlowEvent`: half-open NAT ports taken back, table full) since
+    /// this daemon loaded the program.
+    #[serde(default)]
+    pub flow_events: Vec<(String, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -90,6 +90,7 @@ impl Harness {
             self.model.rings.insert(meta.ring_offset + i as u32, *index);
         }
         self.model.vips.insert(*key, meta);
+        self.copy_vip_addresses()?;
         Ok(table)
     }
 
@@ -110,9 +111,15 @@ impl Harness {
     /// Makes the addresses whose echo requests are answered exactly `addresses`, on both sides.
     pub fn answer_ping_on(&mut self, addresses: &[IpAddr]) -> Result<()> {
         let entries: Vec<(VipAddrKey, VipAddr)> =
-            addresses.iter().map(|&ip| (vip_addr_key(ip), VipAddr { flags: VIP_ADDR_ANSWER_PING })).collect();
+            addresses.iter().map(|&ip| (vip_addr_key(ip), VipAddr::with_flags(VIP_ADDR_ANSWER_PING))).collect();
         self.dataplane.set_vip_addresses(&entries)?;
-        self.model.vip_addrs = entries.into_iter().collect();
+        self.copy_vip_addresses()
+    }
+
+    /// The model's `VIP_ADDRS` as the data plane derived it (the VIP and SNAT bits come from
+    /// the published VIPs; `lb_userspace`'s own tests check that derivation).
+    fn copy_vip_addresses(&mut self) -> Result<()> {
+        self.model.vip_addrs = self.dataplane.vip_addresses()?.into_iter().collect();
         Ok(())
     }
 

@@ -723,6 +723,7 @@ fn fragments_go_where_their_first_went_in_both_directions() {
     let mut harness = harness_with(&setups);
     let vip_addresses: Vec<IpAddr> = setups.iter().map(|s| s.vip.ip()).collect();
     harness.answer_ping_on(&vip_addresses).unwrap();
+    eprintln!("DEBUG {:?}", harness.dataplane.vip_addresses().unwrap());
     let mut id = 0x4000u32;
     for setup in &setups {
         let what = format!("{:?} {} mode {}", setup.vip, setup.proto, setup.mode);

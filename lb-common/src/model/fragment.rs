@@ -8,10 +8,15 @@ use crate::maps::*;
 use crate::packet::{ETH_HLEN, ipv4, ipv6};
 
 impl ModelMaps {
-    pub(super) fn later_fragment(&mut self, p: &mut Vec<u8>, parsed: &Parsed) -> Result<Reason, Reason> {
+    /// `address_flags`: the destination's `VIP_ADDRS` flags.
+    pub(super) fn later_fragment(
+        &mut self,
+        p: &mut Vec<u8>,
+        parsed: &Parsed,
+        address_flags: u32,
+    ) -> Result<Reason, Reason> {
         let Some(route) = self.frags.get(&key(parsed)).copied() else {
-            let vip_address = VipAddrKey { addr: parsed.flow.dst, family: parsed.family, _pad: [0; 3] };
-            return Err(if self.vip_addrs.contains_key(&vip_address) {
+            return Err(if address_flags & VIP_ADDR_VIP != 0 {
                 Reason::PassFragmentNoFirst
             } else {
                 Reason::PassFragment

@@ -332,7 +332,21 @@ impl Daemon {
                 })
             })
             .collect();
-        StatsReport { health, vips, reasons, rate_interval_seconds: interval, xdp_tx_errors: current.xdp_tx_errors }
+        let flow_events = self
+            .dataplane
+            .flow_events()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(event, n)| (event.name().to_string(), n))
+            .collect();
+        StatsReport {
+            health,
+            vips,
+            reasons,
+            rate_interval_seconds: interval,
+            xdp_tx_errors: current.xdp_tx_errors,
+            flow_events,
+        }
     }
 
     fn explain(&self, src: SocketAddr, dst: SocketAddr, protocol: Protocol) -> Result<Explanation> {

@@ -56,6 +56,17 @@ impl AttachMode {
     }
 }
 
+/// The `VIP_ADDRS` entries a published VIP needs: its address, and a NAT VIP's source address
+/// with its ports.
+fn implied_addresses(key: &VipKey, meta: &VipMeta) -> Vec<(VipAddrKey, VipAddr)> {
+    let address = |addr| VipAddrKey { addr, family: key.family, _pad: [0; 3] };
+    let mut out = vec![(address(key.addr), VipAddr::with_flags(VIP_ADDR_VIP))];
+    if meta.mode == MODE_NAT {
+        out.push((address(meta.snat_addr), VipAddr::snat(meta.snat_port_min, meta.snat_port_max)));
+    }
+    out
+}
+
 /// Map sizes chosen at load time.
 pub use lb_common::layout::Sizes as DataplaneSizes;
 
@@ -107,6 +118,9 @@ pub struct Dataplane {
     new_nat_flows: RingBuf<MapData>,
     /// Where the maps came from; a migration is finished once the program is attached.
     origin: pinned::Origin,
+    /// The `VIP_ADDRS` entries the daemon asked for (answering ping); the data plane adds
+    /// the VIP and SNAT bits that the VIPs themselves imply.
+    address_flags: Vec<(VipAddrKey, VipAddr)>,
 }
 
 impl Dataplane {
@@ -143,7 +157,12 @@ impl Dataplane {
         };
         let new_nat_flows = ebpf.take_map(MAP_NEW_NAT_FLOWS).ok_or_else(|| anyhow!("no map {MAP_NEW_NAT_FLOWS}"))?;
         let new_nat_flows = RingBuf::try_from(new_nat_flows).context("opening the new-NAT-flow ring buffer")?;
-        Ok(Self { ebpf, sizes, rings, new_nat_flows, origin: pinned::Origin::Unpinned })
+        let mut dataplane =
+            Self { ebpf, sizes, rings, new_nat_flows, origin: pinned::Origin::Unpinned, address_flags: Vec::new() };
+        // Pinned VIPs came along: their addresses must pass the program's first lookup before it
+        // is attached.
+        dataplane.sync_addresses()?;
+        Ok(dataplane)
     }
 
     pub fn sizes(&self) -> DataplaneSizes {
@@ -196,6 +215,12 @@ impl Dataplane {
                 .with_context(|| format!("attaching the health-check path program (tcx egress) to {device}"))?;
         }
         Ok(())
+    }
+
+    /// The flow events (`FlowEvent`) counted since the program was loaded, summed over CPUs.
+    pub fn flow_events(&self) -> Result<Vec<(FlowEvent, u64)>> {
+        let events: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(&self.ebpf, MAP_FLOW_EVENTS)?)?;
+        FlowEvent::ALL.iter().map(|&event| Ok((event, events.get(&(event as u32), 0)?.iter().sum()))).collect()
     }
 
     /// From now on every new NAT flow is also reported, for [`Self::drain_new_nat_flows`].
@@ -270,6 +295,10 @@ impl Dataplane {
         let inactive = if active == Some(base) { base + ring_size } else { base };
         self.rings.write(inactive, table)?;
         let meta = forwarding.meta(inactive, ring_size);
+        // The addresses first: the program looks at a VIP only once its address is known.
+        for (address, entry) in implied_addresses(key, &meta) {
+            self.add_address(&address, entry)?;
+        }
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> = HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIPS)?)?;
         vips.insert(key, meta, 0).context("publishing the VIP")?;
         Ok(())
@@ -294,17 +323,78 @@ impl Dataplane {
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> = HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIPS)?)?;
         match vips.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(anyhow::Error::from(e).context("removing the VIP")),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(anyhow::Error::from(e).context("removing the VIP")),
         }
+        self.sync_addresses()
     }
 
-    /// Makes `VIP_ADDRS` hold exactly `wanted`: entries are added or changed first, then the
-    /// ones no longer wanted removed.
+    /// Sets the `VIP_ADDRS` flags the daemon decides (answering ping) to exactly `wanted`; the
+    /// map then holds those plus the VIP and SNAT bits of the published VIPs.
     pub fn set_vip_addresses(&mut self, wanted: &[(VipAddrKey, VipAddr)]) -> Result<()> {
+        self.address_flags = wanted.to_vec();
+        self.sync_addresses()
+    }
+
+    /// `VIP_ADDRS` as the program sees it.
+    pub fn vip_addresses(&self) -> Result<Vec<(VipAddrKey, VipAddr)>> {
+        let addrs: HashMap<&MapData, VipAddrKey, VipAddr> = HashMap::try_from(map(&self.ebpf, MAP_VIP_ADDRS)?)?;
+        Ok(addrs.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Adds `entry`'s bits (and SNAT ports) to `key`'s entry.
+    fn add_address(&mut self, key: &VipAddrKey, entry: VipAddr) -> Result<()> {
+        let addrs: HashMap<&mut MapData, VipAddrKey, VipAddr> =
+            HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIP_ADDRS)?)?;
+        let before = not_found_is_none(addrs.get(key, 0))?;
+        let after = before.unwrap_or_default().merged(entry);
+        if before != Some(after) {
+            self.write_address_filter(std::slice::from_ref(key), false)?;
+            let mut addrs: HashMap<&mut MapData, VipAddrKey, VipAddr> =
+                HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIP_ADDRS)?)?;
+            addrs.insert(key, after, 0).context("writing a VIP address")?;
+        }
+        Ok(())
+    }
+
+    /// Sets the `ADDR_FILTER` bits of `addresses`; with `exact`, clears every other bit. Bits
+    /// are set before their entries are written and cleared after they are removed: a clear
+    /// bit must never hide an entry.
+    fn write_address_filter(&mut self, addresses: &[VipAddrKey], exact: bool) -> Result<()> {
+        let mut filter: Array<&mut MapData, u64> = Array::try_from(map_mut(&mut self.ebpf, MAP_ADDR_FILTER)?)?;
+        let mut words = vec![0u64; ADDR_FILTER_WORDS as usize];
+        for address in addresses {
+            let (word, bit) = address_filter_bit(&address.addr);
+            words[word as usize] |= bit;
+        }
+        for (index, wanted) in words.into_iter().enumerate() {
+            let index = index as u32;
+            let now = filter.get(&index, 0)?;
+            let next = if exact { wanted } else { now | wanted };
+            if next != now {
+                filter.set(index, next, 0).context("writing the address filter")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `VIP_ADDRS` what the published VIPs and the daemon's flags imply: entries are
+    /// added or changed first, then the ones no longer wanted removed.
+    fn sync_addresses(&mut self) -> Result<()> {
+        let mut wanted = self.address_flags.clone();
+        for (key, meta) in self.vips()? {
+            for (address, entry) in implied_addresses(&key, &meta) {
+                match wanted.iter_mut().find(|(k, _)| *k == address) {
+                    Some((_, value)) => *value = value.merged(entry),
+                    None => wanted.push((address, entry)),
+                }
+            }
+        }
+        let keys: Vec<VipAddrKey> = wanted.iter().map(|(key, _)| *key).collect();
+        self.write_address_filter(&keys, false)?;
         let mut addrs: HashMap<&mut MapData, VipAddrKey, VipAddr> =
             HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIP_ADDRS)?)?;
-        for (key, value) in wanted {
+        for (key, value) in &wanted {
             if not_found_is_none(addrs.get(key, 0))? != Some(*value) {
                 addrs.insert(key, value, 0).context("writing a VIP address")?;
             }
@@ -317,7 +407,7 @@ impl Dataplane {
                 Err(e) => return Err(anyhow::Error::from(e).context("removing a VIP address")),
             }
         }
-        Ok(())
+        self.write_address_filter(&keys, true)
     }
 
     /// Drops the connection-table entries of backend slot `index`: those flows are placed anew

@@ -174,7 +174,7 @@ mod tests {
                 family: 4,
                 _pad: [0; 2],
             },
-            conn: ConnState { backend: 3, snat_port: 4000, _pad: [0; 2], last_seen: 9 },
+            conn: ConnState { backend: 3, snat_port: 4000, flags: 0, _pad: 0, last_seen: 9 },
             reply: FlowKey { src: [3; 16], dst: [4; 16], sport: 8080, dport: 4000, proto: 6, family: 4, _pad: [0; 2] },
             reverse: NatReverse { client_port: 7, vip_port: 80, client_mac: [2, 0, 0, 0, 0, 1], ..Default::default() },
         };

@@ -137,7 +137,7 @@ fn measure(case: &Case, iterations: u32) -> Result<f64> {
         }
         Kind::Ping => {
             let vip = vip_addr(case.v6).ip();
-            dataplane.set_vip_addresses(&[(vip_addr_key(vip), VipAddr { flags: VIP_ADDR_ANSWER_PING })])?;
+            dataplane.set_vip_addresses(&[(vip_addr_key(vip), VipAddr::with_flags(VIP_ADDR_ANSWER_PING))])?;
             let client: IpAddr = if case.v6 { "2001:db8::1".parse()? } else { "198.18.0.1".parse()? };
             Some(Frame::echo_request(client, vip, 1, 1).bytes())
         }
