@@ -192,6 +192,9 @@ impl ModelMaps {
         let mut snat_port = 0;
         // DSR and tunnels record a TCP flow from the handshake's second packet on.
         if vip.mode != MODE_NAT && parsed.opens_connection {
+            if let Some(stale) = self.conns.get_mut(&parsed.flow) {
+                stale.backend = index;
+            }
             return Ok((backend, index, 0));
         }
         if vip.mode == MODE_NAT {

@@ -90,6 +90,12 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         // A SYN goes where the table says and leaves no state: the handshake's next packet
         // records the flow, so spoofed SYNs fill no table.
         if packet.opens_connection != 0 {
+            // A reused tuple: the old connection's entry must not steer the new one's next
+            // packets. A store into the entry, when there is one; no insert.
+            if let Some(stale) = CONNS.get_ptr_mut(&packet.flow) {
+                // SAFETY: a map value pointer stays valid for the program's run.
+                unsafe { (*stale).backend = index };
+            }
             return Ok(Chosen { index, backend, snat_port: 0, new_flow });
         }
     } else {

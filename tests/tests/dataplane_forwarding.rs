@@ -261,6 +261,11 @@ fn established_flows_keep_their_backend_until_it_goes_away() {
         let mut first_backend = std::collections::HashMap::new();
         for sport in 42000..42200u16 {
             let (out, _) = harness.run(&client_frame(setup, client, sport).bytes()).unwrap();
+            // The handshake's second packet: from here on the flow is remembered in every mode
+            // (a DSR or tunnel flow is not recorded by its SYN alone).
+            let (ack, model) = harness.run(&established(client_frame(setup, client, sport)).bytes()).unwrap();
+            assert_eq!(ack, model);
+            assert_eq!(ack.packet[0..6], out.packet[0..6], "mode {mode}: the ACK follows its SYN");
             first_backend.insert(sport, out.packet[0..6].to_vec());
         }
         // A fourth backend joins: the new table moves some flows to it, but established ones stay.
@@ -345,6 +350,8 @@ fn a_nat_port_goes_to_a_new_flow_once_its_connection_has_ended() {
     assert_eq!(opened.reason, Reason::TxForward);
     let (snat, snat_port, backend_ip, backend_port) = flow_of(&opened.packet);
     assert_eq!(snat_port, 20000);
+    // The client's next packet: the connection is open, no longer half-open.
+    assert_eq!(run(&mut harness, &established(first.clone())).reason, Reason::TxForward);
     let second = client_frame(setup, client, 45001);
     assert_eq!(run(&mut harness, &second).reason, Reason::DropNatPorts, "the port belongs to an open connection");
     // Even after CLOSED_WAIT of silence: an open TCP connection keeps its port for TCP_IDLE.
@@ -374,6 +381,41 @@ fn a_nat_port_goes_to_a_new_flow_once_its_connection_has_ended() {
     // The old flow's late segment no longer rides on that tuple: it needs a port of its own,
     // and there is none left.
     assert_eq!(run(&mut harness, &fin).reason, Reason::DropNatPorts);
+}
+
+#[test]
+fn a_half_open_nat_flow_gives_its_port_up_when_its_client_stays_silent() {
+    if !require_root("a_half_open_nat_flow_gives_its_port_up_when_its_client_stays_silent") {
+        return;
+    }
+    let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
+    let setup = &setups[0];
+    let one_port = VipForwarding { snat_port_min: 20000, snat_port_max: 20000, ..forwarding };
+    harness.publish_vip(&vip_key(setup.vip, setup.proto), &one_port, &[setup.backends[0].0]).unwrap();
+    let client = client_ip(setup);
+    let run = |harness: &mut Harness, frame: &Frame| {
+        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+        assert_eq!(kernel, model);
+        kernel.reason
+    };
+    let events = |harness: &Harness| {
+        let all = harness.dataplane.flow_events().unwrap();
+        all.iter().find(|(event, _)| *event == FlowEvent::HalfOpenPortTaken).unwrap().1
+    };
+    // A SYN and nothing else (as a spoofed one): its port is held for HALF_OPEN_WAIT only.
+    let spoofed = client_frame(setup, ip("192.0.2.200"), 45000);
+    assert_eq!(run(&mut harness, &spoofed), Reason::TxForward);
+    let real = client_frame(setup, client, 45001);
+    assert_eq!(run(&mut harness, &real), Reason::DropNatPorts, "a fresh half-open flow keeps its port");
+    harness.age_nat_flows(lb_common::nat::HALF_OPEN_WAIT).unwrap();
+    let before = events(&harness);
+    assert_eq!(run(&mut harness, &real), Reason::TxForward, "a silent half-open flow's port goes to a new flow");
+    assert_eq!(events(&harness), before + 1, "counted as half_open_port_taken");
+    // The real client completes its handshake: its port is now held like any open connection's.
+    assert_eq!(run(&mut harness, &established(real.clone())), Reason::TxForward);
+    harness.age_nat_flows(lb_common::nat::CLOSED_WAIT).unwrap();
+    let another = client_frame(setup, ip("192.0.2.201"), 45002);
+    assert_eq!(run(&mut harness, &another), Reason::DropNatPorts, "an open connection keeps its port");
 }
 
 #[test]
@@ -439,10 +481,13 @@ fn a_syn_reusing_a_remembered_tuple_is_placed_by_the_current_table() {
         let (setups, mut harness, forwarding) = ipv4_tcp(mode);
         let setup = &setups[0];
         let client = client_ip(setup);
-        // A flow on backend 1 (its first packet is a SYN).
+        // A flow on backend 1 (its first packet is a SYN, then its handshake's second packet).
         let sport = (43000..44000u16)
             .find(|&p| harness.run(&client_frame(setup, client, p).bytes()).unwrap().0.packet[0..6] == backend_mac(1))
             .expect("some port lands on backend 1");
+        let (ack, model) = harness.run(&established(client_frame(setup, client, sport)).bytes()).unwrap();
+        assert_eq!(ack, model);
+        assert_eq!(&ack.packet[0..6], &backend_mac(1), "mode {mode}: the handshake's second packet follows its SYN");
         // Backend 1 leaves the table but stays usable (as when drained): the connection goes on...
         harness.publish_vip(&vip_key(setup.vip, setup.proto), &forwarding, &[2, 3]).unwrap();
         let (ack, model) = harness.run(&established(client_frame(setup, client, sport)).bytes()).unwrap();
@@ -723,7 +768,6 @@ fn fragments_go_where_their_first_went_in_both_directions() {
     let mut harness = harness_with(&setups);
     let vip_addresses: Vec<IpAddr> = setups.iter().map(|s| s.vip.ip()).collect();
     harness.answer_ping_on(&vip_addresses).unwrap();
-    eprintln!("DEBUG {:?}", harness.dataplane.vip_addresses().unwrap());
     let mut id = 0x4000u32;
     for setup in &setups {
         let what = format!("{:?} {} mode {}", setup.vip, setup.proto, setup.mode);

@@ -339,7 +339,9 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
             PassIcmpNoFlow,
         ),
         (
-            "ICMP error quoting no NAT flow (to the SNAT address)",
+            // The VIPs here are DSR ones: 10.0.0.2 is nobody's SNAT address, so the error is
+            // about the host's own packet.
+            "ICMP error to an address that is no VIP's and no NAT VIP's source",
             Frame::icmp_error(
                 ip("10.0.1.1"),
                 ip("10.0.0.2"),
@@ -349,7 +351,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
                 &Frame::udp(ip("10.0.0.2"), 3000, ip("10.0.1.1"), 53).ip_packet(),
             )
             .bytes(),
-            PassIcmpNoFlow,
+            PassNotVip,
         ),
         ("ICMP redirect to the VIP address", with(v4_error(&v4_answer()), |b| b[L4_V4] = 5), PassUnknownL4),
         (

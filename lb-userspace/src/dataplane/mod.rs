@@ -67,6 +67,21 @@ fn implied_addresses(key: &VipKey, meta: &VipMeta) -> Vec<(VipAddrKey, VipAddr)>
     out
 }
 
+/// `VIP_ADDRS` as it must be: the daemon's `flags` and what the `vips` imply, one entry per
+/// address whatever repeats it (a caller's list, VIPs sharing an address, a NAT VIP's source
+/// address that is also a VIP's).
+fn address_entries(flags: &[(VipAddrKey, VipAddr)], vips: &[(VipKey, VipMeta)]) -> Vec<(VipAddrKey, VipAddr)> {
+    let mut wanted: Vec<(VipAddrKey, VipAddr)> = Vec::new();
+    let implied = vips.iter().flat_map(|(key, meta)| implied_addresses(key, meta));
+    for (address, entry) in flags.iter().copied().chain(implied) {
+        match wanted.iter_mut().find(|(k, _)| *k == address) {
+            Some((_, value)) => *value = value.merged(entry),
+            None => wanted.push((address, entry)),
+        }
+    }
+    wanted
+}
+
 /// Map sizes chosen at load time.
 pub use lb_common::layout::Sizes as DataplaneSizes;
 
@@ -381,15 +396,7 @@ impl Dataplane {
     /// Makes `VIP_ADDRS` what the published VIPs and the daemon's flags imply: entries are
     /// added or changed first, then the ones no longer wanted removed.
     fn sync_addresses(&mut self) -> Result<()> {
-        let mut wanted = self.address_flags.clone();
-        for (key, meta) in self.vips()? {
-            for (address, entry) in implied_addresses(&key, &meta) {
-                match wanted.iter_mut().find(|(k, _)| *k == address) {
-                    Some((_, value)) => *value = value.merged(entry),
-                    None => wanted.push((address, entry)),
-                }
-            }
-        }
+        let wanted = address_entries(&self.address_flags, &self.vips()?);
         let keys: Vec<VipAddrKey> = wanted.iter().map(|(key, _)| *key).collect();
         self.write_address_filter(&keys, false)?;
         let mut addrs: HashMap<&mut MapData, VipAddrKey, VipAddr> =
@@ -555,8 +562,58 @@ fn sum_traffic(ebpf: &Ebpf, name: &str, index: u32) -> Result<Traffic> {
 
 #[cfg(test)]
 mod tests {
-    use super::EBPF_OBJECT;
+    use super::{EBPF_OBJECT, address_entries};
     use lb_common::layout::{MAPS, MapKind, Sizes};
+    use lb_common::maps::*;
+
+    fn address(last: u8) -> VipAddrKey {
+        VipAddrKey { addr: [10, 0, 0, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], family: 4, _pad: [0; 3] }
+    }
+
+    fn vip(last: u8, port: u16, meta: VipMeta) -> (VipKey, VipMeta) {
+        let key = address(last);
+        (VipKey { addr: key.addr, port: port.to_be(), proto: 6, family: 4 }, meta)
+    }
+
+    /// Every address gets one entry holding every bit asked for it: an address listed twice
+    /// (a VIP's TCP and UDP ports answering ping) must not lose the VIP bit to its second copy.
+    #[test]
+    fn address_entries_merge_every_repetition_of_an_address() {
+        let ping = VipAddr::with_flags(VIP_ADDR_ANSWER_PING);
+        let flags = [(address(10), ping), (address(10), ping), (address(20), ping)];
+        let nat = VipMeta {
+            mode: MODE_NAT,
+            snat_addr: address(2).addr,
+            snat_port_min: 20000,
+            snat_port_max: 30000,
+            ..Default::default()
+        };
+        let nat_on_vip = VipMeta {
+            mode: MODE_NAT,
+            snat_addr: address(10).addr,
+            snat_port_min: 40000,
+            snat_port_max: 50000,
+            ..Default::default()
+        };
+        let vips = [vip(10, 80, VipMeta::default()), vip(10, 443, nat), vip(30, 80, nat), vip(31, 80, nat_on_vip)];
+        let mut got = address_entries(&flags, &vips);
+        got.sort_by_key(|(key, _)| key.addr);
+        let want = vec![
+            (address(2), VipAddr::snat(20000, 30000)),
+            (
+                address(10),
+                VipAddr {
+                    flags: VIP_ADDR_ANSWER_PING | VIP_ADDR_VIP | VIP_ADDR_SNAT,
+                    snat_port_min: 40000,
+                    snat_port_max: 50000,
+                },
+            ),
+            (address(20), ping),
+            (address(30), VipAddr::with_flags(VIP_ADDR_VIP)),
+            (address(31), VipAddr::with_flags(VIP_ADDR_VIP)),
+        ];
+        assert_eq!(got, want);
+    }
 
     /// The program declares its maps as the layout table says: name, type, key and value size,
     /// and, for deployment-sized maps, the default sizes.
