@@ -119,6 +119,12 @@ pub struct Settings {
     pub tunnel_source_v6: [u8; 16],
     /// The attached interface's index: health checks sent via a VIP leave through it (`lb_hc`).
     pub ifindex: u32,
+    /// 1 while the daemon sees more new flows per second on some CPU than `[daemon]
+    /// flood_new_flows`: DSR and tunnel VIPs record no new flows (the Maglev table still places
+    /// them) and NAT flows opened meanwhile give their ports up sooner while half-open
+    /// (`CONN_OPENED_IN_FLOOD`, `nat::HALF_OPEN_WAIT_FLOODED`).
+    pub flood: u8,
+    pub _pad: [u8; 3],
 }
 
 /// What happened to flows' table entries, counted per CPU in `FLOW_EVENTS` (not packets: a
@@ -130,17 +136,20 @@ pub enum FlowEvent {
     HalfOpenPortTaken = 0,
     /// A connection-table entry could not be written (the table is full).
     TableFull = 1,
+    /// A DSR or tunnel flow left unrecorded during a flood (placed by the Maglev table alone).
+    FloodNotRecorded = 2,
 }
 
 pub const FLOW_EVENT_SLOTS: u32 = 4;
 
 impl FlowEvent {
-    pub const ALL: [FlowEvent; 2] = [FlowEvent::HalfOpenPortTaken, FlowEvent::TableFull];
+    pub const ALL: [FlowEvent; 3] = [FlowEvent::HalfOpenPortTaken, FlowEvent::TableFull, FlowEvent::FloodNotRecorded];
 
     pub const fn name(self) -> &'static str {
         match self {
             FlowEvent::HalfOpenPortTaken => "half_open_port_taken",
             FlowEvent::TableFull => "table_full",
+            FlowEvent::FloodNotRecorded => "flood_not_recorded",
         }
     }
 }
@@ -458,6 +467,9 @@ pub struct ConnState {
 /// spoofed SYN never will). Set, rather than an "established" bit, so that entries written
 /// before the bit existed count as established.
 pub const CONN_HALF_OPEN: u8 = 1;
+/// `ConnState::flags`, with `CONN_HALF_OPEN`: the SYN came during a flood (`Settings::flood`),
+/// and the flow gives its port up sooner if its client stays silent.
+pub const CONN_OPENED_IN_FLOOD: u8 = 2;
 
 /// `NAT_REV` value: how to turn a backend's reply back into the client's flow.
 /// Keyed by the reply's FlowKey (backend → snat address:port).
@@ -586,7 +598,7 @@ const _: () = {
     assert!(size_of::<NatReverse>() == 48);
     assert!(offset_of!(NatReverse, last_seen) == 44);
     assert!(size_of::<Traffic>() == 24);
-    assert!(size_of::<Settings>() == 52);
+    assert!(size_of::<Settings>() == 56);
     assert!(size_of::<VipAddr>() == 8);
     assert!(offset_of!(Settings, tunnel_source_v4) == 16);
     assert!(size_of::<NatFlowRecord>() == 140);

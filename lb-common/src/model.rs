@@ -166,7 +166,7 @@ impl ModelMaps {
             if vip.mode == MODE_NAT {
                 let entry = self.conns.get_mut(&parsed.flow).expect("just read");
                 entry.last_seen = self.now;
-                entry.flags &= !CONN_HALF_OPEN;
+                entry.flags &= !(CONN_HALF_OPEN | CONN_OPENED_IN_FLOOD);
                 if parsed.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
                     let reply = reply_key(&parsed.flow, &backend, vip, conn.snat_port);
                     if let Some(reverse) = self.nat_rev.get_mut(&reply) {
@@ -197,6 +197,10 @@ impl ModelMaps {
             }
             return Ok((backend, index, 0));
         }
+        // During a flood DSR and tunnel flows are not recorded at all: the table places them.
+        if vip.mode != MODE_NAT && self.settings.flood != 0 {
+            return Ok((backend, index, 0));
+        }
         if vip.mode == MODE_NAT {
             let reverse = NatReverse {
                 client_addr: parsed.flow.src,
@@ -220,7 +224,7 @@ impl ModelMaps {
                     .conns
                     .get(&holder)
                     .filter(|c| c.snat_port == port)
-                    .map(|c| nat::Holder { last_seen: c.last_seen, half_open: c.flags & CONN_HALF_OPEN != 0 });
+                    .map(|c| nat::Holder { last_seen: c.last_seen, flags: c.flags });
                 let pinned = state.is_some().then_some(holder);
                 nat::may_take_port(taken, &reverse, parsed.flow.proto, state, self.now).then_some((reply, port, pinned))
             });
@@ -233,7 +237,11 @@ impl ModelMaps {
             snat_port = port;
         }
         let last_seen = if vip.mode == MODE_NAT { self.now } else { 0 };
-        let flags = if vip.mode == MODE_NAT && parsed.opens_connection { CONN_HALF_OPEN } else { 0 };
+        let flags = match (vip.mode == MODE_NAT && parsed.opens_connection, self.settings.flood != 0) {
+            (true, true) => CONN_HALF_OPEN | CONN_OPENED_IN_FLOOD,
+            (true, false) => CONN_HALF_OPEN,
+            (false, _) => 0,
+        };
         self.conns.insert(parsed.flow, ConnState { backend: index, snat_port, flags, _pad: 0, last_seen });
         Ok((backend, index, snat_port))
     }

@@ -7,7 +7,7 @@
 //! closed after the client (a few seconds for a lost last ACK), TIME_WAIT (60 s on Linux) when
 //! it closed first, and idle timeouts in the spirit of IPVS and conntrack otherwise.
 
-use crate::maps::{FlowKey, NatReverse, PROTO_TCP};
+use crate::maps::{CONN_HALF_OPEN, CONN_OPENED_IN_FLOOD, FlowKey, NatReverse, PROTO_TCP};
 use crate::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
 
 /// The program's clock: monotonic nanoseconds >> 20, about 1.05 ms per tick; a u32 of them
@@ -40,6 +40,18 @@ pub const ORPHAN_WAIT: u32 = seconds(60);
 /// holds at most a second's worth of ports. A client whose SYN-ACK was lost sends its SYN
 /// again after a second (Linux), and gets its port back if nobody took it, or another.
 pub const HALF_OPEN_WAIT: u32 = seconds(1);
+/// The same while the daemon sees a flood of new flows (`Settings::flood`): a handshake's round
+/// trip across continents still fits, and a flood holds at most a third of a second's worth of
+/// ports, so that ports stay free for real clients at several times the rate.
+pub const HALF_OPEN_WAIT_FLOODED: u32 = seconds(1) * 3 / 10;
+
+/// How long a half-open flow keeps its port, by its `ConnState::flags`. Arithmetic rather than
+/// a condition: the verifier then follows one path, not two per port tried.
+#[inline(always)]
+pub const fn half_open_wait(flags: u8) -> u32 {
+    let flooded = (flags & CONN_OPENED_IN_FLOOD != 0) as u32;
+    HALF_OPEN_WAIT - flooded * (HALF_OPEN_WAIT - HALF_OPEN_WAIT_FLOODED)
+}
 /// Open connections that went quiet (IPVS: 900 s for TCP; conntrack: 30 s for UDP).
 pub const TCP_IDLE: u32 = seconds(900);
 pub const UDP_IDLE: u32 = seconds(30);
@@ -89,15 +101,22 @@ const fn elapsed(since: u32, now: u32) -> u32 {
 pub struct Holder {
     /// When its client last sent.
     pub last_seen: u32,
-    /// Its client sent a SYN and nothing since (`CONN_HALF_OPEN`).
-    pub half_open: bool,
+    /// Its `ConnState::flags` (`CONN_HALF_OPEN`: its client sent a SYN and nothing since).
+    pub flags: u8,
+}
+
+impl Holder {
+    #[inline(always)]
+    pub const fn half_open(&self) -> bool {
+        self.flags & CONN_HALF_OPEN != 0
+    }
 }
 
 /// Whether the port `taken` holds may go to the flow that asks for it (`claimant`, the reverse
 /// entry that flow would write): when it is the same client flow asking again (its table entry
 /// was lost: evicted, cleared with a down backend, or never synchronised to this node); when
-/// the holder is half-open and its client has been quiet for [`HALF_OPEN_WAIT`]; or when the holder's connection has ended or gone quiet
-/// ([`reclaimable`]).
+/// the holder is half-open and its client has been quiet for [`half_open_wait`] (shorter when
+/// it opened during a flood); or when the holder's connection has ended or gone quiet ([`reclaimable`]).
 #[inline(always)]
 pub const fn may_take_port(
     taken: &NatReverse,
@@ -111,8 +130,8 @@ pub const fn may_take_port(
     }
     match holder {
         // Judged by the client alone: the backend answers a spoofed SYN, and repeats its answer.
-        Some(Holder { last_seen, half_open: true }) => elapsed(last_seen, now) >= HALF_OPEN_WAIT,
-        Some(Holder { last_seen, half_open: false }) => reclaimable(taken, proto, Some(last_seen), now),
+        Some(holder) if holder.half_open() => elapsed(holder.last_seen, now) >= half_open_wait(holder.flags),
+        Some(Holder { last_seen, .. }) => reclaimable(taken, proto, Some(last_seen), now),
         None => reclaimable(taken, proto, None, now),
     }
 }
@@ -246,6 +265,25 @@ mod tests {
         ] {
             assert!(!may_take_port(&holder, &other, PROTO_TCP, None, NOW), "another flow waits: {other:?}");
         }
+    }
+
+    #[test]
+    fn a_half_open_flow_keeps_its_port_for_a_round_trip_and_less_during_a_flood() {
+        let held = NatReverse { client_addr: [10; 16], client_port: 4000, last_seen: NOW, ..Default::default() };
+        let claimant = NatReverse { client_port: 4001, ..held };
+        let open = Some(Holder { last_seen: NOW, flags: 0 });
+        for (flags, wait) in
+            [(CONN_HALF_OPEN, HALF_OPEN_WAIT), (CONN_HALF_OPEN | CONN_OPENED_IN_FLOOD, HALF_OPEN_WAIT_FLOODED)]
+        {
+            assert_eq!(half_open_wait(flags), wait);
+            let half_open = Some(Holder { last_seen: NOW, flags });
+            let take = |holder, after: u32| may_take_port(&held, &claimant, PROTO_TCP, holder, NOW + after);
+            assert!(!take(half_open, wait - 1), "flags {flags}: still within its wait");
+            assert!(take(half_open, wait), "flags {flags}: a silent half-open flow gives its port up");
+            assert!(!take(open, wait), "an open connection keeps its port");
+            assert!(!take(open, TCP_IDLE - 1), "until it has been idle for TCP_IDLE");
+        }
+        assert!(HALF_OPEN_WAIT_FLOODED < HALF_OPEN_WAIT && HALF_OPEN_WAIT_FLOODED >= seconds(1) / 4);
     }
 
     #[test]

@@ -5,8 +5,8 @@ use crate::parse::Packet;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::hash::{flow_hash, placement_hash};
 use lb_common::maps::{
-    BACKEND_USABLE, Backend, CONN_HALF_OPEN, ConnState, FlowEvent, FlowKey, MODE_NAT, NAT_PORT_TRIES, NO_BACKEND,
-    NatFlowRecord, NatReverse, PROTO_TCP, Reason, VipMeta, snat_port_candidate,
+    BACKEND_USABLE, Backend, CONN_HALF_OPEN, CONN_OPENED_IN_FLOOD, ConnState, FlowEvent, FlowKey, MODE_NAT,
+    NAT_PORT_TRIES, NO_BACKEND, NatFlowRecord, NatReverse, PROTO_TCP, Reason, VipMeta, snat_port_candidate,
 };
 use lb_common::nat::{Holder, client_flow, may_take_port, note_segment, ticks};
 use lb_common::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
@@ -60,7 +60,7 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
                 touch(unsafe { &mut (*conn).last_seen });
                 // Anything after the SYN (here: never a SYN) completes the client's side.
                 if unsafe { (*conn).flags } & CONN_HALF_OPEN != 0 {
-                    unsafe { (*conn).flags &= !CONN_HALF_OPEN };
+                    unsafe { (*conn).flags &= !(CONN_HALF_OPEN | CONN_OPENED_IN_FLOOD) };
                 }
                 if packet.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
                     note_client_end(packet, vip, backend, snat_port);
@@ -98,6 +98,12 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
             }
             return Ok(Chosen { index, backend, snat_port: 0, new_flow });
         }
+        // During a flood nothing new is recorded (Katran's answer too): the table places the
+        // flow's every packet, and only a table change moves it.
+        if flooded() {
+            flow_event(FlowEvent::FloodNotRecorded);
+            return Ok(Chosen { index, backend, snat_port: 0, new_flow });
+        }
     } else {
         // The reply direction's entry: how to turn the backend's answers back to the client.
         let reverse = NatReverse {
@@ -113,7 +119,9 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         conn.snat_port = allocate_snat_port(packet, vip, backend, hash, &reverse)?;
         conn.last_seen = reverse.last_seen;
         if packet.opens_connection != 0 {
-            conn.flags = CONN_HALF_OPEN;
+            // Half-open until the client's next packet; opened during a flood, it gives its
+            // port up sooner (`lb_common::nat::half_open_wait`).
+            conn.flags = CONN_HALF_OPEN | if flooded() { CONN_OPENED_IN_FLOOD } else { 0 };
         }
         report_nat_flow(packet, vip, backend, &conn, &reverse);
     }
@@ -122,6 +130,12 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         flow_event(FlowEvent::TableFull);
     }
     Ok(Chosen { index, backend, snat_port: conn.snat_port, new_flow })
+}
+
+/// Whether the daemon sees a flood of new flows (`Settings::flood`).
+#[inline(always)]
+fn flooded() -> bool {
+    SETTINGS.get(0).is_some_and(|s| s.flood != 0)
 }
 
 #[inline(always)]
@@ -209,8 +223,8 @@ fn note_client_end(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port:
 }
 
 /// Reserves a source port towards `backend` by creating the reply-direction entry: the first
-/// candidate that is free (BPF_NOEXIST makes that race-free across CPUs), or whose connection
-/// has ended or gone quiet (`lb_common::nat::reclaimable`).
+/// candidate that is free, or whose connection has ended or gone quiet
+/// (`lb_common::nat::may_take_port`).
 #[inline(never)]
 fn allocate_snat_port(
     packet: &Packet,
@@ -222,20 +236,23 @@ fn allocate_snat_port(
     for attempt in 0..NAT_PORT_TRIES {
         let port = snat_port_candidate(hash, attempt, vip.snat_port_min, vip.snat_port_max).to_be();
         let reply = reply_key(packet, vip, backend, port);
-        if NAT_REV.insert(&reply, reverse, BPF_NOEXIST).is_ok() || take_over_if_ended(&reply, reverse) {
+        if claim_port(&reply, reverse) {
             return Ok(port);
         }
     }
     Err(Reason::DropNatPorts)
 }
 
-/// Gives the port in `reply` to `reverse`'s flow when that flow held it already, or when the
-/// connection holding it has ended or gone quiet (`lb_common::nat::may_take_port`); returns
-/// whether it did.
+/// Gives the port in `reply` to `reverse`'s flow when it is free (BPF_NOEXIST makes that
+/// race-free across CPUs), when that flow held it already, or when the connection holding it
+/// has ended or gone quiet (`lb_common::nat::may_take_port`); returns whether it did.
+///
+/// A lookup first: an insert attempt on a taken port would cost more, and on a full LRU map
+/// it takes a node from the free list first, which may evict another flow's entry.
 #[inline(never)]
-fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse) -> bool {
+fn claim_port(reply: &FlowKey, reverse: &NatReverse) -> bool {
     let Some(taken) = NAT_REV.get_ptr(reply) else {
-        return NAT_REV.insert(reply, reverse, BPF_NOEXIST).is_ok(); // freed meanwhile
+        return NAT_REV.insert(reply, reverse, BPF_NOEXIST).is_ok();
     };
     // SAFETY: a map value pointer stays valid for the program's run.
     let taken = unsafe { &*taken };
@@ -244,7 +261,7 @@ fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse) -> bool {
     let holder_state = match CONNS.get_ptr(&holder) {
         // SAFETY: as above.
         Some(conn) if unsafe { (*conn).snat_port } == reply.dport => {
-            Some(unsafe { Holder { last_seen: (*conn).last_seen, half_open: (*conn).flags & CONN_HALF_OPEN != 0 } })
+            Some(unsafe { Holder { last_seen: (*conn).last_seen, flags: (*conn).flags } })
         }
         _ => None,
     };
@@ -253,7 +270,7 @@ fn take_over_if_ended(reply: &FlowKey, reverse: &NatReverse) -> bool {
     }
     // One number across the calls below (see above).
     let held = match holder_state {
-        Some(Holder { half_open: true, .. }) => 2u8,
+        Some(holder) if holder.half_open() => 2u8,
         Some(_) => 1,
         None => 0,
     };

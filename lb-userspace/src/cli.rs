@@ -463,6 +463,19 @@ fn print_stats(s: &StatsReport) {
         reasons.add_row(vec!["xdp_tx_errors (driver)".into(), errors.to_string()]);
     }
     println!("\n{reasons}");
+    if s.flood.threshold == 0 {
+        println!("\nflood detection: off (daemon.flood_new_flows = 0)");
+    } else {
+        let now = if s.flood.active {
+            "FLOOD: DSR/tunnel VIPs record no new flows, NAT half-open ports freed sooner"
+        } else {
+            "no flood"
+        };
+        println!(
+            "\nflood detection: {now}; busiest CPU {} new flows/s (threshold {}/s); floods since start: {}",
+            s.flood.busiest_cpu_rate, s.flood.threshold, s.flood.floods
+        );
+    }
     if s.flow_events.iter().any(|(_, n)| *n > 0) {
         let mut events = table(&["connection-table event", "count"]);
         for (event, count) in s.flow_events.iter().filter(|(_, n)| *n > 0) {

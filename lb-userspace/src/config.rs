@@ -37,7 +37,13 @@ pub struct DaemonSettings {
     /// Tunnel modes: outer source addresses or prefixes, at most one per family (a family not
     /// named takes the interface's first global address).
     pub tunnel_source: Vec<ipnet::IpNet>,
+    /// New flows per second on one CPU above which the data plane is told of a flood (0: never).
+    pub flood_new_flows: u64,
 }
+
+/// `flood_new_flows` when not set: far above what one CPU sees of real clients' new connections,
+/// far below what a SYN flood sends.
+pub const DEFAULT_FLOOD_NEW_FLOWS: u64 = 50_000;
 
 impl DaemonSettings {
     /// The settings whose values differ from `other`'s, named as in the file (`[vrrp]` and
@@ -105,6 +111,7 @@ struct RawDaemon {
     max_conns: Option<Spanned<u32>>,
     gue_port: Option<Spanned<u16>>,
     tunnel_source: Option<Spanned<OneOrMore>>,
+    flood_new_flows: Option<u64>,
 }
 
 /// A setting given as one string or a list of them.
@@ -373,6 +380,7 @@ fn convert_daemon(report: &mut Report, daemon: &Spanned<RawDaemon>) -> Option<Da
         bgp: None,
         gue_port,
         tunnel_source,
+        flood_new_flows: raw.flood_new_flows.unwrap_or(DEFAULT_FLOOD_NEW_FLOWS),
     })
 }
 
@@ -588,6 +596,7 @@ mod tests {
             ("ring_size = 1021", "ring_size"),
             ("max_vips = 8", "max_vips"),
             ("max_conns = 4096", "max_conns"),
+            ("flood_new_flows = 0", "flood_new_flows"),
         ] {
             assert_eq!(base.differences(&settings(&format!("{line}\n"))), vec![name.to_string()], "{line}");
         }

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod flood;
 pub mod ha;
 pub mod health;
 pub mod metrics;

@@ -70,7 +70,17 @@ pub fn render(stats: &StatsReport, vrrp: Option<&VrrpStatus>, bgp: Option<&BgpSt
     for (event, count) in &stats.flow_events {
         events.get_or_create(&labels(&[("event", event)])).inc_by(*count);
     }
-    registry.register("lb_flow_events", "Connection-table events: half-open NAT ports taken back, table full.", events);
+    registry.register(
+        "lb_flow_events",
+        "Connection-table events: half-open NAT ports taken back, table full, flows not recorded during a flood.",
+        events,
+    );
+    let flood = gauges();
+    flood.get_or_create(&labels(&[])).set(stats.flood.active as i64);
+    registry.register("lb_flood_active", "1 while a flood of new flows is on (daemon.flood_new_flows).", flood);
+    let rate = gauges();
+    rate.get_or_create(&labels(&[])).set(stats.flood.busiest_cpu_rate as i64);
+    registry.register("lb_busiest_cpu_new_flows_per_second", "New flows per second on the busiest CPU.", rate);
     if let Some(errors) = stats.xdp_tx_errors {
         let family = counters();
         family.get_or_create(&labels(&[])).inc_by(errors);

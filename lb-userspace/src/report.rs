@@ -161,6 +161,9 @@ pub struct StatsReport {
     /// this daemon loaded the program.
     #[serde(default)]
     pub flow_events: Vec<(String, u64)>,
+    /// Whether a flood of new flows is on, and the rates behind it.
+    #[serde(default)]
+    pub flood: crate::flood::FloodState,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -69,6 +69,13 @@ impl Harness {
         Ok(())
     }
 
+    /// Tells both sides whether a flood of new flows is on (`Settings::flood`).
+    pub fn set_flood(&mut self, on: bool) -> Result<()> {
+        self.dataplane.set_flood(on)?;
+        self.model.settings.flood = on as u8;
+        Ok(())
+    }
+
     /// The tunnel modes' outer sources, GUE port and MTU (0: no limit), on both sides.
     pub fn set_tunnel(&mut self, sources: &lb::tunnel::TunnelSources, gue_port: u16, mtu: u16) -> Result<()> {
         self.dataplane.set_tunnel(sources, gue_port, mtu)?;

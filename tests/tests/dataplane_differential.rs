@@ -3,7 +3,8 @@
 //! so must the connection, NAT and fragment tables and the reason counters at the end. The mix
 //! holds ICMP, IPv6 extension headers and fragmented datagrams (in order, reordered, or missing
 //! their first fragment, interleaved with other traffic), both ways through NAT, and tunnel VIPs
-//! (ipip and gue, backends of both families) with an MTU some fragments do not fit.
+//! (ipip and gue, backends of both families) with an MTU some fragments do not fit. For a fifth
+//! of the packets the data plane is told of a flood (`Settings::flood`).
 
 use lb::dataplane::VipForwarding;
 use lb_common::maps::*;
@@ -272,6 +273,11 @@ fn random_packets_agree_with_the_reference_model() {
                 harness.publish_vip(&vip.key, &vip.forwarding, &vip.backends).unwrap();
             }
         }
+        // A flood from the middle on, for a while: DSR and tunnel flows are no longer recorded,
+        // NAT flows opened meanwhile are marked for a shorter half-open wait.
+        if n == 2 * PACKETS / 5 || n == 3 * PACKETS / 5 {
+            harness.set_flood(n == 2 * PACKETS / 5).unwrap();
+        }
         let roll = rng.random_range(0..100);
         let frame = if !in_flight.is_empty() && rng.random_bool(0.6) {
             in_flight.pop_front().unwrap()
@@ -359,6 +365,13 @@ fn random_packets_agree_with_the_reference_model() {
     model_frags.sort_by_key(|(k, _)| format!("{k:?}"));
     assert!(model_frags.len() < FRAGS_ENTRIES as usize, "the model does not evict: the kernel's table must not fill");
     assert_eq!(kernel_frags, model_frags, "fragment tables differ");
+
+    // The flood really changed what was recorded.
+    let events = harness.dataplane.flow_events().unwrap();
+    let not_recorded = events.iter().find(|(event, _)| *event == FlowEvent::FloodNotRecorded).map_or(0, |e| e.1);
+    assert!(not_recorded > 50, "too few flows left unrecorded during the flood: {events:?}");
+    let marked = kernel_conns.iter().filter(|(_, c)| c.flags & CONN_OPENED_IN_FLOOD != 0).count();
+    assert!(marked > 0, "no NAT flow opened during the flood is still half-open");
 
     // The mix must really exercise the paths it claims to.
     for reason in [

@@ -419,6 +419,52 @@ fn a_half_open_nat_flow_gives_its_port_up_when_its_client_stays_silent() {
 }
 
 #[test]
+fn during_a_flood_dsr_flows_are_not_recorded_and_nat_half_open_ports_go_sooner() {
+    if !require_root("during_a_flood_dsr_flows_are_not_recorded_and_nat_half_open_ports_go_sooner") {
+        return;
+    }
+    let event = |harness: &Harness, which: FlowEvent| {
+        harness.dataplane.flow_events().unwrap().iter().find(|(event, _)| *event == which).unwrap().1
+    };
+    let run = |harness: &mut Harness, frame: &Frame| {
+        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+        assert_eq!(kernel, model);
+        kernel
+    };
+    // DSR: the handshake's second packet is placed by the table, and nothing is recorded.
+    let (setups, mut harness, _) = ipv4_tcp(MODE_DSR);
+    let setup = &setups[0];
+    let client = client_ip(setup);
+    harness.set_flood(true).unwrap();
+    for sport in 46000..46100u16 {
+        let syn = run(&mut harness, &client_frame(setup, client, sport));
+        let ack = run(&mut harness, &established(client_frame(setup, client, sport)));
+        assert_eq!((syn.reason, ack.reason), (Reason::TxForward, Reason::TxForward));
+        assert_eq!(ack.packet[0..6], syn.packet[0..6], "the table places the ACK where it placed the SYN");
+    }
+    assert_eq!(harness.dataplane.connections().unwrap().len(), 0, "nothing recorded during the flood");
+    assert_eq!(event(&harness, FlowEvent::FloodNotRecorded), 100);
+    // Once it is over, flows are recorded again.
+    harness.set_flood(false).unwrap();
+    run(&mut harness, &established(client_frame(setup, client, 46000)));
+    assert_eq!(harness.dataplane.connections().unwrap().len(), 1);
+
+    // NAT: a SYN of the flood holds its port for HALF_OPEN_WAIT_FLOODED only, even after the flood.
+    let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
+    let setup = &setups[0];
+    let one_port = VipForwarding { snat_port_min: 20000, snat_port_max: 20000, ..forwarding };
+    harness.publish_vip(&vip_key(setup.vip, setup.proto), &one_port, &[setup.backends[0].0]).unwrap();
+    harness.set_flood(true).unwrap();
+    assert_eq!(run(&mut harness, &client_frame(setup, ip("192.0.2.200"), 45000)).reason, Reason::TxForward);
+    harness.set_flood(false).unwrap();
+    let real = client_frame(setup, client_ip(setup), 45001);
+    assert_eq!(run(&mut harness, &real).reason, Reason::DropNatPorts, "a fresh half-open flow keeps its port");
+    harness.age_nat_flows(lb_common::nat::HALF_OPEN_WAIT_FLOODED).unwrap();
+    assert_eq!(run(&mut harness, &real).reason, Reason::TxForward, "the flood's SYN gave its port up sooner");
+    assert_eq!(event(&harness, FlowEvent::HalfOpenPortTaken), 1);
+}
+
+#[test]
 fn vip_without_backends_drops_and_counts() {
     if !require_root("vip_without_backends_drops_and_counts") {
         return;

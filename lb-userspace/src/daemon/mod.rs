@@ -79,6 +79,8 @@ pub struct Daemon {
     pub(crate) replicate_now: std::sync::Arc<tokio::sync::Notify>,
     /// Set by a shutdown request: `Some(true)` also detaches the data plane.
     pub stop: Option<bool>,
+    /// Watches the new-flow rates for floods (see [`Self::watch_floods`]).
+    flood: crate::flood::FloodDetector,
 }
 
 /// Everything a desired state needs, computed before anything is written.
@@ -580,6 +582,43 @@ impl Daemon {
     }
 
     /// The counters of every VIP and backend, now.
+    /// Samples the new-flow counters; tells the data plane when a flood starts or ends.
+    pub fn watch_floods(&mut self) {
+        let sample = self
+            .state
+            .vips
+            .iter()
+            .filter_map(|vip| self.slots.vip(vip))
+            .filter_map(|slot| Some((slot, self.dataplane.vip_new_flows_per_cpu(slot).ok()?)))
+            .collect();
+        let change = self.flood.observe(Instant::now(), sample);
+        let threshold = self.settings.flood_new_flows;
+        let flooded = match change {
+            None => return,
+            Some(crate::flood::Change::Started { cpu, rate }) => {
+                tracing::warn!(
+                    cpu,
+                    rate,
+                    threshold,
+                    "flood of new flows: DSR and tunnel VIPs stop recording new flows, NAT half-open flows give their ports up after {} ms",
+                    lb_common::nat::HALF_OPEN_WAIT_FLOODED as u64 * (1 << lb_common::nat::TICK_SHIFT) / 1_000_000
+                );
+                true
+            }
+            Some(crate::flood::Change::Ended { lasted }) => {
+                tracing::info!(lasted = ?lasted, "flood over: new flows are recorded again");
+                false
+            }
+        };
+        if let Err(error) = self.dataplane.set_flood(flooded) {
+            tracing::error!("telling the data plane about the flood failed: {error:#}");
+        }
+    }
+
+    pub fn flood_state(&self) -> crate::flood::FloodState {
+        self.flood.state()
+    }
+
     fn read_counters(&self) -> Sample {
         let mut vips = HashMap::new();
         let mut backends = HashMap::new();

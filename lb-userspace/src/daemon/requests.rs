@@ -346,6 +346,7 @@ impl Daemon {
             rate_interval_seconds: interval,
             xdp_tx_errors: current.xdp_tx_errors,
             flow_events,
+            flood: self.flood_state(),
         }
     }
 

@@ -84,6 +84,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
         sync: Default::default(),
         replicate_now: Arc::new(tokio::sync::Notify::new()),
         stop: None,
+        flood: crate::flood::FloodDetector::new(settings.flood_new_flows),
     };
     if reused {
         // Start from what the running data plane holds, so unchanged tables are not rewritten
@@ -154,6 +155,9 @@ pub async fn run(config_file: &Path) -> Result<()> {
         tokio::spawn(serve_metrics(address, daemon.clone(), instance.clone()));
     }
     tokio::spawn(sample_counters(daemon.clone(), settings.interface.clone()));
+    if settings.flood_new_flows > 0 {
+        tokio::spawn(watch_floods(daemon.clone()));
+    }
     {
         let daemon = daemon.clone();
         tokio::spawn(async move {
@@ -300,6 +304,23 @@ async fn replicate(daemon: Arc<Mutex<Daemon>>, vrrp: crate::config::VrrpSettings
             }
             daemon.sync.last_push = Some((Instant::now(), outcome));
         }
+    }
+}
+
+/// Looks at the new-flow rates every [`crate::flood::SAMPLE_EVERY`]: a flood is met within a
+/// tenth of a second. A few map reads per VIP, each a system call.
+async fn watch_floods(daemon: Arc<Mutex<Daemon>>) {
+    let mut tick = tokio::time::interval(crate::flood::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let daemon = daemon.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut daemon) = daemon.lock() {
+                daemon.watch_floods();
+            }
+        })
+        .await;
     }
 }
 

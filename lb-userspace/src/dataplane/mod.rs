@@ -494,6 +494,17 @@ impl Dataplane {
         Ok(FlowRoute::Maglev { hash, slot, ring_size: meta.ring_size, backend })
     }
 
+    /// New flows of VIP slot `vip_index` since the program was loaded, per CPU.
+    pub fn vip_new_flows_per_cpu(&self, vip_index: u32) -> Result<Vec<u64>> {
+        let stats: PerCpuArray<&MapData, Traffic> = PerCpuArray::try_from(map(&self.ebpf, MAP_STATS_VIP)?)?;
+        Ok(stats.get(&vip_index, 0)?.iter().map(|cpu| cpu.new_flows).collect())
+    }
+
+    /// Tells the program whether a flood of new flows is on (`Settings::flood`).
+    pub fn set_flood(&mut self, flooded: bool) -> Result<()> {
+        self.update_settings(|s| s.flood = flooded as u8)
+    }
+
     pub fn vip_traffic(&self, vip_index: u32) -> Result<Traffic> {
         sum_traffic(&self.ebpf, MAP_STATS_VIP, vip_index)
     }
