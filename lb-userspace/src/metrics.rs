@@ -167,6 +167,7 @@ mod tests {
             rate_interval_seconds: 1.0,
             xdp_tx_errors: Some(7),
             flow_events: vec![("table_full".into(), 2)],
+            flood: crate::flood::FloodState { active: true, busiest_cpu_rate: 70_000, threshold: 50_000, floods: 1 },
         };
         let text = render(&stats, None, None, "lb");
         for line in [
@@ -179,6 +180,8 @@ mod tests {
             "lb_packets_total{instance=\"lb\",reason=\"tx_forward\"} 5",
             "lb_xdp_tx_errors_total{instance=\"lb\"} 7",
             "lb_flow_events_total{instance=\"lb\",event=\"table_full\"} 2",
+            "lb_flood_active{instance=\"lb\"} 1",
+            "lb_busiest_cpu_new_flows_per_second{instance=\"lb\"} 70000",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
@@ -195,6 +198,7 @@ mod tests {
             rate_interval_seconds: 0.0,
             xdp_tx_errors: None,
             flow_events: vec![],
+            flood: Default::default(),
         };
         let vrrp = VrrpStatus {
             vrid: 51,

@@ -298,6 +298,10 @@ struct Counters {
     /// Frames the bridge could not hand to the load balancer's veth: its receive ring was full
     /// (veth counts them on the sending side, the bridge's port).
     lb_ring_full: u64,
+    /// The daemon's connection-table events (`lb stats`), by name.
+    flow_events: BTreeMap<String, u64>,
+    /// Floods the daemon detected since it started.
+    floods: u64,
 }
 
 impl Counters {
@@ -309,8 +313,16 @@ impl Counters {
             .iter()
             .filter_map(|r| Some((r[0].as_str()?.to_string(), r[1].as_u64()?)))
             .collect();
+        let flow_events = stats["flow_events"]
+            .as_array()
+            .context("`lb stats` without flow events")?
+            .iter()
+            .filter_map(|r| Some((r[0].as_str()?.to_string(), r[1].as_u64()?)))
+            .collect();
         let mut counters = Self {
             reasons,
+            flow_events,
+            floods: stats["flood"]["floods"].as_u64().unwrap_or(0),
             xdp_tx_errors: stats["xdp_tx_errors"].as_u64().unwrap_or(0),
             sink: lab.sink.count()?,
             ..Self::default()
@@ -332,8 +344,15 @@ impl Counters {
             .iter()
             .map(|(reason, n)| (reason.clone(), n.saturating_sub(before.reasons.get(reason).copied().unwrap_or(0))))
             .collect();
+        let flow_events = self
+            .flow_events
+            .iter()
+            .map(|(event, n)| (event.clone(), n.saturating_sub(before.flow_events.get(event).copied().unwrap_or(0))))
+            .collect();
         Self {
             reasons,
+            flow_events,
+            floods: self.floods.saturating_sub(before.floods),
             xdp_tx_errors: self.xdp_tx_errors.saturating_sub(before.xdp_tx_errors),
             backend_rx: self.backend_rx.saturating_sub(before.backend_rx),
             syncookies: self.syncookies.saturating_sub(before.syncookies),
@@ -552,6 +571,24 @@ fn print(runs: &[Run], settings: Settings) {
          the sink: the answers to the spoofed sources (dsr: SYN-ACKs straight from the backends; nat: through the \
          load balancer), plus the segment's few broadcasts. Entries: the daemon's pinned tables when the run ended.\n"
     );
+    println!(
+        "| run | floods detected (daemon.flood_new_flows = {}/s per CPU) | half-open NAT ports taken back | DSR flows not recorded (flood) | table full |",
+        lb::config::DEFAULT_FLOOD_NEW_FLOWS
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for run in runs {
+        let k = &run.counters;
+        let event = |name: &str| k.flow_events.get(name).copied().unwrap_or(0);
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            run.label,
+            k.floods,
+            event("half_open_port_taken"),
+            event("flood_not_recorded"),
+            event("table_full")
+        );
+    }
+    println!();
     println!("| run | verdict reason | packets |\n|---|---|---:|");
     for run in runs {
         for (reason, packets) in run.counters.reasons.iter().filter(|(_, n)| **n > 0) {
