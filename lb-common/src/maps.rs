@@ -358,39 +358,16 @@ pub struct VipAddrKey {
 pub struct VipAddr {
     /// `VIP_ADDR_*` bits.
     pub flags: u32,
-    /// With `VIP_ADDR_SNAT`: the ports (host order) that the NAT VIPs using this source address
-    /// allocate from, all of them. A packet to another port is the host's own (the ranges stay
-    /// outside the kernel's local port range), and is passed without a `NAT_REV` lookup.
-    pub snat_port_min: u16,
-    pub snat_port_max: u16,
 }
 
 impl VipAddr {
     pub const fn with_flags(flags: u32) -> Self {
-        VipAddr { flags, snat_port_min: 0, snat_port_max: 0 }
+        VipAddr { flags }
     }
 
-    /// The entry of a NAT VIP's source address, allocating from `min..=max`.
-    pub const fn snat(min: u16, max: u16) -> Self {
-        VipAddr { flags: VIP_ADDR_SNAT, snat_port_min: min, snat_port_max: max }
-    }
-
-    /// Both entries' bits, and the smallest port range that holds both SNAT ranges.
-    pub fn merged(self, other: VipAddr) -> VipAddr {
-        let (min, max) = match (self.flags & VIP_ADDR_SNAT != 0, other.flags & VIP_ADDR_SNAT != 0) {
-            (true, true) => (self.snat_port_min.min(other.snat_port_min), self.snat_port_max.max(other.snat_port_max)),
-            (true, false) => (self.snat_port_min, self.snat_port_max),
-            (false, true) => (other.snat_port_min, other.snat_port_max),
-            (false, false) => (0, 0),
-        };
-        VipAddr { flags: self.flags | other.flags, snat_port_min: min, snat_port_max: max }
-    }
-
-    /// Whether a packet to `port` (network byte order) at this address may be a NAT VIP's reply.
-    #[inline(always)]
-    pub fn may_be_nat_reply(&self, port: u16) -> bool {
-        let port = u16::from_be(port);
-        self.flags & VIP_ADDR_SNAT != 0 && port >= self.snat_port_min && port <= self.snat_port_max
+    /// Both entries' bits.
+    pub const fn merged(self, other: VipAddr) -> VipAddr {
+        VipAddr { flags: self.flags | other.flags }
     }
 }
 
@@ -599,7 +576,7 @@ const _: () = {
     assert!(offset_of!(NatReverse, last_seen) == 44);
     assert!(size_of::<Traffic>() == 24);
     assert!(size_of::<Settings>() == 56);
-    assert!(size_of::<VipAddr>() == 8);
+    assert!(size_of::<VipAddr>() == 4);
     assert!(offset_of!(Settings, tunnel_source_v4) == 16);
     assert!(size_of::<NatFlowRecord>() == 140);
     assert!(size_of::<FragKey>() == 40);

@@ -100,7 +100,7 @@ impl ModelMaps {
         }
         let vip = if flags & VIP_ADDR_VIP != 0 { self.find_vip(&parsed.flow) } else { None };
         let Some(vip) = vip else {
-            if !address.may_be_nat_reply(parsed.flow.dport) {
+            if flags & VIP_ADDR_SNAT == 0 {
                 return Err(Reason::PassNotVip);
             }
             let entry = self.nat_rev.get_mut(&parsed.flow).ok_or(Reason::PassNotVip)?;

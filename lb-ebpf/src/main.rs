@@ -146,9 +146,8 @@ fn addressed_to_us(ctx: &XdpContext, settings: &Settings) -> Result<bool, Reason
 }
 
 /// What the program does for the packet's destination address (`VIP_ADDR_*` bits): 0 for an
-/// address that is neither a VIP's nor a NAT VIP's source address. A TCP or UDP packet to a
-/// port outside every NAT VIP's range is not a reply: its `VIP_ADDR_SNAT` bit is cleared. One
-/// number rather than the entry: it stays in a register, where a pointer would take stack.
+/// address that is neither a VIP's nor a NAT VIP's source address. One number rather than the
+/// entry: it stays in a register, where a pointer would take stack.
 #[inline(always)]
 fn address_flags(packet: &Packet) -> u32 {
     let (word, bit) = address_filter_bit(&packet.flow.dst);
@@ -160,9 +159,7 @@ fn address_flags(packet: &Packet) -> u32 {
         return 0;
     };
     // SAFETY: a map value pointer stays valid for the program's run.
-    let address = unsafe { &*address };
-    let ports = packet.fragment != Fragment::Later && packet.flow.proto != icmp_protocol(packet.family);
-    if ports && !address.may_be_nat_reply(packet.flow.dport) { address.flags & !VIP_ADDR_SNAT } else { address.flags }
+    unsafe { (*address).flags }
 }
 
 /// The VIP for a flow's destination, given its address's flags: the exact port first, then the

@@ -50,7 +50,11 @@ pub fn test_sizes() -> DataplaneSizes {
 
 impl Harness {
     pub fn new() -> Result<Self> {
-        let sizes = test_sizes();
+        Self::with_sizes(test_sizes())
+    }
+
+    /// A harness whose maps have `sizes` (e.g. a connection table too small for the traffic).
+    pub fn with_sizes(sizes: DataplaneSizes) -> Result<Self> {
         let dataplane = Dataplane::load(sizes)?;
         let model = ModelMaps { ring_len: 2 * sizes.max_vips * sizes.ring_size, ..Default::default() };
         Ok(Self { dataplane, model })

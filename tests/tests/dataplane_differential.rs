@@ -4,7 +4,8 @@
 //! holds ICMP, IPv6 extension headers and fragmented datagrams (in order, reordered, or missing
 //! their first fragment, interleaved with other traffic), both ways through NAT, and tunnel VIPs
 //! (ipip and gue, backends of both families) with an MTU some fragments do not fit. For a fifth
-//! of the packets the data plane is told of a flood (`Settings::flood`).
+//! of the packets the data plane is told of a flood (`Settings::flood`). A second run fills a
+//! connection table far too small for its DSR and tunnel flows.
 
 use lb::dataplane::VipForwarding;
 use lb_common::maps::*;
@@ -398,6 +399,40 @@ fn random_packets_agree_with_the_reference_model() {
         );
     }
     eprintln!("differential: {PACKETS} packets, reasons {by_reason:?}, {} connections", kernel_conns.len());
+}
+
+/// A connection table far too small for the flows: the kernel's evicts its least recently used
+/// entries, the model's keeps everything. For DSR and tunnel VIPs whose backends stay the same
+/// that must not show in a single packet: the Maglev table places a flow whose entry was evicted
+/// where the entry said. For the second half the data plane is told of a flood.
+#[test]
+fn a_full_connection_table_changes_no_dsr_or_tunnel_packet() {
+    if !require_root("a_full_connection_table_changes_no_dsr_or_tunnel_packet") {
+        return;
+    }
+    const TABLE: u32 = 256;
+    const PACKETS: usize = 30_000;
+    let sizes = lb::dataplane::DataplaneSizes { max_conns: TABLE, ..lb_tests::harness::test_sizes() };
+    let mut harness = Harness::with_sizes(sizes).unwrap();
+    let vips: Vec<Vip> = setup(&mut harness).into_iter().filter(|vip| vip.forwarding.mode != MODE_NAT).collect();
+    let mut rng = StdRng::seed_from_u64(0xf011_2026);
+    let mut mismatches = Vec::new();
+    for n in 0..PACKETS {
+        if n == PACKETS / 2 {
+            harness.set_flood(true).unwrap();
+        }
+        let frame = random_valid(&mut rng, &vips).bytes();
+        let ((action, packet), model) = harness.run_fast(&frame).unwrap();
+        if (action != model.action || packet != model.packet) && mismatches.len() < 10 {
+            mismatches.push(format!("packet {n} {frame:02x?}: kernel action {action}, model {:?}", model.reason));
+        }
+    }
+    assert!(mismatches.is_empty(), "packets differ, first ones:\n{}", mismatches.join("\n"));
+    let kernel = harness.dataplane.connections().unwrap().len();
+    let model = harness.model.conns.len();
+    assert!(kernel <= TABLE as usize, "{kernel} entries in a table of {TABLE}");
+    assert!(model > 4 * TABLE as usize, "the flows must not fit the table: {model} flows");
+    eprintln!("full table: {PACKETS} packets, {model} flows recorded by the model, {kernel} kept by the kernel");
 }
 
 /// For a NAT-forwarded frame (client → SNAT → backend), the backend's answer: swap MACs,

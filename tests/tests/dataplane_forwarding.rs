@@ -465,6 +465,37 @@ fn during_a_flood_dsr_flows_are_not_recorded_and_nat_half_open_ports_go_sooner()
 }
 
 #[test]
+fn nat_replies_on_a_port_of_an_earlier_range_still_reach_their_client() {
+    if !require_root("nat_replies_on_a_port_of_an_earlier_range_still_reach_their_client") {
+        return;
+    }
+    let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
+    let setup = &setups[0];
+    let key = vip_key(setup.vip, setup.proto);
+    let client = client_ip(setup);
+    let run = |harness: &mut Harness, frame: &Frame| {
+        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+        assert_eq!(kernel, model);
+        kernel
+    };
+    let first = VipForwarding { snat_port_min: 20000, snat_port_max: 20010, ..forwarding };
+    harness.publish_vip(&key, &first, &[setup.backends[0].0]).unwrap();
+    let request = client_frame(setup, client, 47000);
+    let opened = run(&mut harness, &request);
+    let (snat, snat_port, backend_ip, backend_port) = flow_of(&opened.packet);
+    // `snat_ports` changes (or an upgrade brings another default): the open flow keeps its port.
+    let later = VipForwarding { snat_port_min: 40000, snat_port_max: 40010, ..forwarding };
+    harness.publish_vip(&key, &later, &[setup.backends[0].0]).unwrap();
+    let mut reply = request.clone();
+    (reply.src, reply.sport, reply.dst, reply.dport) = (backend_ip, backend_port, snat, snat_port);
+    (reply.src_mac, reply.dst_mac) = (opened.packet[0..6].try_into().unwrap(), LB_MAC);
+    reply.tcp_flags = TCP_ACK;
+    let answer = run(&mut harness, &reply);
+    assert_eq!(answer.reason, Reason::TxNatReply, "a reply to port {snat_port}, outside today's range");
+    assert_eq!(flow_of(&answer.packet), (setup.vip.ip(), setup.vip.port(), client, 47000));
+}
+
+#[test]
 fn vip_without_backends_drops_and_counts() {
     if !require_root("vip_without_backends_drops_and_counts") {
         return;

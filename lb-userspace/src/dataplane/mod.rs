@@ -56,13 +56,14 @@ impl AttachMode {
     }
 }
 
-/// The `VIP_ADDRS` entries a published VIP needs: its address, and a NAT VIP's source address
-/// with its ports.
+/// The `VIP_ADDRS` entries a published VIP needs: its address, and a NAT VIP's source address.
+/// (Every port of the source address: flows of an earlier port range, before a change of
+/// `snat_ports` or an upgrade, still have their replies.)
 fn implied_addresses(key: &VipKey, meta: &VipMeta) -> Vec<(VipAddrKey, VipAddr)> {
     let address = |addr| VipAddrKey { addr, family: key.family, _pad: [0; 3] };
     let mut out = vec![(address(key.addr), VipAddr::with_flags(VIP_ADDR_VIP))];
     if meta.mode == MODE_NAT {
-        out.push((address(meta.snat_addr), VipAddr::snat(meta.snat_port_min, meta.snat_port_max)));
+        out.push((address(meta.snat_addr), VipAddr::with_flags(VIP_ADDR_SNAT)));
     }
     out
 }
@@ -610,15 +611,8 @@ mod tests {
         let mut got = address_entries(&flags, &vips);
         got.sort_by_key(|(key, _)| key.addr);
         let want = vec![
-            (address(2), VipAddr::snat(20000, 30000)),
-            (
-                address(10),
-                VipAddr {
-                    flags: VIP_ADDR_ANSWER_PING | VIP_ADDR_VIP | VIP_ADDR_SNAT,
-                    snat_port_min: 40000,
-                    snat_port_max: 50000,
-                },
-            ),
+            (address(2), VipAddr::with_flags(VIP_ADDR_SNAT)),
+            (address(10), VipAddr::with_flags(VIP_ADDR_ANSWER_PING | VIP_ADDR_VIP | VIP_ADDR_SNAT)),
             (address(20), ping),
             (address(30), VipAddr::with_flags(VIP_ADDR_VIP)),
             (address(31), VipAddr::with_flags(VIP_ADDR_VIP)),
