@@ -38,6 +38,7 @@ pub const MAP_NEW_NAT_FLOWS: &str = "NEW_NAT_FLOWS";
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
 pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_TUNNEL_JOB: &str = "TUNNEL_JOB";
+pub const MAP_NAT_FLOWS_LOST: &str = "NAT_FLOWS_LOST";
 /// Datagrams whose first fragment was seen and whose later fragments may still come. Fragments
 /// of one datagram arrive within milliseconds: this covers well over 100,000 fragmented
 /// datagrams a second, and an evicted entry costs one datagram.

@@ -167,6 +167,8 @@ impl Daemon {
                     peer: pair.settings.peer.to_string(),
                     sync: self.sync.describe(view.is_master(), &digest),
                     digest,
+                    nat_flows_sent: self.sync.nat_flows_sent,
+                    nat_flows_adopted: self.sync.nat_flows_adopted,
                 }
             }),
             bgp: self.bgp.as_ref().map(|b| b.status()),
@@ -332,7 +334,15 @@ impl Daemon {
                 })
             })
             .collect();
-        StatsReport { health, vips, reasons, rate_interval_seconds: interval, xdp_tx_errors: current.xdp_tx_errors }
+        let nat_flows_lost = self.pair.as_ref().and_then(|_| self.dataplane.nat_flows_lost().ok());
+        StatsReport {
+            health,
+            vips,
+            reasons,
+            rate_interval_seconds: interval,
+            xdp_tx_errors: current.xdp_tx_errors,
+            nat_flows_lost,
+        }
     }
 
     fn explain(&self, src: SocketAddr, dst: SocketAddr, protocol: Protocol) -> Result<Explanation> {
