@@ -382,6 +382,21 @@ impl Daemon {
             bail!("{} is not part of a pair", self.settings.instance);
         };
         let master = view.lock().expect("pair view poisoned").is_master();
+        // Flows first: while both nodes are master of one address family each (a returning
+        // node preempts family by family), the flows still count, the state does not.
+        let flows = crate::ha::replication::decode_flows(&push.nat_flows)?;
+        if !flows.is_empty() {
+            let adopted = self.adopt_nat_flows(&flows, master);
+            self.sync.nat_flows_adopted += adopted as u64;
+            tracing::debug!(received = flows.len(), adopted, "NAT flows of the peer installed");
+        }
+        if push.flows_complete {
+            view.lock().expect("pair view poisoned").flows_complete_at = Some(Instant::now());
+        }
+        if push.wants_flows && master {
+            tracing::debug!(peer = %push.from, "the peer asks for our NAT flows before it preempts");
+            self.replicate_now.notify_one();
+        }
         if let Some(state) = push.state {
             if master {
                 bail!("{} is master itself: not taking the state of {}", self.settings.instance, push.from);
@@ -389,19 +404,6 @@ impl Daemon {
             if push.digest != crate::store::digest(&self.state) {
                 self.apply(state, "replicated from the active node")?;
             }
-        }
-        let flows = crate::ha::replication::decode_flows(&push.nat_flows)?;
-        if !flows.is_empty() {
-            let adopted = self.adopt_nat_flows(&flows, master);
-            self.sync.nat_flows_adopted += adopted as u64;
-            tracing::debug!(received = flows.len(), adopted, "NAT flows of the peer installed");
-        }
-        if push.flows_complete && !master {
-            view.lock().expect("pair view poisoned").flows_complete_at = Some(Instant::now());
-        }
-        if push.wants_flows && master {
-            tracing::info!(peer = %push.from, "the peer asks for our NAT flows before it preempts");
-            self.replicate_now.notify_one();
         }
         let digest = crate::store::digest(&self.state);
         if !master {

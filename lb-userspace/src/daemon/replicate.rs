@@ -23,6 +23,9 @@ const STATE_EVERY: Duration = Duration::from_secs(1);
 /// After a failed exchange, NAT flows (and requests for them) wait this long before the next
 /// attempt; the state waits for its next second.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
+/// A returning node asks the master for its NAT flows at most this often (the master answers
+/// a request with a push at once; a lost answer is asked for again).
+const REQUEST_EVERY: Duration = Duration::from_millis(500);
 /// NAT flows kept for a standby that does not answer; the oldest go first.
 const MAX_PENDING_FLOWS: usize = 200_000;
 
@@ -83,6 +86,7 @@ pub(crate) async fn replicate(
     let mut last_state = Instant::now();
     let mut last_failure: Option<Instant> = None;
     let mut was_master = false;
+    let mut last_request: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -111,9 +115,11 @@ pub(crate) async fn replicate(
             }
             was_master = false;
             sender.pending.clear();
-            if awaiting && !retry_wait {
-                let answered = request_flows(&mut sender).await;
-                last_failure = (!answered).then(Instant::now);
+            if !awaiting {
+                last_request = None;
+            } else if last_request.is_none_or(|at| at.elapsed() >= REQUEST_EVERY) {
+                let answered = request_flows(&mut sender, last_request.is_none()).await;
+                last_request = Some(Instant::now());
                 if let Ok(mut v) = view.lock() {
                     v.flows_requested = Some((Instant::now(), answered));
                 }
@@ -151,7 +157,7 @@ pub(crate) async fn replicate(
 }
 
 /// Asks the master for every NAT flow it has waiting; true when an `lb` peer took the request.
-async fn request_flows(sender: &mut Sender) -> bool {
+async fn request_flows(sender: &mut Sender, first: bool) -> bool {
     let push = Push {
         from: sender.vrrp.listen,
         digest: sender.digest.clone(),
@@ -162,7 +168,9 @@ async fn request_flows(sender: &mut Sender) -> bool {
     };
     match sender.exchange(&push).await {
         Ok(_) => {
-            tracing::info!(peer = %sender.vrrp.peer, "VRRP: asked the master for its NAT flows before preempting");
+            if first {
+                tracing::info!(peer = %sender.vrrp.peer, "VRRP: asked the master for its NAT flows before preempting");
+            }
             true
         }
         Err(error) => {
