@@ -70,11 +70,16 @@ impl PairTopology {
     /// The configuration of one node: NAT VIPs (IPv4 "web", IPv6 "web6") over every backend
     /// with TCP checks, and VRRP.
     pub fn config(&self, b: bool, priority: u8) -> String {
+        self.config_with_interval(b, priority, ADVERT_INTERVAL_MS)
+    }
+
+    /// As [`Self::config`], with another advertisement interval.
+    pub fn config_with_interval(&self, b: bool, priority: u8, advert_interval_ms: u64) -> String {
         let (me, peer) = if b { (NODE_B_V4, LB_V4) } else { (LB_V4, NODE_B_V4) };
         let mut config = format!(
             "[daemon]\ninterface = \"eth0\"\ninstance = \"{{instance}}\"\nmax_vips = 4\nmax_conns = 65536\n\
              metrics = \"127.0.0.1:{METRICS_PORT}\"\n\n\
-             [vrrp]\nvrid = {VRID}\npriority = {priority}\nadvert_interval = \"{ADVERT_INTERVAL_MS}ms\"\n\
+             [vrrp]\nvrid = {VRID}\npriority = {priority}\nadvert_interval = \"{advert_interval_ms}ms\"\n\
              listen = \"{me}:{REPLICATION_PORT}\"\npeer = \"{peer}:{REPLICATION_PORT}\"\nkey = \"{KEY}\"\n\n\
              [[vip]]\nname = \"web\"\naddress = \"{VIP_V4}:80\"\nprotocol = \"tcp\"\nmode = \"nat\"\nsnat = \"{SNAT_V4}\"\n\
              check = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2, initial = \"up\" }}\n"

@@ -209,3 +209,67 @@ fn report_flow_latency(pair: &PairTopology, standby: &LbDaemon) {
     let ms: Vec<String> = times.iter().map(|t| format!("{:.0}", t.as_secs_f64() * 1000.0)).collect();
     println!("a new NAT flow was known to the standby after (ms, 5 connections, lookups included): {}", ms.join(", "));
 }
+
+/// The cost of fast advertisements, printed (not part of `cargo xtask test`: it takes a minute):
+/// `cargo test -p lb-tests --test ha_failover -- --ignored --nocapture`. For 1 s and 100 ms
+/// advertisements: the CPU time of both daemons while idle, and whether a busy machine (four
+/// busy loops on the test's two cores, at the daemons' own nice level) makes the backup take
+/// over from a master that is still there.
+#[test]
+#[ignore]
+fn fast_advertisements_cost_and_false_takeovers_under_load() {
+    if !require_root("fast_advertisements_cost_and_false_takeovers_under_load") {
+        return;
+    }
+    const IDLE: Duration = Duration::from_secs(10);
+    const LOADED: Duration = Duration::from_secs(20);
+    for interval_ms in [1000, 100, 50] {
+        let pair = PairTopology::new(2).unwrap();
+        let start = |b: bool, priority: u8| {
+            let config = pair.config_with_interval(b, priority, interval_ms);
+            LbDaemon::start(pair.node(b), &lb_tests::daemon::unique_instance(), &config).unwrap()
+        };
+        let a = start(false, 200);
+        wait_vrrp(&a, "node a becomes master", Duration::from_secs(10), master).unwrap();
+        let b = start(true, 100);
+        wait_vrrp(&b, "node b is a synchronised backup", Duration::from_secs(10), synchronised_backup).unwrap();
+        let cpu = |d: &LbDaemon| cpu_time(d.pid().expect("running"));
+        let (a0, b0) = (cpu(&a), cpu(&b));
+        std::thread::sleep(IDLE);
+        let (a1, b1) = (cpu(&a), cpu(&b));
+        let percent = |d: Duration| d.as_secs_f64() / IDLE.as_secs_f64() * 100.0;
+        // Bounded busy loops: `timeout` ends them whatever happens to the test.
+        let seconds = LOADED.as_secs().to_string();
+        let hogs: Vec<_> = (0..4)
+            .map(|_| {
+                std::process::Command::new("timeout")
+                    .args([seconds.as_str(), "sh", "-c", "while :; do :; done"])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut hog in hogs {
+            let _ = hog.wait();
+        }
+        let takeovers = b.log().matches("became master").count();
+        let lost = a.log().matches("no longer master").count();
+        println!(
+            "advert_interval {interval_ms} ms: CPU idle: master {:.2} %, backup {:.2} %; \
+             {}s with 4 busy loops on 2 cores: backup became master {takeovers} times, master lost mastership {lost} times",
+            percent(a1 - a0),
+            percent(b1 - b0),
+            LOADED.as_secs()
+        );
+    }
+}
+
+/// User and system CPU time of a process so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at the closing parenthesis.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}

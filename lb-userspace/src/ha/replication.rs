@@ -271,6 +271,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_connection_carries_push_after_push_each_with_a_fresh_challenge() {
+        let (address, received) = receiver("0123456789abcdef").await;
+        let mut session = Session::open(address).await.unwrap();
+        for _ in 0..3 {
+            let ack = session.exchange("0123456789abcdef", &push()).await.unwrap();
+            assert!(ack.ok, "{ack:?}");
+            assert!(session.is_open(), "the receiver sent its next challenge");
+        }
+        assert_eq!(received.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
     async fn a_push_with_another_key_is_refused_and_not_handled() {
         let (address, received) = receiver("0123456789abcdef").await;
         let ack = send(address, "fedcba9876543210", &push()).await.unwrap();
