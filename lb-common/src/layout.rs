@@ -108,7 +108,7 @@ const fn spec(name: &'static str, kind: MapKind, key: usize, value: usize, entri
 }
 
 /// Every map of the XDP object.
-pub const MAPS: [MapSpec; 18] = [
+pub const MAPS: [MapSpec; 19] = [
     spec(MAP_VIPS, MapKind::Hash, size_of::<VipKey>(), size_of::<VipMeta>(), Entries::PerVip, true),
     spec(MAP_RINGS, MapKind::Array, 4, 4, Entries::Rings, true),
     spec(MAP_BACKENDS, MapKind::Array, 4, size_of::<Backend>(), Entries::Fixed(MAX_BACKENDS), true),
@@ -121,6 +121,8 @@ pub const MAPS: [MapSpec; 18] = [
     spec(MAP_SETTINGS, MapKind::Array, 4, size_of::<Settings>(), Entries::Fixed(1), false),
     // Drained by the daemon that loaded it; a restart loses at most what was not yet sent.
     spec(MAP_NEW_NAT_FLOWS, MapKind::RingBuf, 0, 0, Entries::Fixed(NEW_NAT_FLOWS_BYTES), false),
+    // New NAT flows the ring had no room for, counted from each load (the ring's own lifetime).
+    spec(MAP_NAT_FLOWS_LOST, MapKind::PerCpuArray, 4, 8, Entries::Fixed(1), false),
     // Derived from the desired state and written by every daemon before it attaches.
     spec(MAP_VIP_ADDRS, MapKind::Hash, size_of::<VipAddrKey>(), size_of::<VipAddr>(), Entries::PerVip, false),
     // Derived from `VIP_ADDRS`, with it.

@@ -1,6 +1,6 @@
 //! Which backend a flow goes to: the connection table first, then the VIP's Maglev ring.
 
-use crate::maps::{BACKENDS, CONNS, FLOW_EVENTS, NAT_REV, NEW_NAT_FLOWS, RINGS, SETTINGS};
+use crate::maps::{BACKENDS, CONNS, FLOW_EVENTS, NAT_FLOWS_LOST, NAT_REV, NEW_NAT_FLOWS, RINGS, SETTINGS};
 use crate::parse::Packet;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::hash::{flow_hash, placement_hash};
@@ -168,7 +168,7 @@ pub fn backend_of_flow(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, &'static B
 }
 
 /// In a pair, tells the daemon about a new NAT flow so that the standby can take it over. A
-/// full ring only costs that flow its survival of a takeover.
+/// full ring only costs that flow its survival of a takeover, and is counted.
 #[inline(never)]
 fn report_nat_flow(packet: &Packet, vip: &VipMeta, backend: &Backend, conn: &ConnState, reverse: &NatReverse) {
     if SETTINGS.get(0).is_none_or(|s| s.report_nat_flows == 0) {
@@ -186,6 +186,9 @@ fn report_nat_flow(packet: &Packet, vip: &VipMeta, backend: &Backend, conn: &Con
             (*record).reverse = *reverse;
         }
         entry.submit(0);
+    } else if let Some(lost) = NAT_FLOWS_LOST.get_ptr_mut(0) {
+        // SAFETY: this CPU's own slot of a per-CPU map.
+        unsafe { *lost += 1 };
     }
 }
 

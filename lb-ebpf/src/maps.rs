@@ -43,6 +43,10 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map(name = "NEW_NAT_FLOWS")]
 pub static NEW_NAT_FLOWS: RingBuf = RingBuf::with_byte_size(NEW_NAT_FLOWS_BYTES, 0);
 
+/// New NAT flows that found `NEW_NAT_FLOWS` full: the standby will not know them.
+#[map(name = "NAT_FLOWS_LOST")]
+pub static NAT_FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "NAT_REV")]
 pub static NAT_REV: LruHashMap<FlowKey, NatReverse> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
 

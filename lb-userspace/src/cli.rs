@@ -462,6 +462,10 @@ fn print_stats(s: &StatsReport) {
         // Not a verdict: frames the program sent back out and the driver then dropped.
         reasons.add_row(vec!["xdp_tx_errors (driver)".into(), errors.to_string()]);
     }
+    if let Some(lost) = s.nat_flows_lost {
+        // Not a verdict either: new NAT flows the standby will not know (the ring was full).
+        reasons.add_row(vec!["nat_flows_lost (ring full)".into(), lost.to_string()]);
+    }
     println!("\n{reasons}");
     if s.flood.threshold == 0 {
         println!("\nflood detection: off (daemon.flood_new_flows = 0)");

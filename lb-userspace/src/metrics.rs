@@ -90,9 +90,27 @@ pub fn render(stats: &StatsReport, vrrp: Option<&VrrpStatus>, bgp: Option<&BgpSt
             family,
         );
     }
+    if let Some(lost) = stats.nat_flows_lost {
+        let family = counters();
+        family.get_or_create(&labels(&[])).inc_by(lost);
+        registry.register(
+            "lb_nat_flows_lost",
+            "New NAT flows the program could not report for the standby (its ring buffer was full).",
+            family,
+        );
+    }
     if let Some(vrrp) = vrrp {
         let vrid = vrrp.vrid.to_string();
         let node = labels(&[("vrid", &vrid)]);
+        let flow_counters: [(&str, &str, u64); 2] = [
+            ("nat_flows_sent", "NAT flows sent to the peer node.", vrrp.nat_flows_sent),
+            ("nat_flows_adopted", "NAT flows of the peer node installed here.", vrrp.nat_flows_adopted),
+        ];
+        for (name, help, value) in flow_counters {
+            let family = counters();
+            family.get_or_create(&node).inc_by(value);
+            registry.register(format!("lb_vrrp_{name}"), help, family);
+        }
         let gauges_of: [(&str, &str, usize); 4] = [
             (
                 "master",
@@ -168,9 +186,11 @@ mod tests {
             xdp_tx_errors: Some(7),
             flow_events: vec![("table_full".into(), 2)],
             flood: crate::flood::FloodState { active: true, busiest_cpu_rate: 70_000, threshold: 50_000, floods: 1 },
+            nat_flows_lost: Some(3),
         };
         let text = render(&stats, None, None, "lb");
         for line in [
+            "lb_nat_flows_lost_total{instance=\"lb\"} 3",
             "# TYPE lb_vip_packets counter",
             "lb_build_info{instance=\"lb\",version=\"0.1.0\"} 1",
             "lb_vip_packets_total{instance=\"lb\",vip=\"we\\\"b\"} 5",
@@ -199,6 +219,7 @@ mod tests {
             xdp_tx_errors: None,
             flow_events: vec![],
             flood: Default::default(),
+            nat_flows_lost: None,
         };
         let vrrp = VrrpStatus {
             vrid: 51,
@@ -211,6 +232,8 @@ mod tests {
             peer: "10.0.0.4:7946".into(),
             sync: "in sync (the standby confirmed 0.4 s ago)".into(),
             digest: "0".into(),
+            nat_flows_sent: 7,
+            nat_flows_adopted: 0,
         };
         let bgp = BgpStatus {
             neighbor: "10.0.9.1".into(),
@@ -223,6 +246,7 @@ mod tests {
             "lb_vrrp_master{instance=\"lb\",vrid=\"51\"} 0",
             "lb_vrrp_fault{instance=\"lb\",vrid=\"51\"} 0",
             "lb_vrrp_router_errors{instance=\"lb\",vrid=\"51\"} 1",
+            "lb_vrrp_nat_flows_sent_total{instance=\"lb\",vrid=\"51\"} 7",
             "lb_vrrp_peer_in_sync{instance=\"lb\",vrid=\"51\"} 1",
             "lb_bgp_session_up{instance=\"lb\",neighbor=\"10.0.9.1\"} 1",
             "lb_bgp_announced_routes{instance=\"lb\",neighbor=\"10.0.9.1\"} 1",

@@ -63,6 +63,11 @@ pub struct VrrpStatus {
     pub sync: String,
     /// Digest of this node's desired state (equal on both nodes when in sync).
     pub digest: String,
+    /// NAT flows sent to the peer, and the peer's flows installed here.
+    #[serde(default)]
+    pub nat_flows_sent: u64,
+    #[serde(default)]
+    pub nat_flows_adopted: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -164,6 +169,10 @@ pub struct StatsReport {
     /// Whether a flood of new flows is on, and the rates behind it.
     #[serde(default)]
     pub flood: crate::flood::FloodState,
+    /// In a pair: new NAT flows the program could not report to the daemon (its ring was full),
+    /// so that the standby does not know them.
+    #[serde(default)]
+    pub nat_flows_lost: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

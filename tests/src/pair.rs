@@ -7,14 +7,16 @@ use crate::netns::Netns;
 use crate::topology::{LB_V4, SERVICE_PORT, SNAT_V4, SNAT_V6, Topology, VIP_V4, VIP_V6};
 use anyhow::Result;
 use lb::dataplane::PassThrough;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 pub const NODE_B_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
 pub const NODE_B_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 4);
 pub const KEEPALIVED_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 pub const VRID: u8 = 51;
-pub const ADVERT_INTERVAL_MS: u64 = 500;
+/// Sub-second takeover (3 x 100 ms + skew, ~0.36 s for the backup's priority 100).
+pub const ADVERT_INTERVAL_MS: u64 = 100;
 pub const REPLICATION_PORT: u16 = 7946;
 /// Each node serves /metrics on its own namespace's loopback.
 pub const METRICS_PORT: u16 = 9900;
@@ -68,11 +70,16 @@ impl PairTopology {
     /// The configuration of one node: NAT VIPs (IPv4 "web", IPv6 "web6") over every backend
     /// with TCP checks, and VRRP.
     pub fn config(&self, b: bool, priority: u8) -> String {
+        self.config_with_interval(b, priority, ADVERT_INTERVAL_MS)
+    }
+
+    /// As [`Self::config`], with another advertisement interval.
+    pub fn config_with_interval(&self, b: bool, priority: u8, advert_interval_ms: u64) -> String {
         let (me, peer) = if b { (NODE_B_V4, LB_V4) } else { (LB_V4, NODE_B_V4) };
         let mut config = format!(
             "[daemon]\ninterface = \"eth0\"\ninstance = \"{{instance}}\"\nmax_vips = 4\nmax_conns = 65536\n\
              metrics = \"127.0.0.1:{METRICS_PORT}\"\n\n\
-             [vrrp]\nvrid = {VRID}\npriority = {priority}\nadvert_interval = \"{ADVERT_INTERVAL_MS}ms\"\n\
+             [vrrp]\nvrid = {VRID}\npriority = {priority}\nadvert_interval = \"{advert_interval_ms}ms\"\n\
              listen = \"{me}:{REPLICATION_PORT}\"\npeer = \"{peer}:{REPLICATION_PORT}\"\nkey = \"{KEY}\"\n\n\
              [[vip]]\nname = \"web\"\naddress = \"{VIP_V4}:80\"\nprotocol = \"tcp\"\nmode = \"nat\"\nsnat = \"{SNAT_V4}\"\n\
              check = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2, initial = \"up\" }}\n"
@@ -145,4 +152,78 @@ pub fn holds(ns: &Netns, address: impl Into<IpAddr>) -> bool {
     ns.ip(&["-j", "addr", "show", "dev", "eth0"])
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("\"{address}\"")))
         .unwrap_or(false)
+}
+
+/// TCP connections to the NAT VIPs (IPv4 and IPv6) kept open across takeovers, each with the
+/// backend that answered its first line.
+pub struct LongLived(pub Vec<(SocketAddr, BufReader<TcpStream>, String)>);
+
+impl LongLived {
+    pub fn open(pair: &PairTopology, per_family: usize) -> Self {
+        let vips = [SocketAddr::new(VIP_V4.into(), 80), SocketAddr::new(VIP_V6.into(), 80)];
+        let opened = pair.net.client.enter(|| {
+            let mut all = Vec::new();
+            for vip in vips {
+                for _ in 0..per_family {
+                    let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(2)).expect("connect");
+                    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut reader = BufReader::new(stream);
+                    let backend = exchange(&mut reader).expect("first answer");
+                    all.push((vip, reader, backend));
+                }
+            }
+            all
+        });
+        Self(opened.unwrap())
+    }
+
+    /// `standby` has every connection in its tables, pinned to the same backend. (Without that a
+    /// new master could still rebuild a flow when the client speaks first, as the same hash
+    /// gives the same first port candidate; but not when the backend speaks first, or when the
+    /// active had to take another port.)
+    /// Whether the standby has every connection in its table, on the right backend; if not, why.
+    pub fn known_to(&self, pair: &PairTopology, standby: &LbDaemon) -> Result<(), String> {
+        for (vip, reader, backend) in &self.0 {
+            let client = reader.get_ref().local_addr().unwrap().to_string();
+            let answer = standby.ok(&["--json", "explain", "--src", &client, "--dst", &vip.to_string()]).unwrap();
+            let explained: serde_json::Value = serde_json::from_str(&answer).unwrap();
+            if explained["decided_by"] != "connection table" {
+                return Err(format!("the standby does not know {client}: {explained}"));
+            }
+            let host = pair.net.backends.iter().find(|h| &h.name == backend).expect("a backend of the topology");
+            let ip: std::net::IpAddr = if vip.is_ipv4() { host.v4.into() } else { host.v6.into() };
+            let expected = SocketAddr::new(ip, SERVICE_PORT).to_string();
+            if explained["backend"] != expected.as_str() {
+                return Err(format!("{client} pinned elsewhere: {explained}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every connection answers again, from the same backend (same tuple at the backend).
+    pub fn still_answer(&mut self, when: &str) {
+        let total = self.0.len();
+        let mut answered = 0;
+        for (vip, reader, backend) in &mut self.0 {
+            match exchange(reader) {
+                Ok(name) => {
+                    assert_eq!(&name, backend, "{when}: a connection to {vip} moved to another backend");
+                    answered += 1;
+                }
+                Err(error) => println!("{when}: a connection to {vip} failed: {error}"),
+            }
+        }
+        println!("long-lived NAT connections {when}: {answered}/{total} answered by their backend");
+        assert_eq!(answered, total, "{when}: NAT connections must survive");
+    }
+}
+
+pub fn exchange(reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    reader.get_mut().write_all(b"again\n")?;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+    }
+    Ok(line.trim().to_string())
 }

@@ -2,6 +2,7 @@
 //! planned without side effects, then written to the data plane, then persisted.
 
 mod diff;
+mod replicate;
 mod requests;
 pub mod run;
 
@@ -374,35 +375,56 @@ impl Daemon {
         }
     }
 
-    /// The desired state pushed by the active node: applied whole, unless this node is the
-    /// active one itself (two masters: refuse rather than overwrite). Returns our digest after.
+    /// A push from the peer. A state is applied whole, unless this node is the active one
+    /// itself (two masters: refuse rather than overwrite). NAT flows are installed; a master
+    /// (the peer's last flows as it hands over) keeps its own entries for the same tuples.
+    /// Returns our digest after.
     pub(crate) fn accept_replica(&mut self, push: crate::ha::replication::Push) -> Result<String> {
-        if self.pair.as_ref().is_some_and(|p| p.view.lock().expect("pair view poisoned").is_master()) {
-            bail!("{} is master itself: not taking the state of {}", self.settings.instance, push.from);
-        }
-        if push.digest != crate::store::digest(&self.state) {
-            self.apply(push.state, "replicated from the active node")?;
-        }
+        let Some(view) = self.pair.as_ref().map(|p| p.view.clone()) else {
+            bail!("{} is not part of a pair", self.settings.instance);
+        };
+        let master = view.lock().expect("pair view poisoned").is_master();
+        // Flows first: while both nodes are master of one address family each (a returning
+        // node preempts family by family), the flows still count, the state does not.
         let flows = crate::ha::replication::decode_flows(&push.nat_flows)?;
         if !flows.is_empty() {
-            let adopted = self.adopt_nat_flows(&flows);
-            tracing::debug!(received = flows.len(), adopted, "NAT flows of the active node installed");
+            let adopted = self.adopt_nat_flows(&flows, master);
+            self.sync.nat_flows_adopted += adopted as u64;
+            tracing::debug!(received = flows.len(), adopted, "NAT flows of the peer installed");
+        }
+        if push.flows_complete {
+            view.lock().expect("pair view poisoned").flows_complete_at = Some(Instant::now());
+        }
+        if push.wants_flows && master {
+            tracing::debug!(peer = %push.from, "the peer asks for our NAT flows before it preempts");
+            self.replicate_now.notify_one();
+        }
+        if let Some(state) = push.state {
+            if master {
+                bail!("{} is master itself: not taking the state of {}", self.settings.instance, push.from);
+            }
+            if push.digest != crate::store::digest(&self.state) {
+                self.apply(state, "replicated from the active node")?;
+            }
         }
         let digest = crate::store::digest(&self.state);
-        self.sync.last_received = Some((Instant::now(), push.from, digest.clone()));
+        if !master {
+            self.sync.last_received = Some((Instant::now(), push.from, digest.clone()));
+        }
         Ok(digest)
     }
 
-    /// NAT flows the active node opened, installed with our own slot for their backend so that
-    /// they continue through this node after a takeover. Returns how many were installed.
-    fn adopt_nat_flows(&mut self, flows: &[lb_common::maps::NatFlowRecord]) -> usize {
+    /// NAT flows the peer opened, installed with our own slot for their backend so that they
+    /// continue through this node after a takeover; with `keep_existing`, never over an entry
+    /// of ours. Returns how many were installed.
+    fn adopt_nat_flows(&mut self, flows: &[lb_common::maps::NatFlowRecord], keep_existing: bool) -> usize {
         let now = crate::dataplane::clock_ticks();
         let mut adopted = 0;
         for record in flows {
             let Some(index) = self.own_backend_slot(record) else { continue };
-            match self.dataplane.adopt_nat_flow(record, index, now) {
-                Ok(()) => adopted += 1,
-                Err(error) => tracing::warn!("installing a NAT flow of the active node failed: {error:#}"),
+            match self.dataplane.adopt_nat_flow(record, index, now, keep_existing) {
+                Ok(installed) => adopted += usize::from(installed),
+                Err(error) => tracing::warn!("installing a NAT flow of the peer failed: {error:#}"),
             }
         }
         adopted

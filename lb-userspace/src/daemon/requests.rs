@@ -167,6 +167,8 @@ impl Daemon {
                     peer: pair.settings.peer.to_string(),
                     sync: self.sync.describe(view.is_master(), &digest),
                     digest,
+                    nat_flows_sent: self.sync.nat_flows_sent,
+                    nat_flows_adopted: self.sync.nat_flows_adopted,
                 }
             }),
             bgp: self.bgp.as_ref().map(|b| b.status()),
@@ -339,6 +341,7 @@ impl Daemon {
             .into_iter()
             .map(|(event, n)| (event.name().to_string(), n))
             .collect();
+        let nat_flows_lost = self.pair.as_ref().and_then(|_| self.dataplane.nat_flows_lost().ok());
         StatsReport {
             health,
             vips,
@@ -347,6 +350,7 @@ impl Daemon {
             xdp_tx_errors: current.xdp_tx_errors,
             flow_events,
             flood: self.flood_state(),
+            nat_flows_lost,
         }
     }
 

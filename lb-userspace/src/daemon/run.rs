@@ -104,10 +104,8 @@ pub async fn run(config_file: &Path) -> Result<()> {
             tracing::info!(?key, "stale VIP removed from the data plane");
         }
     }
-    if settings.vrrp.is_some() {
-        // The standby gets every NAT flow, so that it continues them after a takeover.
-        daemon.dataplane.report_nat_flows()?;
-    }
+    // The standby gets every NAT flow, so that it continues them after a takeover.
+    let nat_flows = if settings.vrrp.is_some() { Some(daemon.dataplane.report_nat_flows()?) } else { None };
     let own_mac = crate::neighbor::interface_mac(&settings.interface)?;
     let ifindex = crate::netdev::interface(&settings.interface)?.ifindex;
     daemon.dataplane.set_interface(ifindex, own_mac)?;
@@ -132,24 +130,28 @@ pub async fn run(config_file: &Path) -> Result<()> {
         daemon.bgp = Some(crate::ha::bgp::Announcer::start(bgp, &run_dir)?);
         daemon.announce();
     }
-    let replication = match &settings.vrrp {
-        Some(vrrp) => {
+    let replication = match (&settings.vrrp, nat_flows) {
+        (Some(vrrp), Some(nat_flows)) => {
             let listener = tokio::net::TcpListener::bind(vrrp.listen)
                 .await
                 .with_context(|| format!("vrrp.listen: cannot listen on {}", vrrp.listen))?;
             daemon.pair = Some(crate::ha::pair::Pair::start(vrrp, &settings.interface, Default::default())?);
             daemon.announce();
-            Some((vrrp.clone(), listener))
+            Some((vrrp.clone(), listener, nat_flows))
         }
-        None => None,
+        _ => None,
     };
     let daemon = Arc::new(Mutex::new(daemon));
-    if let Some((vrrp, listener)) = replication {
+    if let Some((vrrp, listener, nat_flows)) = replication {
         let receiver = daemon.clone();
         tokio::spawn(crate::ha::replication::serve(listener, vrrp.key.clone(), move |push| {
             receiver.lock().map_err(|_| anyhow!("daemon state poisoned"))?.accept_replica(push)
         }));
-        tokio::spawn(replicate(daemon.clone(), vrrp));
+        let (view, wake) = {
+            let d = daemon.lock().map_err(|_| anyhow!("daemon state poisoned"))?;
+            (d.pair.as_ref().map(|p| p.view.clone()).context("the pair has started")?, d.replicate_now.clone())
+        };
+        tokio::spawn(super::replicate::replicate(daemon.clone(), vrrp, nat_flows, view, wake));
     }
     if let Some(address) = settings.metrics {
         tokio::spawn(serve_metrics(address, daemon.clone(), instance.clone()));
@@ -248,62 +250,6 @@ async fn serve_connection(
     let _ = api::reply(&mut stream, &response).await;
     if stop {
         stopped.notify_one();
-    }
-}
-
-/// On the master, pushes the desired state to the standby after every change and every second,
-/// with the NAT flows opened since (kept for the next push while the standby does not answer).
-async fn replicate(daemon: Arc<Mutex<Daemon>>, vrrp: crate::config::VrrpSettings) {
-    use crate::ha::replication::{MAX_FLOWS_PER_PUSH, encode_flows};
-    /// NAT flows kept for a standby that does not answer; the oldest go first.
-    const MAX_PENDING_FLOWS: usize = 200_000;
-    let wake = daemon.lock().map(|d| d.replicate_now.clone()).expect("daemon state poisoned");
-    let mut pending = std::collections::VecDeque::new();
-    loop {
-        let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
-        let (push, sending) = {
-            let Ok(mut daemon) = daemon.lock() else { return };
-            let fresh = daemon.dataplane.drain_new_nat_flows(MAX_PENDING_FLOWS);
-            let master = daemon.pair.as_ref().is_some_and(|p| p.view.lock().is_ok_and(|v| v.is_master()));
-            if !master {
-                pending.clear();
-                continue;
-            }
-            pending.extend(fresh);
-            while pending.len() > MAX_PENDING_FLOWS {
-                pending.pop_front();
-            }
-            let sending = pending.len().min(MAX_FLOWS_PER_PUSH);
-            let flows: Vec<_> = pending.iter().take(sending).copied().collect();
-            let push = crate::ha::replication::Push {
-                from: vrrp.listen,
-                digest: crate::store::digest(&daemon.state),
-                state: daemon.state.clone(),
-                nat_flows: encode_flows(&flows),
-            };
-            (push, sending)
-        };
-        let outcome = match crate::ha::replication::send(vrrp.peer, &vrrp.key, &push).await {
-            Ok(ack) if ack.ok => {
-                pending.drain(..sending);
-                Ok(ack.digest.unwrap_or_default())
-            }
-            Ok(ack) => Err(format!("the standby refused: {}", ack.error.unwrap_or_default())),
-            Err(error) => Err(format!("{error:#}")),
-        };
-        if let Ok(mut daemon) = daemon.lock() {
-            let changed = match (&daemon.sync.last_push, &outcome) {
-                (Some((_, before)), now) => before.is_ok() != now.is_ok(),
-                (None, _) => true,
-            };
-            if changed {
-                match &outcome {
-                    Ok(digest) => tracing::info!(peer = %vrrp.peer, %digest, "standby synchronised"),
-                    Err(error) => tracing::warn!(peer = %vrrp.peer, "standby not synchronised: {error}"),
-                }
-            }
-            daemon.sync.last_push = Some((Instant::now(), outcome));
-        }
     }
 }
 

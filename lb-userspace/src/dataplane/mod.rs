@@ -126,12 +126,32 @@ pub enum FlowRoute {
     Maglev { hash: u32, slot: u32, ring_size: u32, backend: Option<u32> },
 }
 
+/// The reading end of the program's `NEW_NAT_FLOWS` ring.
+pub struct NatFlowReader(RingBuf<MapData>);
+
+impl NatFlowReader {
+    /// The NAT flows the program reported since the last call, at most `limit` of them (the
+    /// rest wait in the ring). Reads shared memory only: no system call.
+    pub fn drain(&mut self, limit: usize) -> Vec<NatFlowRecord> {
+        let mut flows = Vec::new();
+        while flows.len() < limit {
+            let Some(item) = self.0.next() else { break };
+            if item.len() >= std::mem::size_of::<NatFlowRecord>() {
+                // SAFETY: the program writes whole NatFlowRecords (plain data, any bytes valid).
+                flows.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<NatFlowRecord>()) });
+            }
+        }
+        flows
+    }
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
     sizes: DataplaneSizes,
     rings: RingMemory,
-    /// The reading end of `NEW_NAT_FLOWS`, taken out of `ebpf` once.
-    new_nat_flows: RingBuf<MapData>,
+    /// The reading end of `NEW_NAT_FLOWS`, taken out of `ebpf` once and handed to the
+    /// replication task by [`Self::report_nat_flows`].
+    new_nat_flows: Option<NatFlowReader>,
     /// Where the maps came from; a migration is finished once the program is attached.
     origin: pinned::Origin,
     /// The `VIP_ADDRS` entries the daemon asked for (answering ping); the data plane adds
@@ -173,6 +193,7 @@ impl Dataplane {
         };
         let new_nat_flows = ebpf.take_map(MAP_NEW_NAT_FLOWS).ok_or_else(|| anyhow!("no map {MAP_NEW_NAT_FLOWS}"))?;
         let new_nat_flows = RingBuf::try_from(new_nat_flows).context("opening the new-NAT-flow ring buffer")?;
+        let new_nat_flows = Some(NatFlowReader(new_nat_flows));
         let mut dataplane =
             Self { ebpf, sizes, rings, new_nat_flows, origin: pinned::Origin::Unpinned, address_flags: Vec::new() };
         // Pinned VIPs came along: their addresses must pass the program's first lookup before it
@@ -239,9 +260,18 @@ impl Dataplane {
         FlowEvent::ALL.iter().map(|&event| Ok((event, events.get(&(event as u32), 0)?.iter().sum()))).collect()
     }
 
-    /// From now on every new NAT flow is also reported, for [`Self::drain_new_nat_flows`].
-    pub fn report_nat_flows(&mut self) -> Result<()> {
-        self.update_settings(|s| s.report_nat_flows = 1)
+    /// From now on every new NAT flow is also reported: returns the ring's reading end, which
+    /// the caller drains (on its own, without holding the rest of the data plane).
+    pub fn report_nat_flows(&mut self) -> Result<NatFlowReader> {
+        let reader = self.new_nat_flows.take().context("the new-NAT-flow ring is already being read")?;
+        self.update_settings(|s| s.report_nat_flows = 1)?;
+        Ok(reader)
+    }
+
+    /// New NAT flows the program could not report because the ring was full (since this load).
+    pub fn nat_flows_lost(&self) -> Result<u64> {
+        let lost: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(&self.ebpf, MAP_NAT_FLOWS_LOST)?)?;
+        Ok(lost.get(&0, 0)?.iter().sum())
     }
 
     /// The tunnel modes' outer sources, GUE port and the interface's MTU.
@@ -261,27 +291,28 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The NAT flows the program reported since the last call, at most `limit` of them (the
-    /// rest wait in the ring).
-    pub fn drain_new_nat_flows(&mut self, limit: usize) -> Vec<NatFlowRecord> {
-        let mut flows = Vec::new();
-        while flows.len() < limit {
-            let Some(item) = self.new_nat_flows.next() else { break };
-            if item.len() >= std::mem::size_of::<NatFlowRecord>() {
-                // SAFETY: the program writes whole NatFlowRecords (plain data, any bytes valid).
-                flows.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<NatFlowRecord>()) });
-            }
-        }
-        flows
-    }
-
     /// Installs a NAT flow another node created (its backend given as our own slot `backend`),
     /// with both entries stamped `now` ([`lb_common::nat::ticks`]).
-    pub fn adopt_nat_flow(&mut self, record: &NatFlowRecord, backend: u32, now: u32) -> Result<()> {
+    /// With `keep_existing`, a flow that already has a connection-table entry is left alone.
+    /// Returns whether the flow was installed.
+    pub fn adopt_nat_flow(
+        &mut self,
+        record: &NatFlowRecord,
+        backend: u32,
+        now: u32,
+        keep_existing: bool,
+    ) -> Result<bool> {
+        if keep_existing {
+            let conns: HashMap<&MapData, FlowKey, ConnState> = HashMap::try_from(map(&self.ebpf, MAP_CONNS)?)?;
+            if conns.get(&record.flow, 0).is_ok() {
+                return Ok(false);
+            }
+        }
         let conn = ConnState { backend, last_seen: now, ..record.conn };
         let reverse = NatReverse { last_seen: now, ..record.reverse };
         self.insert_nat_reverse(&record.reply, &reverse)?;
-        self.insert_connection(&record.flow, &conn)
+        self.insert_connection(&record.flow, &conn)?;
+        Ok(true)
     }
 
     /// Writes a backend's slot. Rings must only name slots written here.

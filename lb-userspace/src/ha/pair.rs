@@ -30,6 +30,10 @@ pub struct PairView {
     pub stopping: bool,
     /// Per family (IPv4, IPv6): state and the master's address as last seen.
     pub routers: [RouterView; 2],
+    /// When a push from the master last brought every NAT flow it had waiting.
+    pub flows_complete_at: Option<Instant>,
+    /// The last request for the master's NAT flows: when, and whether an `lb` peer took it.
+    pub flows_requested: Option<(Instant, bool)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -38,6 +42,8 @@ pub struct RouterView {
     pub master: Option<IpAddr>,
     pub source: Option<IpAddr>,
     pub error: Option<String>,
+    /// Backup held back from preempting a lower-priority master until its NAT flows are here.
+    pub awaiting_flows: bool,
 }
 
 impl PairView {
@@ -77,7 +83,28 @@ impl PairView {
     pub fn master(&self) -> Option<IpAddr> {
         self.routers.iter().find_map(|r| r.master)
     }
+
+    /// Whether a router waits for the master's NAT flows before it preempts.
+    pub fn awaiting_flows(&self) -> bool {
+        self.routers.iter().any(|r| r.awaiting_flows)
+    }
+
+    /// Whether a backup since `since` may preempt: once the master sent every NAT flow it had
+    /// (a returning node must not take the VIPs before it knows their connections), or when no
+    /// `lb` peer answers for them (e.g. keepalived is master), or after `PREEMPT_HOLD_MAX`.
+    /// `since`: when the router became backup; `deferred_since`: when it first held back.
+    fn hold_preemption(&self, since: Instant, deferred_since: Option<Instant>, now: Instant) -> bool {
+        let complete = self.flows_complete_at.is_some_and(|at| at >= since);
+        let no_lb_peer = self.flows_requested.is_some_and(|(at, answered)| at >= since && !answered);
+        let waited_enough = deferred_since.is_some_and(|d| now.saturating_duration_since(d) >= PREEMPT_HOLD_MAX);
+        !complete && !no_lb_peer && !waited_enough
+    }
 }
+
+/// Longest a returning node waits for the master's NAT flows before it preempts anyway. The
+/// master answers a request within milliseconds and pushes on its own every second; this only
+/// bounds the wait for a master whose pushes fail.
+pub const PREEMPT_HOLD_MAX: Duration = Duration::from_secs(3);
 
 pub struct Pair {
     pub settings: VrrpSettings,
@@ -189,20 +216,47 @@ fn run_router(settings: &VrrpSettings, interface: &str, ipv6: bool, view: &Mutex
     }
     tracing::info!(family = label, %source, vrid = settings.vrid, priority = settings.priority, "VRRP router started");
     let mut mismatch_logged = false;
+    let (mut backup_since, mut deferred_since) = (None, None);
     loop {
         perform(&actions, &machine, &socket, interface, &owned, settings)?;
+        let now = Instant::now();
+        match machine.state() {
+            State::Backup => _ = backup_since.get_or_insert(now),
+            _ => (backup_since, deferred_since) = (None, None),
+        }
+        if machine.preemption_deferred() {
+            deferred_since.get_or_insert(now);
+        }
         // Report our state and read the daemon's inputs in one go.
-        let (addresses, fault, bump, stopping) = {
+        let (addresses, fault, bump, stopping, hold) = {
             let mut v = view.lock().expect("pair view poisoned");
+            let hold =
+                settings.preempt && backup_since.is_some_and(|since| v.hold_preemption(since, deferred_since, now));
             v.routers[family] = RouterView {
                 state: Some(machine.state()),
                 master: machine.master().or_else(|| (machine.state() == State::Master).then_some(source)),
                 source: Some(source),
                 error: None,
+                awaiting_flows: hold && machine.preemption_deferred(),
             };
-            (mine(&v), v.fault.clone(), v.hand_over, v.stopping)
+            (mine(&v), v.fault.clone(), v.hand_over, v.stopping, hold)
         };
-        let now = Instant::now();
+        if hold != machine.preemption_held() {
+            if !hold && machine.preemption_deferred() {
+                let view = view.lock().expect("pair view poisoned");
+                let since = backup_since.unwrap_or(now);
+                let why = if view.flows_complete_at.is_some_and(|at| at >= since) {
+                    "the master's NAT flows are here"
+                } else if view.flows_requested.is_some_and(|(at, answered)| at >= since && !answered) {
+                    "no lb peer answers for NAT flows"
+                } else {
+                    "no NAT flows came from the master in time; their connections may break"
+                };
+                let waited = now.saturating_duration_since(deferred_since.unwrap_or(now));
+                tracing::warn!(family = label, ?waited, "VRRP: {why}: preempting");
+            }
+            machine.hold_preemption(hold);
+        }
         if stopping || addresses.is_empty() {
             let (farewell, release): (Vec<Action>, Vec<Action>) =
                 machine.shutdown(now).into_iter().partition(|a| matches!(a, Action::SendAdvert { .. }));
@@ -331,6 +385,9 @@ pub struct SyncView {
     pub last_push: Option<(Instant, Result<String, String>)>,
     /// Standby side: when the master last pushed, from where, and the digest we then had.
     pub last_received: Option<(Instant, std::net::SocketAddr, String)>,
+    /// NAT flows this node sent to its peer, and the peer's flows it installed.
+    pub nat_flows_sent: u64,
+    pub nat_flows_adopted: u64,
 }
 
 /// A replication older than this no longer proves anything about the peer.

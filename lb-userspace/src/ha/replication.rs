@@ -1,10 +1,11 @@
-//! Keeping the standby's desired state identical to the active's: the active pushes its whole
-//! state over TCP; every push answers a fresh random challenge with HMAC-SHA256 under the shared
-//! key, so a captured push cannot be replayed and nobody without the key can change a node.
+//! Keeping the standby's desired state and NAT flows identical to the active's: the active
+//! pushes over TCP; every push answers a fresh random challenge with HMAC-SHA256 under the
+//! shared key, so a captured push cannot be replayed and nobody without the key can change a node.
 //!
-//! One exchange, one connection (lines of text):
-//! receiver → `NONCE_HEX` · sender → `PUSH_JSON` · sender → `HMAC_HEX(nonce ‖ PUSH_JSON)` ·
-//! receiver → `ACK_JSON`.
+//! One exchange (lines of text): receiver → `NONCE_HEX` · sender → `PUSH_JSON` ·
+//! sender → `HMAC_HEX(nonce ‖ PUSH_JSON)` · receiver → `ACK_JSON`. The receiver then sends the
+//! next challenge on the same connection, so that a stream of small pushes (NAT flows every few
+//! milliseconds) costs no connection set-up each; a sender that closes instead is fine too.
 
 use crate::model::DesiredState;
 use anyhow::{Context, Result, anyhow, bail};
@@ -14,23 +15,40 @@ use sha2::Sha256;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Largest push accepted (a state with thousands of backends is well below).
 const MAX_LINE: usize = 8 << 20;
 /// Bound on one exchange: a silent peer must not hold a push or a receiver forever.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on connecting: the peer is on our segment, so anything slower means it is not there
+/// (a node whose link is down); the next attempt comes soon.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A connection with no push for this long is closed (the active pushes every second).
+const SESSION_IDLE: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Push {
     /// The sender's replication address, for logs and status.
     pub from: SocketAddr,
+    /// The digest of the sender's desired state (of the last one it sent, when `state` is None).
     pub digest: String,
-    pub state: DesiredState,
+    /// The whole desired state, after every change and every second; pushes that only carry
+    /// NAT flows leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<DesiredState>,
     /// NAT flows the sender opened since its last push ([`encode_flows`]), so that they survive
     /// a takeover.
     #[serde(default)]
     pub nat_flows: String,
+    /// The sender had no other NAT flow waiting: with this push the receiver has them all.
+    #[serde(default)]
+    pub flows_complete: bool,
+    /// Sent by a returning node that will preempt: the master answers with every NAT flow it has
+    /// waiting, at once.
+    #[serde(default)]
+    pub wants_flows: bool,
 }
 
 /// Most NAT flows one push carries (~3 MB of hex); more wait for the next push.
@@ -68,21 +86,59 @@ fn mac(key: &str, nonce: &str, push: &str) -> Hmac<Sha256> {
     mac
 }
 
-/// Sends `push` to `peer`; returns the peer's answer.
+/// Sends `push` to `peer` on a connection of its own; returns the peer's answer.
 pub async fn send(peer: SocketAddr, key: &str, push: &Push) -> Result<Ack> {
-    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
-        let stream = TcpStream::connect(peer).await.with_context(|| format!("connecting to {peer}"))?;
-        let (read, mut write) = stream.into_split();
+    Session::open(peer).await?.exchange(key, push).await
+}
+
+/// A connection to the peer that carries one push after another.
+pub struct Session {
+    peer: SocketAddr,
+    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    write: OwnedWriteHalf,
+    /// The peer's challenge for the next push; None once the peer closed the connection.
+    nonce: Option<String>,
+}
+
+impl Session {
+    pub async fn open(peer: SocketAddr) -> Result<Self> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
+            .await
+            .map_err(|_| anyhow!("connecting to {peer}: no answer within {CONNECT_TIMEOUT:?}"))?
+            .with_context(|| format!("connecting to {peer}"))?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
-        let nonce = lines.next_line().await?.ok_or_else(|| anyhow!("{peer} closed before its challenge"))?;
-        let body = serde_json::to_string(push)?;
-        let tag = hex::encode(mac(key, &nonce, &body).finalize().into_bytes());
-        write.write_all(format!("{body}\n{tag}\n").as_bytes()).await?;
-        let answer = lines.next_line().await?.ok_or_else(|| anyhow!("{peer} closed without an answer"))?;
-        serde_json::from_str(&answer).with_context(|| format!("{peer} answered something else: {answer:?}"))
-    })
-    .await
-    .map_err(|_| anyhow!("{peer} did not answer within {EXCHANGE_TIMEOUT:?}"))?
+        let nonce = tokio::time::timeout(EXCHANGE_TIMEOUT, lines.next_line())
+            .await
+            .map_err(|_| anyhow!("{peer} sent no challenge within {EXCHANGE_TIMEOUT:?}"))??
+            .ok_or_else(|| anyhow!("{peer} closed before its challenge"))?;
+        Ok(Self { peer, lines, write, nonce: Some(nonce) })
+    }
+
+    /// Whether the peer still takes pushes on this connection.
+    pub fn is_open(&self) -> bool {
+        self.nonce.is_some()
+    }
+
+    /// Sends one push and returns the peer's answer.
+    pub async fn exchange(&mut self, key: &str, push: &Push) -> Result<Ack> {
+        let peer = self.peer;
+        let nonce = self.nonce.take().ok_or_else(|| anyhow!("{peer} closed the connection"))?;
+        tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+            let body = serde_json::to_string(push)?;
+            let tag = hex::encode(mac(key, &nonce, &body).finalize().into_bytes());
+            self.write.write_all(format!("{body}\n{tag}\n").as_bytes()).await?;
+            let answer = self.lines.next_line().await?.ok_or_else(|| anyhow!("{peer} closed without an answer"))?;
+            let ack: Ack =
+                serde_json::from_str(&answer).with_context(|| format!("{peer} answered something else: {answer:?}"))?;
+            // The next challenge follows the answer at once, unless the peer closes.
+            self.nonce = self.lines.next_line().await.ok().flatten();
+            Ok(ack)
+        })
+        .await
+        .map_err(|_| anyhow!("{peer} did not answer within {EXCHANGE_TIMEOUT:?}"))?
+    }
 }
 
 /// Accepts pushes on `listener` forever; `handle` decides what to do with an authentic one and
@@ -95,45 +151,55 @@ where
         let Ok((stream, from)) = listener.accept().await else { continue };
         let (key, handle) = (key.clone(), handle.clone());
         tokio::spawn(async move {
-            let outcome = tokio::time::timeout(EXCHANGE_TIMEOUT, receive(stream, &key, handle)).await;
-            match outcome {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(%from, "replication push refused: {error:#}"),
-                Err(_) => tracing::warn!(%from, "replication push refused: too slow"),
+            if let Err(error) = receive(stream, &key, handle).await {
+                tracing::warn!(%from, "replication push refused: {error:#}");
             }
         });
     }
 }
 
+/// Takes pushes on one connection until the sender closes it or falls silent.
 async fn receive<F>(stream: TcpStream, key: &str, handle: F) -> Result<()>
 where
-    F: Fn(Push) -> Result<String> + Send + 'static,
+    F: Fn(Push) -> Result<String> + Clone + Send + 'static,
 {
+    stream.set_nodelay(true)?;
     let (read, mut write) = stream.into_split();
-    let nonce = hex::encode(rand::random::<[u8; 32]>());
-    write.write_all(format!("{nonce}\n").as_bytes()).await?;
     let mut reader = BufReader::new(read);
-    let body = read_line(&mut reader).await?;
-    let tag = read_line(&mut reader).await?;
-    let tag = hex::decode(tag.trim()).context("the authentication tag is not hex")?;
-    if mac(key, &nonce, &body).verify_slice(&tag).is_err() {
-        let ack = Ack { ok: false, digest: None, error: Some("authentication failed (check vrrp.key)".into()) };
-        write.write_all(format!("{}\n", serde_json::to_string(&ack)?).as_bytes()).await?;
-        bail!("authentication failed: the sender does not have our key");
-    }
-    let push: Push = serde_json::from_str(&body).context("malformed push")?;
-    let ack = match tokio::task::spawn_blocking(move || handle(push)).await? {
-        Ok(digest) => Ack { ok: true, digest: Some(digest), error: None },
-        Err(error) => Ack { ok: false, digest: None, error: Some(format!("{error:#}")) },
-    };
-    write.write_all(format!("{}\n", serde_json::to_string(&ack)?).as_bytes()).await?;
-    match ack.error {
-        Some(error) => bail!("{error}"),
-        None => Ok(()),
+    loop {
+        let nonce = hex::encode(rand::random::<[u8; 32]>());
+        write.write_all(format!("{nonce}\n").as_bytes()).await?;
+        let body = match tokio::time::timeout(SESSION_IDLE, read_line(&mut reader)).await {
+            Err(_) => return Ok(()), // idle: the sender opens a new connection when it needs one
+            Ok(Err(_)) if reader.buffer().is_empty() => return Ok(()), // closed between pushes
+            Ok(body) => body?,
+        };
+        let handle = handle.clone();
+        tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+            let tag = read_line(&mut reader).await?;
+            let tag = hex::decode(tag.trim()).context("the authentication tag is not hex")?;
+            if mac(key, &nonce, &body).verify_slice(&tag).is_err() {
+                let ack = Ack { ok: false, digest: None, error: Some("authentication failed (check vrrp.key)".into()) };
+                write.write_all(format!("{}\n", serde_json::to_string(&ack)?).as_bytes()).await?;
+                bail!("authentication failed: the sender does not have our key");
+            }
+            let push: Push = serde_json::from_str(&body).context("malformed push")?;
+            let ack = match tokio::task::spawn_blocking(move || handle(push)).await? {
+                Ok(digest) => Ack { ok: true, digest: Some(digest), error: None },
+                Err(error) => Ack { ok: false, digest: None, error: Some(format!("{error:#}")) },
+            };
+            write.write_all(format!("{}\n", serde_json::to_string(&ack)?).as_bytes()).await?;
+            match ack.error {
+                Some(error) => bail!("{error}"),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("too slow"))??;
     }
 }
 
-async fn read_line(reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Result<String> {
+async fn read_line(reader: &mut BufReader<OwnedReadHalf>) -> Result<String> {
     let mut line = Vec::new();
     let read = (&mut *reader).take(MAX_LINE as u64).read_until(b'\n', &mut line).await?;
     if read == 0 || line.last() != Some(&b'\n') {
@@ -188,8 +254,10 @@ mod tests {
         Push {
             from: "127.0.0.1:1".parse().unwrap(),
             digest: "abc".into(),
-            state: DesiredState::default(),
+            state: Some(DesiredState::default()),
             nat_flows: String::new(),
+            flows_complete: false,
+            wants_flows: false,
         }
     }
 
@@ -200,6 +268,18 @@ mod tests {
         assert!(ack.ok, "{ack:?}");
         assert_eq!(ack.digest.as_deref(), Some("abc"));
         assert_eq!(received.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_connection_carries_push_after_push_each_with_a_fresh_challenge() {
+        let (address, received) = receiver("0123456789abcdef").await;
+        let mut session = Session::open(address).await.unwrap();
+        for _ in 0..3 {
+            let ack = session.exchange("0123456789abcdef", &push()).await.unwrap();
+            assert!(ack.ok, "{ack:?}");
+            assert!(session.is_open(), "the receiver sent its next challenge");
+        }
+        assert_eq!(received.lock().unwrap().len(), 3);
     }
 
     #[tokio::test]

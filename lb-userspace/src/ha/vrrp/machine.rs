@@ -4,6 +4,8 @@
 //! Two additions, both keepalived practice: `Fault` (this node is unfit: it leaves mastership
 //! with a priority-0 advertisement and stays out until healthy), and `hand_over` (an operator's
 //! failover: priority 0, then backup without preempting back until the new master fails).
+//! And one of ours: `hold_preemption` (a returning node waits for the NAT flows the other node
+//! opened meanwhile: it follows a lower-priority master as if it did not preempt).
 
 use super::packet::Advertisement;
 use std::net::IpAddr;
@@ -49,6 +51,10 @@ pub struct Machine {
     master: Option<IpAddr>,
     /// Set by `hand_over`: behave as non-preempting until we become master by timeout again.
     yielded: bool,
+    /// Set by the I/O layer: follow a lower-priority master instead of preempting it.
+    preemption_held: bool,
+    /// A lower-priority master was followed only because of the hold, since it was set.
+    deferred: bool,
 }
 
 impl Machine {
@@ -61,7 +67,28 @@ impl Machine {
             deadline: None,
             master: None,
             yielded: false,
+            preemption_held: false,
+            deferred: false,
         }
+    }
+
+    /// While held, a backup follows a lower-priority master as if it did not preempt; once
+    /// released, it preempts after Master_Down_Interval as usual. A master that falls silent is
+    /// replaced whatever the hold.
+    pub fn hold_preemption(&mut self, held: bool) {
+        if held != self.preemption_held {
+            self.preemption_held = held;
+            self.deferred = false;
+        }
+    }
+
+    pub fn preemption_held(&self) -> bool {
+        self.preemption_held
+    }
+
+    /// Whether the hold kept this backup from preempting a lower-priority master.
+    pub fn preemption_deferred(&self) -> bool {
+        self.deferred
     }
 
     pub fn state(&self) -> State {
@@ -133,7 +160,13 @@ impl Machine {
                 if advert.priority == 0 {
                     // §6.4.2: the master is leaving; take over after the skew time only.
                     self.deadline = Some(now + self.skew_time());
-                } else if !self.config.preempt || self.yielded || advert.priority >= self.config.priority {
+                } else if !self.config.preempt
+                    || self.yielded
+                    || self.preemption_held
+                    || advert.priority >= self.config.priority
+                {
+                    let would_preempt = self.config.preempt && !self.yielded && advert.priority < self.config.priority;
+                    self.deferred |= would_preempt;
                     self.master_adver_interval = interval;
                     self.deadline = Some(now + self.master_down_interval());
                     self.master = Some(source);
@@ -392,6 +425,37 @@ mod tests {
         segment.deliver(0, actions);
         assert_eq!(segment.routers[0].0.state(), State::Backup);
         segment.until_master(0, Duration::from_secs(5)); // it preempts again with priority 200
+    }
+
+    #[test]
+    fn a_held_backup_follows_a_lower_priority_master_and_preempts_once_released() {
+        let mut segment = Segment::new(vec![machine(100, "10.0.0.4", true)]);
+        segment.run(Duration::from_secs(5));
+        let mut returning = machine(200, "10.0.0.2", true);
+        let _ = returning.start(segment.now);
+        returning.hold_preemption(true);
+        segment.routers.push((returning, "10.0.0.2".parse().unwrap(), true));
+        segment.run(Duration::from_secs(10));
+        assert_eq!(segment.states(), vec![State::Master, State::Backup], "held: no preemption");
+        assert!(segment.routers[1].0.preemption_deferred());
+        segment.routers[1].0.hold_preemption(false);
+        let took = segment.until_master(1, Duration::from_secs(10));
+        assert!(took <= segment.routers[1].0.master_down_interval() + INTERVAL, "{took:?}");
+        segment.run(Duration::from_secs(2));
+        assert_eq!(segment.states(), vec![State::Backup, State::Master]);
+    }
+
+    #[test]
+    fn a_held_backup_still_replaces_a_master_that_falls_silent() {
+        let mut segment = Segment::new(vec![machine(100, "10.0.0.4", true)]);
+        segment.run(Duration::from_secs(5));
+        let mut returning = machine(200, "10.0.0.2", true);
+        let _ = returning.start(segment.now);
+        returning.hold_preemption(true);
+        segment.routers.push((returning, "10.0.0.2".parse().unwrap(), true));
+        segment.run(Duration::from_secs(5));
+        segment.routers[0].2 = false; // the lower-priority master is cut off
+        segment.until_master(1, Duration::from_secs(5));
     }
 
     #[test]
