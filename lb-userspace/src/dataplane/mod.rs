@@ -292,7 +292,7 @@ impl Dataplane {
     }
 
     /// Installs a NAT flow another node created (its backend given as our own slot `backend`),
-    /// with both entries stamped `now` ([`lb_common::nat::ticks`]).
+    /// with both entries stamped `now` ([`lb_common::nat::ticks`]), as an established one.
     /// With `keep_existing`, a flow that already has a connection-table entry is left alone.
     /// Returns whether the flow was installed.
     pub fn adopt_nat_flow(
@@ -308,7 +308,11 @@ impl Dataplane {
                 return Ok(false);
             }
         }
-        let conn = ConnState { backend, last_seen: now, ..record.conn };
+        // Reported at its SYN, the flow is marked half-open; this node never sees the client's
+        // next packet go by on the other node, so it counts the flow as established: a port
+        // taken from under a live connection would reset it after a takeover.
+        let flags = record.conn.flags & !(CONN_HALF_OPEN | CONN_OPENED_IN_FLOOD);
+        let conn = ConnState { backend, last_seen: now, flags, ..record.conn };
         let reverse = NatReverse { last_seen: now, ..record.reverse };
         self.insert_nat_reverse(&record.reply, &reverse)?;
         self.insert_connection(&record.flow, &conn)?;
