@@ -336,15 +336,8 @@ fn a_nat_port_goes_to_a_new_flow_once_its_connection_has_ended() {
     }
     let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
     let setup = &setups[0];
-    // One backend and one source port: every flow competes for the same reply tuple.
-    let one_port = VipForwarding { snat_port_min: 20000, snat_port_max: 20000, ..forwarding };
-    harness.publish_vip(&vip_key(setup.vip, setup.proto), &one_port, &[setup.backends[0].0]).unwrap();
+    one_port_to_one_backend(&mut harness, setup, &forwarding);
     let client = client_ip(setup);
-    let run = |harness: &mut Harness, frame: &Frame| {
-        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
-        assert_eq!(kernel, model);
-        kernel
-    };
     let first = client_frame(setup, client, 45000);
     let opened = run(&mut harness, &first);
     assert_eq!(opened.reason, Reason::TxForward);
@@ -390,32 +383,26 @@ fn a_half_open_nat_flow_gives_its_port_up_when_its_client_stays_silent() {
     }
     let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
     let setup = &setups[0];
-    let one_port = VipForwarding { snat_port_min: 20000, snat_port_max: 20000, ..forwarding };
-    harness.publish_vip(&vip_key(setup.vip, setup.proto), &one_port, &[setup.backends[0].0]).unwrap();
+    one_port_to_one_backend(&mut harness, setup, &forwarding);
     let client = client_ip(setup);
-    let run = |harness: &mut Harness, frame: &Frame| {
-        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
-        assert_eq!(kernel, model);
-        kernel.reason
-    };
     let events = |harness: &Harness| {
         let all = harness.dataplane.flow_events().unwrap();
         all.iter().find(|(event, _)| *event == FlowEvent::HalfOpenPortTaken).unwrap().1
     };
     // A SYN and nothing else (as a spoofed one): its port is held for HALF_OPEN_WAIT only.
     let spoofed = client_frame(setup, ip("192.0.2.200"), 45000);
-    assert_eq!(run(&mut harness, &spoofed), Reason::TxForward);
+    assert_eq!(run(&mut harness, &spoofed).reason, Reason::TxForward);
     let real = client_frame(setup, client, 45001);
-    assert_eq!(run(&mut harness, &real), Reason::DropNatPorts, "a fresh half-open flow keeps its port");
+    assert_eq!(run(&mut harness, &real).reason, Reason::DropNatPorts, "a fresh half-open flow keeps its port");
     harness.age_nat_flows(lb_common::nat::HALF_OPEN_WAIT).unwrap();
     let before = events(&harness);
-    assert_eq!(run(&mut harness, &real), Reason::TxForward, "a silent half-open flow's port goes to a new flow");
+    assert_eq!(run(&mut harness, &real).reason, Reason::TxForward, "a silent half-open flow's port goes to a new flow");
     assert_eq!(events(&harness), before + 1, "counted as half_open_port_taken");
     // The real client completes its handshake: its port is now held like any open connection's.
-    assert_eq!(run(&mut harness, &established(real.clone())), Reason::TxForward);
+    assert_eq!(run(&mut harness, &established(real.clone())).reason, Reason::TxForward);
     harness.age_nat_flows(lb_common::nat::CLOSED_WAIT).unwrap();
     let another = client_frame(setup, ip("192.0.2.201"), 45002);
-    assert_eq!(run(&mut harness, &another), Reason::DropNatPorts, "an open connection keeps its port");
+    assert_eq!(run(&mut harness, &another).reason, Reason::DropNatPorts, "an open connection keeps its port");
 }
 
 #[test]
@@ -425,11 +412,6 @@ fn during_a_flood_dsr_flows_are_not_recorded_and_nat_half_open_ports_go_sooner()
     }
     let event = |harness: &Harness, which: FlowEvent| {
         harness.dataplane.flow_events().unwrap().iter().find(|(event, _)| *event == which).unwrap().1
-    };
-    let run = |harness: &mut Harness, frame: &Frame| {
-        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
-        assert_eq!(kernel, model);
-        kernel
     };
     // DSR: the handshake's second packet is placed by the table, and nothing is recorded.
     let (setups, mut harness, _) = ipv4_tcp(MODE_DSR);
@@ -452,8 +434,7 @@ fn during_a_flood_dsr_flows_are_not_recorded_and_nat_half_open_ports_go_sooner()
     // NAT: a SYN of the flood holds its port for HALF_OPEN_WAIT_FLOODED only, even after the flood.
     let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
     let setup = &setups[0];
-    let one_port = VipForwarding { snat_port_min: 20000, snat_port_max: 20000, ..forwarding };
-    harness.publish_vip(&vip_key(setup.vip, setup.proto), &one_port, &[setup.backends[0].0]).unwrap();
+    one_port_to_one_backend(&mut harness, setup, &forwarding);
     harness.set_flood(true).unwrap();
     assert_eq!(run(&mut harness, &client_frame(setup, ip("192.0.2.200"), 45000)).reason, Reason::TxForward);
     harness.set_flood(false).unwrap();
@@ -473,11 +454,6 @@ fn nat_replies_on_a_port_of_an_earlier_range_still_reach_their_client() {
     let setup = &setups[0];
     let key = vip_key(setup.vip, setup.proto);
     let client = client_ip(setup);
-    let run = |harness: &mut Harness, frame: &Frame| {
-        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
-        assert_eq!(kernel, model);
-        kernel
-    };
     let first = VipForwarding { snat_port_min: 20000, snat_port_max: 20010, ..forwarding };
     harness.publish_vip(&key, &first, &[setup.backends[0].0]).unwrap();
     let request = client_frame(setup, client, 47000);
@@ -715,11 +691,6 @@ fn echo_requests_to_a_vip_address_are_answered_in_place() {
     let mut harness = harness_with(&setups);
     let (v4_vip, v6_vip) = (ip("10.0.0.20"), ip("fd00::20"));
     harness.answer_ping_on(&[v4_vip, v6_vip]).unwrap();
-    let run = |harness: &mut Harness, frame: &Frame| {
-        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
-        assert_eq!(kernel, model);
-        kernel
-    };
     for (client, vip) in [(ip("192.0.2.7"), v4_vip), (ip("2001:db8::7"), v6_vip)] {
         let mut request = Frame::echo_request(client, vip, 0x1234, 7);
         (request.src_mac, request.dst_mac, request.ttl) = (CLIENT_MAC, LB_MAC, 57);
@@ -826,6 +797,20 @@ fn icmp_errors_about_vip_flows_reach_the_flows_backend_translated_in_nat_mode() 
         }
     }
     assert_eq!(checked, 24, "both families, both protocols, both modes, whole and short quotes");
+}
+
+/// Runs `frame` through both sides, which must agree; the kernel's outcome.
+fn run(harness: &mut Harness, frame: &Frame) -> lb_common::model::Outcome {
+    let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+    assert_eq!(kernel, model);
+    kernel
+}
+
+/// The NAT VIP of `setup` with one backend and one source port: every flow competes for the
+/// same reply tuple.
+fn one_port_to_one_backend(harness: &mut Harness, setup: &Setup, forwarding: &VipForwarding) {
+    let one_port = VipForwarding { snat_port_min: 20000, snat_port_max: 20000, ..*forwarding };
+    harness.publish_vip(&vip_key(setup.vip, setup.proto), &one_port, &[setup.backends[0].0]).unwrap();
 }
 
 /// Runs `frame` through both sides, which must agree, and checks its reason.
