@@ -43,7 +43,7 @@ pub const HALF_OPEN_WAIT: u32 = seconds(1);
 /// The same while the daemon sees a flood of new flows (`Settings::flood`): a handshake's round
 /// trip across continents still fits, and a flood holds at most a third of a second's worth of
 /// ports, so that ports stay free for real clients at several times the rate.
-pub const HALF_OPEN_WAIT_FLOODED: u32 = seconds(1) * 3 / 10;
+pub const HALF_OPEN_WAIT_FLOODED: u32 = ticks(300_000_000);
 
 /// How long a half-open flow keeps its port, by its `ConnState::flags`. Arithmetic rather than
 /// a condition: the verifier then follows one path, not two per port tried.

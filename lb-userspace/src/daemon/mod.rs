@@ -622,8 +622,9 @@ impl Daemon {
                     cpu,
                     rate,
                     threshold,
-                    "flood of new flows: DSR and tunnel VIPs stop recording new flows, NAT half-open flows give their ports up after {} ms",
-                    lb_common::nat::HALF_OPEN_WAIT_FLOODED as u64 * (1 << lb_common::nat::TICK_SHIFT) / 1_000_000
+                    "flood of new flows: DSR and tunnel VIPs stop recording new flows, NAT flows opened now give their ports up after {} ms of silence",
+                    (lb_common::nat::HALF_OPEN_WAIT_FLOODED as u64 * (1 << lb_common::nat::TICK_SHIFT))
+                        .div_ceil(1_000_000)
                 );
                 true
             }

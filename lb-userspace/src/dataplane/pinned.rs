@@ -122,6 +122,8 @@ impl Dataplane {
                 let mut dataplane = Self::load_with(sizes, Some(&pending))?;
                 let carried = migrate::copy_state(&old, &mut dataplane.ebpf)
                     .with_context(|| format!("copying the state of {from}"))?;
+                // The VIPs came along: their addresses too, before the program is attached.
+                dataplane.sync_addresses()?;
                 pins.complete(&pending, &done)?;
                 dataplane.origin = Origin::Migrating { from: old, to: done, why, carried };
                 (dataplane, true)
