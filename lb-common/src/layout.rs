@@ -108,7 +108,7 @@ const fn spec(name: &'static str, kind: MapKind, key: usize, value: usize, entri
 }
 
 /// Every map of the XDP object.
-pub const MAPS: [MapSpec; 19] = [
+pub const MAPS: [MapSpec; 20] = [
     spec(MAP_VIPS, MapKind::Hash, size_of::<VipKey>(), size_of::<VipMeta>(), Entries::PerVip, true),
     spec(MAP_RINGS, MapKind::Array, 4, 4, Entries::Rings, true),
     spec(MAP_BACKENDS, MapKind::Array, 4, size_of::<Backend>(), Entries::Fixed(MAX_BACKENDS), true),
@@ -140,6 +140,9 @@ pub const MAPS: [MapSpec; 19] = [
     spec(MAP_TUNNEL_JOB, MapKind::PerCpuArray, 4, size_of::<TunnelJob>(), Entries::Fixed(1), false),
     // Counted from each daemon's start (pinning it would need a new layout version).
     spec(MAP_FLOW_EVENTS, MapKind::PerCpuArray, 4, 8, Entries::Fixed(FLOW_EVENT_SLOTS), false),
+    // How backends answer new NAT flows (`observe`), counted from each load: the daemon
+    // watches changes, not totals.
+    spec(MAP_OBSERVED, MapKind::PerCpuArray, 4, size_of::<Attempts>(), Entries::Fixed(MAX_BACKENDS), false),
     // The benchmark sink's counter.
     spec(MAP_SINK_COUNT, MapKind::PerCpuArray, 4, 8, Entries::Fixed(1), false),
     // `lb decap`'s, on backends: pinned by `lb decap attach` in a directory of its own, never

@@ -41,6 +41,7 @@ pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_TUNNEL_JOB: &str = "TUNNEL_JOB";
 pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
 pub const MAP_NAT_FLOWS_LOST: &str = "NAT_FLOWS_LOST";
+pub const MAP_OBSERVED: &str = "OBSERVED";
 /// Datagrams whose first fragment was seen and whose later fragments may still come. Fragments
 /// of one datagram arrive within milliseconds: this covers well over 100,000 fragmented
 /// datagrams a second, and an evicted entry costs one datagram.
@@ -210,12 +211,16 @@ pub enum Reason {
     /// As `TxIcmpTooBig`, but too short to quote in the answer (the MTU is below what IPv4
     /// and IPv6 require of a link): dropped.
     DropTooBig = 20,
+    /// The backend refused a new connection of a VIP with `observe` (an RST as its first
+    /// answer): held back once, so that the client's SYN retransmission gets another chance,
+    /// on another backend if the daemon took this one out meanwhile.
+    DropRefusalHeld = 21,
     /// Internal, never counted: the packet is to leave through the tunnel in `TUNNEL_JOB`, and
     /// `lb_xdp` replaces this reason with the job's own once it is sent.
     PendingTunnel = 63,
 }
 
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 22;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -240,6 +245,7 @@ impl Reason {
         Reason::PassFragmentNoFirst,
         Reason::TxIcmpTooBig,
         Reason::DropTooBig,
+        Reason::DropRefusalHeld,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -265,6 +271,7 @@ impl Reason {
             Reason::PassFragmentNoFirst => "pass_fragment_no_first",
             Reason::TxIcmpTooBig => "tx_icmp_too_big",
             Reason::DropTooBig => "drop_too_big",
+            Reason::DropRefusalHeld => "drop_refusal_held",
             Reason::PendingTunnel => "pending_tunnel",
         }
     }
@@ -283,6 +290,7 @@ impl Reason {
             | Reason::DropNatPorts
             | Reason::DropInternal
             | Reason::DropTooBig
+            | Reason::DropRefusalHeld
             | Reason::PendingTunnel => XDP_DROP,
             _ => XDP_PASS,
         }
@@ -342,6 +350,9 @@ pub struct VipMeta {
 /// `VipMeta::flags`: a new flow is placed by its client's address alone (masked to
 /// `affinity_prefix`), so that every connection of a client reaches the same backend.
 pub const VIP_AFFINITY_CLIENT: u8 = 1;
+/// `VipMeta::flags`: the daemon watches how backends answer new flows (`observe`, NAT only);
+/// a backend's first refusal of a connection is held back once (see `Reason::DropRefusalHeld`).
+pub const VIP_OBSERVE: u8 = 2;
 
 /// `VIP_ADDRS` key: an address the program handles (a VIP's, or a NAT VIP's source address),
 /// whatever the ports and protocols. A packet to any other address is passed after one lookup.
@@ -462,9 +473,24 @@ pub struct NatReverse {
     pub client_mac: [u8; 6],
     /// How the connection has ended so far (`crate::nat::ENDED_*` bits).
     pub ended: u8,
-    pub _pad: u8,
+    /// `crate::nat::AWAITING_*` bits: the backend has not answered yet. The byte was padding
+    /// before (the layout did not change): entries written by older versions hold 0, "answered",
+    /// so their connections are never counted as attempts.
+    pub awaiting: u8,
     /// When the backend last sent a packet of this flow ([`crate::nat::ticks`]).
     pub last_seen: u32,
+}
+
+/// `OBSERVED` value: how a backend answered new NAT flows (per CPU, counted from each load of
+/// the program). The daemon reads them for VIPs with `observe`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attempts {
+    /// The first answer was an RST, or an ICMP destination unreachable (not "fragmentation
+    /// needed") quoting the flow.
+    pub refused: u64,
+    /// The first answer was anything else (a SYN-ACK; for UDP, a datagram).
+    pub answered: u64,
 }
 
 /// `FRAGS` key: one fragmented datagram (RFC 791 / RFC 8200 reassembly key).
@@ -553,6 +579,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnState {}
     unsafe impl aya::Pod for super::NatReverse {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::Attempts {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::NatFlowRecord {}
     unsafe impl aya::Pod for super::FragKey {}

@@ -35,6 +35,8 @@ pub struct ModelMaps {
     /// `FRAGS` (never full in the tests that compare it: no eviction).
     pub frags: HashMap<FragKey, FragRoute>,
     pub reasons: HashMap<u32, u64>,
+    /// `OBSERVED`, by backend index.
+    pub observed: HashMap<u32, Attempts>,
     /// The `SETTINGS` entry (all zero: no destination MAC check).
     pub settings: Settings,
     /// The program's clock ([`crate::nat::ticks`]) as the test sets it. Tests compare the
@@ -108,7 +110,12 @@ impl ModelMaps {
             if parsed.flow.proto == PROTO_TCP {
                 entry.ended = nat::note_segment(entry.ended, parsed.tcp_flags, true);
             }
+            let awaiting = entry.awaiting;
+            entry.awaiting = 0;
             let reverse = *entry;
+            if awaiting != 0 && self.note_answer(&parsed.flow, &reverse, nat::refuses(parsed.tcp_flags)) {
+                return Err(Reason::DropRefusalHeld);
+            }
             rewrite_flow(
                 packet,
                 &parsed,
@@ -146,6 +153,24 @@ impl ModelMaps {
             self.remember_forward(&parsed, &vip, index, &backend, hash);
         }
         Ok(Reason::TxForward)
+    }
+
+    /// A backend's first answer to a NAT flow, counted for the backend its client flow went to
+    /// (as long as that flow still holds this reply's source port). Returns whether the answer
+    /// is held back: a refusal, for a VIP with `observe`.
+    fn note_answer(&mut self, reply: &FlowKey, reverse: &NatReverse, refused: bool) -> bool {
+        let client = nat::client_flow(reply, reverse);
+        if let Some(conn) = self.conns.get(&client)
+            && conn.snat_port == reply.dport
+        {
+            let attempts = self.observed.entry(conn.backend).or_default();
+            if refused {
+                attempts.refused += 1;
+            } else {
+                attempts.answered += 1;
+            }
+        }
+        refused && self.find_vip(&client).is_some_and(|vip| vip.flags & VIP_OBSERVE != 0)
     }
 
     fn find_vip(&self, flow: &FlowKey) -> Option<VipMeta> {
@@ -209,7 +234,7 @@ impl ModelMaps {
                 vip_port: parsed.flow.dport,
                 client_mac,
                 ended: 0,
-                _pad: 0,
+                awaiting: nat::AWAITING_ANSWER,
                 last_seen: self.now,
             };
             let free = (0..NAT_PORT_TRIES).find_map(|attempt| {

@@ -29,6 +29,29 @@ pub const ENDED_FIN_BACKEND: u8 = 2;
 pub const ENDED_BACKEND_FIRST: u8 = 4;
 pub const ENDED_RESET: u8 = 8;
 
+/// [`NatReverse::awaiting`]: the backend has not answered this new flow yet; its first answer
+/// is counted in `OBSERVED` (refused or answered). For a VIP with `observe`, a refusal as the
+/// first answer is held back (see `Reason::DropRefusalHeld`).
+pub const AWAITING_ANSWER: u8 = 1;
+
+/// Whether a TCP segment (flags; 0 for UDP), as a flow's first answer, refuses the connection.
+#[inline(always)]
+pub const fn refuses(tcp_flags: u8) -> bool {
+    tcp_flags & TCP_FLAG_RST != 0
+}
+
+/// Whether an ICMP error quoting a flow's packet to its backend says the backend refused it:
+/// destination unreachable, except "fragmentation needed" (path MTU discovery).
+#[inline(always)]
+pub const fn icmp_refuses(family: u8, icmp_type: u8, code: u8) -> bool {
+    use crate::packet::icmp;
+    if family == crate::maps::FAMILY_V4 {
+        icmp_type == icmp::DEST_UNREACH_V4 && code != icmp::FRAG_NEEDED_CODE
+    } else {
+        icmp_type == icmp::DEST_UNREACH_V6
+    }
+}
+
 /// Closed, the backend closing last: only a lost final ACK can still need the tuple.
 pub const CLOSED_WAIT: u32 = seconds(5);
 /// Closed, the backend closing first: Linux's TIME_WAIT length.

@@ -8,7 +8,7 @@ use lb_common::maps::{
     BACKEND_USABLE, Backend, CONN_HALF_OPEN, CONN_OPENED_IN_FLOOD, ConnState, FlowEvent, FlowKey, MODE_NAT,
     NAT_PORT_TRIES, NO_BACKEND, NatFlowRecord, NatReverse, PROTO_TCP, Reason, VipMeta, snat_port_candidate,
 };
-use lb_common::nat::{Holder, client_flow, may_take_port, note_segment, ticks};
+use lb_common::nat::{AWAITING_ANSWER, Holder, client_flow, may_take_port, note_segment, ticks};
 use lb_common::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
 
 const BPF_ANY: u64 = 0;
@@ -113,7 +113,7 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
             vip_port: packet.flow.dport,
             client_mac,
             ended: 0,
-            _pad: 0,
+            awaiting: AWAITING_ANSWER,
             last_seen: now(),
         };
         conn.snat_port = allocate_snat_port(packet, vip, backend, hash, &reverse)?;

@@ -16,6 +16,7 @@ use lb_common::maps::{
     FAMILY_V4, FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, TunnelJob,
     VIP_ADDR_ANSWER_PING, VIP_ADDR_VIP, VipAddrKey,
 };
+use lb_common::nat::icmp_refuses;
 use lb_common::packet::{
     DEFAULT_TTL, ETH_HLEN, Fragment, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,
 };
@@ -207,11 +208,12 @@ fn relay_error(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Result
         set_macs(ctx, backend.mac)?;
         return Ok(Reason::TxIcmpToBackend);
     }
-    let Some(reverse) = NAT_REV.get_ptr(&towards_us) else {
+    let Some(reverse) = NAT_REV.get_ptr_mut(&towards_us) else {
         return Err(Reason::PassIcmpNoFlow);
     };
     // SAFETY: a map value pointer stays valid for the program's run.
-    let reverse = unsafe { &*reverse };
+    let reverse = unsafe { &mut *reverse };
+    let code: u8 = read(ctx, packet.l4_off + icmp::CODE)?;
     let to = Translation {
         outer_src: &reverse.vip_addr,
         outer_dst: &reverse.client_addr,
@@ -222,6 +224,11 @@ fn relay_error(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Result
     };
     translate(ctx, packet, &quoted, &to)?;
     set_macs(ctx, reverse.client_mac)?;
+    if reverse.awaiting != 0 && icmp_refuses(packet.family, packet.icmp_type, code) {
+        // The backend (or a router before it) refused the connection (`observe`).
+        reverse.awaiting = 0;
+        crate::observe::note_answer(&towards_us, reverse, true);
+    }
     Ok(Reason::TxIcmpToClient)
 }
 

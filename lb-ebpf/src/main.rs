@@ -12,6 +12,7 @@ mod floor;
 mod fragment;
 mod icmp;
 mod maps;
+mod observe;
 mod parse;
 mod rewrite;
 mod tunnel;
@@ -24,7 +25,7 @@ use lb_common::maps::{
     FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic, TunnelJob, VIP_ADDR_SNAT,
     VIP_ADDR_VIP, VipAddrKey, VipKey, VipMeta, address_filter_bit,
 };
-use lb_common::nat::note_segment;
+use lb_common::nat::{note_segment, refuses};
 use lb_common::packet::{Fragment, icmp_protocol};
 use maps::{ADDR_FILTER, NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, TUNNEL_JOB, VIP_ADDRS, VIPS};
 use parse::{Packet, parse, read};
@@ -190,6 +191,13 @@ fn translate_nat_reply(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reas
     balance::touch(&mut reverse.last_seen);
     if packet.flow.proto == PROTO_TCP {
         reverse.ended = note_segment(reverse.ended, packet.tcp_flags, true);
+    }
+    if reverse.awaiting != 0 {
+        // The backend's first answer: a refusal or not (`observe`).
+        reverse.awaiting = 0;
+        if observe::note_answer(&packet.flow, reverse, refuses(packet.tcp_flags)) {
+            return Ok(Reason::DropRefusalHeld);
+        }
     }
     let to = Rewrite {
         src: &reverse.vip_addr,

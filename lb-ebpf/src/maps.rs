@@ -7,9 +7,9 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use lb_common::decap::{DECAP_VERDICT_SLOTS, DecapSettings};
 use lb_common::layout::REASON_SLOTS;
 use lb_common::maps::{
-    ADDR_FILTER_WORDS, Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FLOW_EVENT_SLOTS,
-    FRAGS_ENTRIES, FlowKey, FragKey, FragRoute, MAX_BACKENDS, NEW_NAT_FLOWS_BYTES, NatReverse, Settings, Traffic,
-    TunnelJob, VipAddr, VipAddrKey, VipKey, VipMeta,
+    ADDR_FILTER_WORDS, Attempts, Backend, ConnState, DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
+    FLOW_EVENT_SLOTS, FRAGS_ENTRIES, FlowKey, FragKey, FragRoute, MAX_BACKENDS, NEW_NAT_FLOWS_BYTES, NatReverse,
+    Settings, Traffic, TunnelJob, VipAddr, VipAddrKey, VipKey, VipMeta,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -74,6 +74,10 @@ pub static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "STATS_BACKEND")]
 pub static STATS_BACKEND: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// How each backend answered new NAT flows (`observe`), by backend index.
+#[map(name = "OBSERVED")]
+pub static OBSERVED: PerCpuArray<Attempts> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// `lb decap`'s settings (the GUE port), written before the program is attached.
 #[map(name = "DECAP_SETTINGS")]

@@ -229,6 +229,7 @@ pub async fn run_client(cli: Cli) -> Result<()> {
                 affinity: a.affinity,
                 affinity_prefix: a.affinity_prefix,
                 answer_ping: !a.no_answer_ping,
+                observe: None,
                 check: None,
                 backends: Vec::new(),
             },

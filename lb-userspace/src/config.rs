@@ -7,7 +7,7 @@ pub use redundancy::{BgpSettings, VrrpSettings};
 
 use crate::dataplane::{AttachMode, DataplaneSizes};
 use crate::model::{
-    Affinity, BackendSpec, CheckKind, CheckSpec, DEFAULT_SNAT_PORTS, DesiredState, Mode, Protocol, VipSpec,
+    Affinity, BackendSpec, CheckKind, CheckSpec, DEFAULT_SNAT_PORTS, DesiredState, Mode, ObserveSpec, Protocol, VipSpec,
 };
 use lb_common::maglev::is_prime;
 use lb_common::maps::{DEFAULT_MAX_CONNS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE};
@@ -135,6 +135,8 @@ struct RawVip {
     affinity_prefix: Option<Spanned<u8>>,
     answer_ping: Option<Spanned<bool>>,
     check: Option<Spanned<RawCheck>>,
+    /// `true`, or a table of thresholds (`refused`, `percent`, `window`).
+    observe: Option<Spanned<toml::Value>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
 }
@@ -265,6 +267,7 @@ fn vip_field_span(vip: &Spanned<RawVip>, field: &str) -> Range<usize> {
         "affinity_prefix" => raw.affinity_prefix.as_ref().map(Spanned::span),
         "answer_ping" => raw.answer_ping.as_ref().map(Spanned::span),
         f if f.starts_with("check") => raw.check.as_ref().map(Spanned::span),
+        f if f.starts_with("observe") => raw.observe.as_ref().map(Spanned::span),
         _ => None,
     };
     span.unwrap_or_else(|| vip.span())
@@ -426,6 +429,27 @@ fn convert_vip(report: &mut Report, vip: &Spanned<RawVip>) -> Option<VipSpec> {
             })
         })
         .collect();
+    let observe = raw.observe.as_ref().and_then(|o| convert_observe(report, o, &name));
+    if let (Some(observe), Some(mode)) = (&raw.observe, mode)
+        && observe.get_ref().as_bool() != Some(false)
+    {
+        if mode != Mode::Nat {
+            report.add(
+                &observe.span(),
+                &field("observe"),
+                format!(
+                    "only nat VIPs can be observed: in {} mode the backends answer clients directly, past the load balancer, which never sees a refusal",
+                    mode
+                ),
+            );
+        } else if check.is_none() && raw.backend.iter().any(|b| b.get_ref().check.is_none()) {
+            report.add(
+                &observe.span(),
+                &field("observe"),
+                "needs a health check (on the VIP, or on every backend): the check brings an observed backend back",
+            );
+        }
+    }
     if report.problems.len() > before {
         return None;
     }
@@ -440,8 +464,49 @@ fn convert_vip(report: &mut Report, vip: &Spanned<RawVip>) -> Option<VipSpec> {
         affinity_prefix: raw.affinity_prefix.as_ref().map(|p| *p.get_ref()),
         answer_ping: raw.answer_ping.as_ref().is_none_or(|a| *a.get_ref()),
         check,
+        observe: observe.flatten(),
         backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
     })
+}
+
+/// `observe = true`, `false`, or `{ refused = 3, percent = 50, window = "1s" }`: Some(None) for
+/// false, None after a problem.
+fn convert_observe(report: &mut Report, value: &Spanned<toml::Value>, name: &str) -> Option<Option<ObserveSpec>> {
+    let field = |f: &str| format!("vip {name:?}: observe{f}");
+    let defaults = ObserveSpec::default();
+    let table = match value.get_ref() {
+        toml::Value::Boolean(true) => return Some(Some(defaults)),
+        toml::Value::Boolean(false) => return Some(None),
+        toml::Value::Table(table) => table,
+        _ => {
+            report.add(&value.span(), &field(""), "expected true, false or a table { refused, percent, window }");
+            return None;
+        }
+    };
+    let before = report.problems.len();
+    let mut spec = defaults;
+    for (key, v) in table {
+        match (key.as_str(), v) {
+            ("refused", toml::Value::Integer(n)) if (1..=1000).contains(n) => spec.refused = *n as u32,
+            ("refused", _) => report.add(&value.span(), &field(".refused"), "expected a whole number from 1 to 1000"),
+            ("percent", toml::Value::Integer(n)) if (1..=100).contains(n) => spec.percent = *n as u8,
+            ("percent", _) => report.add(&value.span(), &field(".percent"), "expected a whole number from 1 to 100"),
+            ("window", toml::Value::String(text)) => match humantime::parse_duration(text) {
+                Ok(d) if d >= std::time::Duration::from_millis(100) && d <= std::time::Duration::from_secs(60) => {
+                    spec.window = d
+                }
+                Ok(_) => report.add(&value.span(), &field(".window"), "must be from 100ms to 60s"),
+                Err(e) => report.add(&value.span(), &field(".window"), format!("{text:?} is not a duration ({e})")),
+            },
+            ("window", _) => report.add(&value.span(), &field(".window"), "expected a duration such as \"1s\""),
+            (other, _) => report.add(
+                &value.span(),
+                &field(&format!(".{other}")),
+                "unknown field: expected refused, percent or window",
+            ),
+        }
+    }
+    (report.problems.len() == before).then_some(Some(spec))
 }
 
 /// `owner` names where the check sits in messages: `vip "web"` or `vip "web" backend #2`.

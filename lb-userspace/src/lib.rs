@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod neighbor;
 pub mod netdev;
+pub mod observe;
 pub mod planner;
 pub mod report;
 pub mod status_page;

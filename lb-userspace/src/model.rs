@@ -218,8 +218,27 @@ pub struct VipSpec {
     pub answer_ping: bool,
     #[serde(default)]
     pub check: Option<CheckSpec>,
+    /// Passive failure detection (NAT only): backends that refuse new connections are taken
+    /// out at once, and their checks bring them back.
+    #[serde(default)]
+    pub observe: Option<ObserveSpec>,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+}
+
+/// When watching a backend's answers takes it out: at least `refused` refusals, making at
+/// least `percent` % of its attempts, counted from its first refusal within `window`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObserveSpec {
+    pub refused: u32,
+    pub percent: u8,
+    pub window: std::time::Duration,
+}
+
+impl Default for ObserveSpec {
+    fn default() -> Self {
+        Self { refused: 3, percent: 50, window: std::time::Duration::from_secs(1) }
+    }
 }
 
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 65535);

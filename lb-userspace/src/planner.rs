@@ -227,6 +227,7 @@ mod tests {
             affinity: Default::default(),
             affinity_prefix: None,
             answer_ping: true,
+            observe: None,
             check: None,
             backends,
         }

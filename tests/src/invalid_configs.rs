@@ -289,6 +289,66 @@ pub fn cases(instance: &str, b1: &str, b2: &str) -> Vec<(&'static str, String, S
             format!("{FILE}:11: bgp.router_id: \"node-a\" is not a router id (an IPv4 address)"),
         ),
         (
+            "observe neither a boolean nor a table",
+            edit(r#"mode = "nat""#, "mode = \"nat\"\nobserve = \"yes\""),
+            format!("{FILE}:14: vip \"web\": observe: expected true, false or a table {{ refused, percent, window }}"),
+        ),
+        (
+            "observe refused 0",
+            edit(r#"mode = "nat""#, "mode = \"nat\"\nobserve = { refused = 0 }"),
+            format!("{FILE}:14: vip \"web\": observe.refused: expected a whole number from 1 to 1000"),
+        ),
+        (
+            "observe percent above 100",
+            edit(r#"mode = "nat""#, "mode = \"nat\"\nobserve = { percent = 150 }"),
+            format!("{FILE}:14: vip \"web\": observe.percent: expected a whole number from 1 to 100"),
+        ),
+        (
+            "observe percent not a number",
+            edit(r#"mode = "nat""#, "mode = \"nat\"\nobserve = { percent = \"half\" }"),
+            format!("{FILE}:14: vip \"web\": observe.percent: expected a whole number from 1 to 100"),
+        ),
+        (
+            "observe window too short",
+            edit(r#"mode = "nat""#, "mode = \"nat\"\nobserve = { window = \"10ms\" }"),
+            format!("{FILE}:14: vip \"web\": observe.window: must be from 100ms to 60s"),
+        ),
+        (
+            "observe window not a duration",
+            edit(r#"mode = "nat""#, "mode = \"nat\"\nobserve = { window = \"soon\" }"),
+            format!("{FILE}:14: vip \"web\": observe.window: \"soon\" is not a duration"),
+        ),
+        (
+            "observe window a number",
+            edit(r#"mode = "nat""#, "mode = \"nat\"\nobserve = { window = 1 }"),
+            format!("{FILE}:14: vip \"web\": observe.window: expected a duration such as \"1s\""),
+        ),
+        (
+            "observe with an unknown threshold",
+            edit(r#"mode = "nat""#, "mode = \"nat\"\nobserve = { refusals = 3 }"),
+            format!("{FILE}:14: vip \"web\": observe.refusals: unknown field: expected refused, percent or window"),
+        ),
+        (
+            "observe in dsr mode",
+            edit(r#"mode = "nat""#, "mode = \"dsr\"\nobserve = true")
+                .replace("snat = \"10.0.0.2\"\n", "")
+                .replace(":8080", ":80"),
+            format!("{FILE}:14: vip \"web\": observe: only nat VIPs can be observed: in dsr mode"),
+        ),
+        (
+            "observe in ipip mode",
+            edit(r#"mode = "nat""#, "mode = \"ipip\"\nobserve = { refused = 5 }").replace("snat = \"10.0.0.2\"\n", ""),
+            format!("{FILE}:14: vip \"web\": observe: only nat VIPs can be observed: in ipip mode"),
+        ),
+        (
+            "observe without a health check",
+            edit(
+                r#"check = { kind = "http", path = "/healthz", expect_status = 200, interval = "1s", timeout = "500ms", rise = 2, fall = 3 }"#,
+                "observe = true",
+            ),
+            format!("{FILE}:15: vip \"web\": observe: needs a health check"),
+        ),
+        (
             "too many VIPs for max_vips",
             edit("ring_size = 65537", "ring_size = 65537\nmax_vips = 0"),
             format!("{FILE}:8: daemon.max_vips: must be at least 1"),

@@ -18,6 +18,30 @@ fn the_reference_config_is_valid() {
 }
 
 #[test]
+fn observe_takes_true_false_or_thresholds_with_defaults_for_the_rest() {
+    use lb::model::ObserveSpec;
+    use std::time::Duration;
+    let with = |observe: &str| {
+        let source = good("lb", B1, B2).replace("mode = \"nat\"\n", &format!("mode = \"nat\"\nobserve = {observe}\n"));
+        parse("lb.toml", &source).unwrap().state.vips[0].observe
+    };
+    assert_eq!(parse("lb.toml", &good("lb", B1, B2)).unwrap().state.vips[0].observe, None, "off unless asked for");
+    assert_eq!(with("false"), None);
+    assert_eq!(with("true"), Some(ObserveSpec { refused: 3, percent: 50, window: Duration::from_secs(1) }));
+    assert_eq!(
+        with("{ refused = 5, window = \"2s\" }"),
+        Some(ObserveSpec { refused: 5, percent: 50, window: Duration::from_secs(2) })
+    );
+    assert_eq!(with("{ percent = 100 }"), Some(ObserveSpec { percent: 100, ..ObserveSpec::default() }));
+    // `false` says nothing about the mode: a dsr VIP may carry it.
+    let dsr = good("lb", B1, B2)
+        .replace("mode = \"nat\"\n", "mode = \"dsr\"\nobserve = false\n")
+        .replace("snat = \"10.0.0.2\"\n", "")
+        .replace(":8080", ":80");
+    assert_eq!(parse("lb.toml", &dsr).unwrap().state.vips[0].observe, None);
+}
+
+#[test]
 fn invalid_configs_are_refused_with_file_line_and_field() {
     let cases = cases("lb", B1, B2);
     assert!(cases.len() >= 20);

@@ -94,6 +94,7 @@ fn setup(harness: &mut Harness) -> Vec<Vip> {
             snat_port_min: 30000,
             snat_port_max: 30400,
             client_affinity,
+            observe: slot.is_multiple_of(3),
         };
         let backends: Vec<u32> = match (mode, slot % 2) {
             (MODE_IPIP | MODE_GUE, 0) => vec![21, 22, 33], // IPv4 and IPv6 backends mixed

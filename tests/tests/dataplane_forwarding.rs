@@ -78,6 +78,7 @@ fn harness_with(setups: &[Setup]) -> Harness {
             snat_port_min: 20000,
             snat_port_max: 60000,
             client_affinity: None,
+            observe: false,
         };
         let indexes: Vec<u32> = setup.backends.iter().map(|(i, _)| *i).collect();
         harness.publish_vip(&vip_key(setup.vip, setup.proto), &forwarding, &indexes).unwrap();
@@ -115,6 +116,7 @@ fn ipv4_tcp(mode: u8) -> (Vec<Setup>, Harness, VipForwarding) {
         snat_port_min: 20000,
         snat_port_max: 60000,
         client_affinity: None,
+        observe: false,
     };
     (setups, harness, forwarding)
 }
@@ -486,6 +488,7 @@ fn vip_without_backends_drops_and_counts() {
         snat_port_min: 1,
         snat_port_max: 2,
         client_affinity: None,
+        observe: false,
     };
     harness.publish_vip(&vip_key(setup.vip, setup.proto), &forwarding, &[]).unwrap();
     for sport in 43000..43010u16 {
@@ -510,6 +513,7 @@ fn any_port_vip_takes_every_port_and_exact_port_wins() {
         snat_port_min: 0,
         snat_port_max: 0,
         client_affinity: None,
+        observe: false,
     };
     harness.publish_vip(&vip_key(sock("10.0.0.30:0"), PROTO_TCP), &dsr(0), &[1]).unwrap();
     harness.publish_vip(&vip_key(sock("10.0.0.30:443"), PROTO_TCP), &dsr(1), &[2]).unwrap();
@@ -578,6 +582,7 @@ fn forgetting_a_backend_spares_other_vips_flows_and_keeps_its_nat_ports_for_its_
             snat_port_min: 20000,
             snat_port_max: 60000,
             client_affinity: None,
+            observe: false,
         };
         harness.publish_vip(&vip_key(*vip, PROTO_TCP), &forwarding, &[*index]).unwrap();
     }

@@ -381,6 +381,7 @@ fn malformed_and_foreign_packets_get_their_expected_verdict() {
         snat_port_min: 1,
         snat_port_max: 2,
         client_affinity: None,
+        observe: false,
     };
     harness.publish_vip(&vip_key("10.0.0.10:80".parse().unwrap(), PROTO_TCP), &dsr(0), &[1]).unwrap();
     harness.publish_vip(&vip_key("10.0.0.10:53".parse().unwrap(), PROTO_UDP), &dsr(1), &[1]).unwrap();

@@ -71,6 +71,7 @@ impl Lab {
                 snat_port_min: 20000,
                 snat_port_max: 60000,
                 client_affinity: None,
+                observe: false,
             };
             self.dataplane.publish_vip(&vip_key(self.vip(), proto), &forwarding, &table).unwrap();
         }

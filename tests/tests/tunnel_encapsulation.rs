@@ -93,6 +93,7 @@ fn harness_with(setups: &[Setup], mtu: u16) -> Harness {
             snat_port_min: 20000,
             snat_port_max: 60000,
             client_affinity: None,
+            observe: false,
         };
         let indexes: Vec<u32> = setup.backends.iter().map(|(i, _)| *i).collect();
         harness.publish_vip(&vip_key(setup.vip, setup.proto), &forwarding, &indexes).unwrap();

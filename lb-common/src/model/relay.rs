@@ -111,6 +111,7 @@ impl ModelMaps {
             return Ok(Reason::TxIcmpToBackend);
         }
         let reverse = *self.nat_rev.get(&towards_us).ok_or(Reason::PassIcmpNoFlow)?;
+        let code = p[parsed.l4_off + icmp::CODE];
         let to = Translation {
             outer_src: reverse.vip_addr,
             outer_dst: reverse.client_addr,
@@ -121,6 +122,13 @@ impl ModelMaps {
         };
         translate(p, parsed, &quoted, &to);
         set_macs(p, reverse.client_mac);
+        if reverse.awaiting != 0 && crate::nat::icmp_refuses(parsed.family, parsed.icmp_type, code) {
+            if let Some(entry) = self.nat_rev.get_mut(&towards_us) {
+                entry.awaiting = 0;
+            }
+            // Relayed all the same: the client hears of it at once.
+            self.note_answer(&towards_us, &reverse, true);
+        }
         Ok(Reason::TxIcmpToClient)
     }
 

@@ -82,6 +82,8 @@ pub struct Daemon {
     pub stop: Option<bool>,
     /// Watches the new-flow rates for floods (see [`Self::watch_floods`]).
     flood: crate::flood::FloodDetector,
+    /// Watches how backends of `observe` VIPs answer new flows (see [`Self::observe`]).
+    observer: crate::observe::Observer,
 }
 
 /// Everything a desired state needs, computed before anything is written.
@@ -605,6 +607,34 @@ impl Daemon {
 
     /// The counters of every VIP and backend, now.
     /// Samples the new-flow counters; tells the data plane when a flood starts or ends.
+    /// Reads how the backends of `observe` VIPs answered new flows: one that refuses them is
+    /// taken out at once (one publish), and its check brings it back.
+    pub fn observe(&mut self) {
+        let now = Instant::now();
+        let mut observed = HashSet::new();
+        let mut refusing = Vec::new();
+        for vip in &self.state.vips {
+            let Some(spec) = vip.observe else { continue };
+            for backend in &vip.backends {
+                let id = backend_id(vip, backend.address);
+                let Some(index) = self.slots.backend(vip, backend.address) else { continue };
+                let Ok(totals) = self.dataplane.backend_attempts(index) else { continue };
+                observed.insert(id.clone());
+                if let Some((refused, attempts)) = self.observer.record(&id, now, totals, &spec) {
+                    refusing.push((vip.name.clone(), backend.address, id, refused, attempts));
+                }
+            }
+        }
+        self.observer.retain(&observed);
+        for (vip, backend, id, refused, attempts) in refusing {
+            let reason = format!("observed: {refused} of {attempts} connection attempts refused");
+            if self.health.mark_observed_down(&id, &reason) {
+                self.observer.forget(&id);
+                self.on_transition(Transition { vip, backend, health: Health::Down, reason });
+            }
+        }
+    }
+
     pub fn watch_floods(&mut self) {
         let sample = self
             .state
@@ -672,6 +702,7 @@ fn forwarding(vip: &VipSpec, vip_index: u32, (snat_port_min, snat_port_max): (u1
         snat_port_min,
         snat_port_max,
         client_affinity: vip.client_affinity_prefix(),
+        observe: vip.observe.is_some(),
     }
 }
 

@@ -85,6 +85,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
         replicate_now: Arc::new(tokio::sync::Notify::new()),
         stop: None,
         flood: crate::flood::FloodDetector::new(settings.flood_new_flows),
+        observer: crate::observe::Observer::default(),
     };
     if reused {
         // Start from what the running data plane holds, so unchanged tables are not rewritten
@@ -160,6 +161,7 @@ pub async fn run(config_file: &Path) -> Result<()> {
     if settings.flood_new_flows > 0 {
         tokio::spawn(watch_floods(daemon.clone()));
     }
+    tokio::spawn(watch_answers(daemon.clone()));
     {
         let daemon = daemon.clone();
         tokio::spawn(async move {
@@ -255,6 +257,24 @@ async fn serve_connection(
 
 /// Looks at the new-flow rates every [`crate::flood::SAMPLE_EVERY`]: a flood is met within a
 /// tenth of a second. A few map reads per VIP, each a system call.
+/// Reads the backends' answers every few tens of milliseconds (`observe`).
+async fn watch_answers(daemon: Arc<Mutex<Daemon>>) {
+    let mut tick = tokio::time::interval(crate::observe::READ_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let daemon = daemon.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut daemon) = daemon.lock()
+                && daemon.state.vips.iter().any(|vip| vip.observe.is_some())
+            {
+                daemon.observe();
+            }
+        })
+        .await;
+    }
+}
+
 async fn watch_floods(daemon: Arc<Mutex<Daemon>>) {
     let mut tick = tokio::time::interval(crate::flood::SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

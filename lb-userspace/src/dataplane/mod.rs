@@ -98,6 +98,9 @@ pub struct VipForwarding {
     /// Client affinity: the prefix length of the client address that places new flows; `None`
     /// places each connection by its own 5-tuple.
     pub client_affinity: Option<u8>,
+    /// `observe`: the daemon watches how backends answer new flows, and a backend's first
+    /// refusal of a connection is held back once (`VIP_OBSERVE`).
+    pub observe: bool,
 }
 
 impl VipForwarding {
@@ -108,7 +111,8 @@ impl VipForwarding {
             ring_offset,
             ring_size,
             mode: self.mode,
-            flags: if self.client_affinity.is_some() { VIP_AFFINITY_CLIENT } else { 0 },
+            flags: if self.client_affinity.is_some() { VIP_AFFINITY_CLIENT } else { 0 }
+                | if self.observe { VIP_OBSERVE } else { 0 },
             affinity_prefix: self.client_affinity.unwrap_or(0),
             _pad: 0,
             snat_addr: self.snat_addr,
@@ -543,6 +547,16 @@ impl Dataplane {
 
     pub fn vip_traffic(&self, vip_index: u32) -> Result<Traffic> {
         sum_traffic(&self.ebpf, MAP_STATS_VIP, vip_index)
+    }
+
+    /// How backend `index` answered new NAT flows since the program was loaded (`observe`).
+    pub fn backend_attempts(&self, index: u32) -> Result<Attempts> {
+        let observed: PerCpuArray<&MapData, Attempts> = PerCpuArray::try_from(map(&self.ebpf, MAP_OBSERVED)?)?;
+        let per_cpu = observed.get(&index, 0)?;
+        Ok(per_cpu.iter().fold(Attempts::default(), |sum, a| Attempts {
+            refused: sum.refused + a.refused,
+            answered: sum.answered + a.answered,
+        }))
     }
 
     pub fn backend_traffic(&self, index: u32) -> Result<Traffic> {

@@ -50,11 +50,25 @@ pub struct Record {
     /// The last check's latency, or why it failed.
     pub last: Option<Result<Duration, Failure>>,
     pub subject: Arc<Subject>,
+    /// Why watching the backend's answers took it out ("observed: 3 of 4 connection attempts
+    /// refused"), until it comes back up.
+    pub observed: Option<String>,
+    /// Set when an observation took the backend out: the check thread starts counting `rise`
+    /// from there, and ignores the check that was running meanwhile.
+    pub observed_at: Option<std::time::Instant>,
 }
 
 impl Record {
     /// The last check's result in words.
     pub fn detail(&self) -> String {
+        let last = self.last_check();
+        match &self.observed {
+            Some(observed) => format!("{observed}; last check: {last}"),
+            None => last,
+        }
+    }
+
+    fn last_check(&self) -> String {
         match &self.last {
             None => "not checked yet".into(),
             Some(Ok(latency)) => format!("ok in {:.1} ms", latency.as_secs_f64() * 1e3),
@@ -165,6 +179,8 @@ impl HealthEngine {
                         transitions: 0,
                         last: None,
                         subject,
+                        observed: None,
+                        observed_at: None,
                     })),
                 };
                 let id_number = self.next_id;
@@ -193,6 +209,23 @@ impl HealthEngine {
     /// Whether a checked backend is up; None for backends without a check.
     pub fn is_up(&self, id: &str) -> Option<bool> {
         self.checked.get(id).map(|c| lock(&c.record).health == Health::Up)
+    }
+
+    /// Watching its answers says the backend refuses connections: down at once, for its check
+    /// to confirm (it comes back after `rise` good checks). Returns whether it was up (a
+    /// transition), false for a backend without a check or already down.
+    pub fn mark_observed_down(&self, id: &str, reason: &str) -> bool {
+        let Some(checked) = self.checked.get(id) else { return false };
+        let mut record = lock(&checked.record);
+        if record.health == Health::Down {
+            return false;
+        }
+        record.health = Health::Down;
+        record.since_unix_ms = unix_ms();
+        record.transitions += 1;
+        record.observed = Some(reason.to_string());
+        record.observed_at = Some(std::time::Instant::now());
+        true
     }
 
     pub fn status(&self, id: &str) -> Option<BackendStatus> {

@@ -9,7 +9,7 @@ use super::icmp::{EchoSockets, IcmpProbe};
 use super::probe::{Dial, Failure, ICMP_TOKENS, Readiness, Registrar, Step, Via, WAKER, checker_of};
 use super::tcp::TcpProbe;
 use super::timer_wheel::TimerWheel;
-use super::tracker::Tracker;
+use super::tracker::{Health, Tracker};
 use crate::model::{CheckKind, CheckSpec};
 use mio::{Events, Poll, Waker};
 use rand::Rng;
@@ -325,9 +325,19 @@ impl Scheduler {
         let Some(started) = checker.started.take() else { return };
         let now = Instant::now();
         let result = result.map(|()| now.saturating_duration_since(started));
-        let transition = checker.tracker.record(result.is_ok());
+        let mut record = lock(&checker.record);
+        let mut counts = true;
+        if let Some(at) = record.observed_at.take() {
+            // Taken out by what the data plane saw: `rise` good checks from now on bring it
+            // back; a check that started before says nothing about it.
+            checker.tracker.force(Health::Down);
+            counts = started >= at;
+        }
+        let transition = if counts { checker.tracker.record(result.is_ok()) } else { None };
+        if transition == Some(Health::Up) {
+            record.observed = None;
+        }
         let reason = {
-            let mut record = lock(&checker.record);
             record.checks += 1;
             record.last = Some(result);
             match transition {
@@ -340,6 +350,7 @@ impl Scheduler {
                 None => None,
             }
         };
+        drop(record);
         if let (Some(health), Some(reason)) = (transition, reason) {
             let _ = self.transitions.send(Transition {
                 vip: checker.vip.clone(),

@@ -123,6 +123,7 @@ fn state(kind: CheckKind, backend: SocketAddr) -> DesiredState {
             affinity: Default::default(),
             affinity_prefix: None,
             answer_ping: true,
+            observe: None,
             check: Some(check),
             backends: vec![BackendSpec {
                 address: backend,

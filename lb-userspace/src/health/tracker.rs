@@ -26,6 +26,13 @@ impl Tracker {
         self.state
     }
 
+    /// Sets the state from outside the checks (an observation), counting afresh.
+    pub fn force(&mut self, state: Health) {
+        self.state = state;
+        self.successes = 0;
+        self.failures = 0;
+    }
+
     /// Records one check result; returns the new state when it changes.
     pub fn record(&mut self, ok: bool) -> Option<Health> {
         if ok {

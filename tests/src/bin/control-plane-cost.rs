@@ -38,6 +38,7 @@ fn main() -> Result<()> {
         snat_port_min: 1,
         snat_port_max: 2,
         client_affinity: None,
+        observe: false,
     };
     for n in [10u32, 100, 1_000, 10_000] {
         let list = members(n);

@@ -84,6 +84,7 @@ fn dataplane_for(case: &Case, iterations: u32) -> Result<Dataplane> {
         snat_port_min: 1024,
         snat_port_max: 65535,
         client_affinity: None,
+        observe: false,
     };
     if is_tunnel(case.mode) {
         // Outer sources from a prefix: the entropy step runs, as it would with one configured.

@@ -141,6 +141,7 @@ fn measure(balancer: Balancer, frame_len: usize, packets: u64, rate: u64, load: 
                 snat_port_min: 1024,
                 snat_port_max: 65535,
                 client_affinity: None,
+                observe: false,
             };
             dataplane.publish_vip(
                 &vip_key(SocketAddr::new(VIP.parse()?, 0), PROTO_UDP),

@@ -110,6 +110,7 @@ fn main() -> Result<()> {
             affinity: Default::default(),
             affinity_prefix: None,
             answer_ping: true,
+            observe: None,
             check: Some(check),
             backends: list.clone(),
         }],
