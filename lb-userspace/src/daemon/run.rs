@@ -159,9 +159,15 @@ pub async fn run(config_file: &Path) -> Result<()> {
     }
     tokio::spawn(sample_counters(daemon.clone(), settings.interface.clone()));
     if settings.flood_new_flows > 0 {
-        tokio::spawn(watch_floods(daemon.clone()));
+        // A flood is met within a tenth of a second.
+        tokio::spawn(every(crate::flood::SAMPLE_EVERY, daemon.clone(), Daemon::watch_floods));
     }
-    tokio::spawn(watch_answers(daemon.clone()));
+    // The backends' answers (`observe`), every few tens of milliseconds.
+    tokio::spawn(every(crate::observe::READ_EVERY, daemon.clone(), |daemon| {
+        if daemon.state.vips.iter().any(|vip| vip.observe.is_some()) {
+            daemon.observe();
+        }
+    }));
     {
         let daemon = daemon.clone();
         tokio::spawn(async move {
@@ -255,35 +261,17 @@ async fn serve_connection(
     }
 }
 
-/// Looks at the new-flow rates every [`crate::flood::SAMPLE_EVERY`]: a flood is met within a
-/// tenth of a second. A few map reads per VIP, each a system call.
-/// Reads the backends' answers every few tens of milliseconds (`observe`).
-async fn watch_answers(daemon: Arc<Mutex<Daemon>>) {
-    let mut tick = tokio::time::interval(crate::observe::READ_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let daemon = daemon.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Ok(mut daemon) = daemon.lock()
-                && daemon.state.vips.iter().any(|vip| vip.observe.is_some())
-            {
-                daemon.observe();
-            }
-        })
-        .await;
-    }
-}
-
-async fn watch_floods(daemon: Arc<Mutex<Daemon>>) {
-    let mut tick = tokio::time::interval(crate::flood::SAMPLE_EVERY);
+/// Runs `work` on the daemon every `period`, off the async threads: it reads maps, a system call
+/// each. A late tick waits rather than bunching up.
+async fn every(period: Duration, daemon: Arc<Mutex<Daemon>>, work: fn(&mut Daemon)) {
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let daemon = daemon.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Ok(mut daemon) = daemon.lock() {
-                daemon.watch_floods();
+                work(&mut daemon);
             }
         })
         .await;

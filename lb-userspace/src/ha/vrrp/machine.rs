@@ -427,14 +427,20 @@ mod tests {
         segment.until_master(0, Duration::from_secs(5)); // it preempts again with priority 200
     }
 
-    #[test]
-    fn a_held_backup_follows_a_lower_priority_master_and_preempts_once_released() {
+    /// A master of priority 100, then a node of priority 200 joining with its preemption held.
+    fn master_and_held_returning_node() -> Segment {
         let mut segment = Segment::new(vec![machine(100, "10.0.0.4", true)]);
         segment.run(Duration::from_secs(5));
         let mut returning = machine(200, "10.0.0.2", true);
         let _ = returning.start(segment.now);
         returning.hold_preemption(true);
         segment.routers.push((returning, "10.0.0.2".parse().unwrap(), true));
+        segment
+    }
+
+    #[test]
+    fn a_held_backup_follows_a_lower_priority_master_and_preempts_once_released() {
+        let mut segment = master_and_held_returning_node();
         segment.run(Duration::from_secs(10));
         assert_eq!(segment.states(), vec![State::Master, State::Backup], "held: no preemption");
         assert!(segment.routers[1].0.preemption_deferred());
@@ -447,12 +453,7 @@ mod tests {
 
     #[test]
     fn a_held_backup_still_replaces_a_master_that_falls_silent() {
-        let mut segment = Segment::new(vec![machine(100, "10.0.0.4", true)]);
-        segment.run(Duration::from_secs(5));
-        let mut returning = machine(200, "10.0.0.2", true);
-        let _ = returning.start(segment.now);
-        returning.hold_preemption(true);
-        segment.routers.push((returning, "10.0.0.2".parse().unwrap(), true));
+        let mut segment = master_and_held_returning_node();
         segment.run(Duration::from_secs(5));
         segment.routers[0].2 = false; // the lower-priority master is cut off
         segment.until_master(1, Duration::from_secs(5));
