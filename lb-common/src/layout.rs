@@ -17,7 +17,9 @@ use core::mem::size_of;
 ///
 /// 1: the first release (pins directly in the instance directory, 13 reason counters).
 /// 2: pins in a versioned directory; 64 reason slots, so that new reasons need no new layout.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: `CONNS` and `NAT_REV` are plain hash maps, emptied by the daemon's sweep instead of
+///    evicting: a full table never drops an established connection.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Counter slots in `STATS_REASON`: room for reasons yet to come. [`Reason`] values are
 /// appended, never renumbered, so a counter keeps its meaning across versions.
@@ -112,8 +114,8 @@ pub const MAPS: [MapSpec; 20] = [
     spec(MAP_VIPS, MapKind::Hash, size_of::<VipKey>(), size_of::<VipMeta>(), Entries::PerVip, true),
     spec(MAP_RINGS, MapKind::Array, 4, 4, Entries::Rings, true),
     spec(MAP_BACKENDS, MapKind::Array, 4, size_of::<Backend>(), Entries::Fixed(MAX_BACKENDS), true),
-    spec(MAP_CONNS, MapKind::LruHash, size_of::<FlowKey>(), size_of::<ConnState>(), Entries::PerConnection, true),
-    spec(MAP_NAT_REV, MapKind::LruHash, size_of::<FlowKey>(), size_of::<NatReverse>(), Entries::PerConnection, true),
+    spec(MAP_CONNS, MapKind::Hash, size_of::<FlowKey>(), size_of::<ConnState>(), Entries::PerConnection, true),
+    spec(MAP_NAT_REV, MapKind::Hash, size_of::<FlowKey>(), size_of::<NatReverse>(), Entries::PerConnection, true),
     spec(MAP_STATS_REASON, MapKind::PerCpuArray, 4, 8, Entries::Fixed(REASON_SLOTS), true),
     spec(MAP_STATS_VIP, MapKind::PerCpuArray, 4, size_of::<Traffic>(), Entries::PerVip, true),
     spec(MAP_STATS_BACKEND, MapKind::PerCpuArray, 4, size_of::<Traffic>(), Entries::Fixed(MAX_BACKENDS), true),
@@ -156,6 +158,13 @@ pub fn map_spec(name: &str) -> Option<&'static MapSpec> {
     MAPS.iter().find(|spec| spec.name == name)
 }
 
+/// The type a pinned map has in the older layout `version` (this build's rows hold otherwise
+/// for the layouts it migrates from): the connection tables were LRU maps before layout 3.
+pub fn pinned_kind(spec: &MapSpec, version: u32) -> MapKind {
+    let connection_table = spec.name == MAP_CONNS || spec.name == MAP_NAT_REV;
+    if version < 3 && connection_table { MapKind::LruHash } else { spec.kind }
+}
+
 /// The pinned maps' rows, in table order.
 pub fn pinned_maps() -> impl Iterator<Item = &'static MapSpec> {
     MAPS.iter().filter(|spec| spec.pinned)
@@ -196,7 +205,7 @@ mod tests {
     /// new fingerprint here.
     #[test]
     fn the_pinned_layout_matches_its_version() {
-        let recorded: &[(u32, u64)] = &[(2, 0x7c95_3afe_26e4_fb8b)];
+        let recorded: &[(u32, u64)] = &[(2, 0x7c95_3afe_26e4_fb8b), (3, 0xdc0d_662d_7124_836b)];
         let fingerprint = pinned_fingerprint();
         let current = recorded.iter().find(|(version, _)| *version == LAYOUT_VERSION);
         assert_eq!(
@@ -214,6 +223,16 @@ mod tests {
         }
         let huge = Sizes { max_vips: u32::MAX, ..Sizes::default() };
         assert_eq!(Entries::Rings.resolve(&huge), None);
+    }
+
+    #[test]
+    fn the_connection_tables_were_lru_maps_before_layout_3() {
+        for name in [MAP_CONNS, MAP_NAT_REV] {
+            let spec = map_spec(name).unwrap();
+            assert_eq!((pinned_kind(spec, 2), pinned_kind(spec, 3)), (MapKind::LruHash, MapKind::Hash), "{name}");
+        }
+        let vips = map_spec(MAP_VIPS).unwrap();
+        assert_eq!(pinned_kind(vips, 1), MapKind::Hash);
     }
 
     #[test]

@@ -136,7 +136,8 @@ pub struct Settings {
 pub enum FlowEvent {
     /// A NAT source port taken back from a half-open flow (a SYN that nothing followed).
     HalfOpenPortTaken = 0,
-    /// A connection-table entry could not be written (the table is full).
+    /// A DSR or tunnel flow left unrecorded because the connection table is full (placed by
+    /// the Maglev table alone; a `nat` flow is dropped instead, `Reason::DropTableFull`).
     TableFull = 1,
     /// A DSR or tunnel flow left unrecorded during a flood (placed by the Maglev table alone).
     FloodNotRecorded = 2,
@@ -215,12 +216,16 @@ pub enum Reason {
     /// answer): held back once, so that the client's SYN retransmission gets another chance,
     /// on another backend if the daemon took this one out meanwhile.
     DropRefusalHeld = 21,
+    /// A new flow of a `nat` VIP found the connection table (or the NAT table) full: dropped
+    /// rather than evicting an established connection. DSR and tunnel flows are forwarded
+    /// unrecorded instead (`FlowEvent::TableFull`).
+    DropTableFull = 22,
     /// Internal, never counted: the packet is to leave through the tunnel in `TUNNEL_JOB`, and
     /// `lb_xdp` replaces this reason with the job's own once it is sent.
     PendingTunnel = 63,
 }
 
-pub const REASON_COUNT: u32 = 22;
+pub const REASON_COUNT: u32 = 23;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -246,6 +251,7 @@ impl Reason {
         Reason::TxIcmpTooBig,
         Reason::DropTooBig,
         Reason::DropRefusalHeld,
+        Reason::DropTableFull,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -272,6 +278,7 @@ impl Reason {
             Reason::TxIcmpTooBig => "tx_icmp_too_big",
             Reason::DropTooBig => "drop_too_big",
             Reason::DropRefusalHeld => "drop_refusal_held",
+            Reason::DropTableFull => "drop_table_full",
             Reason::PendingTunnel => "pending_tunnel",
         }
     }
@@ -291,6 +298,7 @@ impl Reason {
             | Reason::DropInternal
             | Reason::DropTooBig
             | Reason::DropRefusalHeld
+            | Reason::DropTableFull
             | Reason::PendingTunnel => XDP_DROP,
             _ => XDP_PASS,
         }
@@ -448,7 +456,8 @@ pub struct ConnState {
     /// `CONN_*` bits.
     pub flags: u8,
     pub _pad: u8,
-    /// NAT mode: when the client last sent a packet of this flow ([`crate::nat::ticks`]).
+    /// When the client last sent a packet of this flow ([`crate::nat::ticks`]): NAT source
+    /// ports and the daemon's sweep of the table (`crate::nat::conn_expired`) go by it.
     pub last_seen: u32,
 }
 

@@ -32,6 +32,9 @@ pub struct ModelMaps {
     pub conns: HashMap<FlowKey, ConnState>,
     pub nat_rev: HashMap<FlowKey, NatReverse>,
     pub vip_addrs: HashMap<VipAddrKey, VipAddr>,
+    /// How many entries `CONNS` and `NAT_REV` hold at most (plain hash maps: a new key finds
+    /// no room in a full one); None: no limit.
+    pub table_capacity: Option<usize>,
     /// `FRAGS` (never full in the tests that compare it: no eviction).
     pub frags: HashMap<FragKey, FragRoute>,
     pub reasons: HashMap<u32, u64>,
@@ -178,6 +181,11 @@ impl ModelMaps {
         self.vips.get(&key).or_else(|| self.vips.get(&VipKey { port: 0, ..key })).copied()
     }
 
+    /// Whether `table` has no room for `key` (a new key in a full table).
+    fn full<V>(&self, table: &HashMap<FlowKey, V>, key: &FlowKey) -> bool {
+        self.table_capacity.is_some_and(|capacity| table.len() >= capacity && !table.contains_key(key))
+    }
+
     fn usable(&self, index: u32) -> Option<Backend> {
         self.backends.get(&index).filter(|b| b.flags & BACKEND_USABLE != 0).copied()
     }
@@ -188,9 +196,9 @@ impl ModelMaps {
             && let Some(conn) = self.conns.get(&parsed.flow).copied()
             && let Some(backend) = self.usable(conn.backend)
         {
+            let entry = self.conns.get_mut(&parsed.flow).expect("just read");
+            entry.last_seen = self.now;
             if vip.mode == MODE_NAT {
-                let entry = self.conns.get_mut(&parsed.flow).expect("just read");
-                entry.last_seen = self.now;
                 entry.flags &= !(CONN_HALF_OPEN | CONN_OPENED_IN_FLOOD);
                 if parsed.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
                     let reply = reply_key(&parsed.flow, &backend, vip, conn.snat_port);
@@ -241,7 +249,11 @@ impl ModelMaps {
                 let port = snat_port_candidate(hash, attempt, vip.snat_port_min, vip.snat_port_max).to_be();
                 let reply = reply_key(&parsed.flow, &backend, vip, port);
                 let Some(taken) = self.nat_rev.get(&reply) else {
-                    return Some((reply, port, None));
+                    return Some(if self.full(&self.nat_rev, &reply) {
+                        Err(Reason::DropTableFull)
+                    } else {
+                        Ok((reply, port, None))
+                    });
                 };
                 // A port still held by a finished or quiet connection goes to this flow.
                 let holder = nat::client_flow(&reply, taken);
@@ -251,17 +263,24 @@ impl ModelMaps {
                     .filter(|c| c.snat_port == port)
                     .map(|c| nat::Holder { last_seen: c.last_seen, flags: c.flags });
                 let pinned = state.is_some().then_some(holder);
-                nat::may_take_port(taken, &reverse, parsed.flow.proto, state, self.now).then_some((reply, port, pinned))
+                nat::may_take_port(taken, &reverse, parsed.flow.proto, state, self.now)
+                    .then_some(Ok((reply, port, pinned)))
             });
-            let (reply, port, pinned) = free.ok_or(Reason::DropNatPorts)?;
+            let (reply, port, pinned) = free.ok_or(Reason::DropNatPorts)??;
             if let Some(holder) = pinned {
                 // Its late packets must not reach the backend on the new flow's tuple.
                 self.conns.remove(&holder);
             }
             self.nat_rev.insert(reply, reverse);
             snat_port = port;
+            if self.full(&self.conns, &parsed.flow) {
+                self.nat_rev.remove(&reply);
+                return Err(Reason::DropTableFull);
+            }
+        } else if self.full(&self.conns, &parsed.flow) {
+            return Ok((backend, index, 0));
         }
-        let last_seen = if vip.mode == MODE_NAT { self.now } else { 0 };
+        let last_seen = self.now;
         let flags = match (vip.mode == MODE_NAT && parsed.opens_connection, self.settings.flood != 0) {
             (true, true) => CONN_HALF_OPEN | CONN_OPENED_IN_FLOOD,
             (true, false) => CONN_HALF_OPEN,

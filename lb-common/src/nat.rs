@@ -7,7 +7,7 @@
 //! closed after the client (a few seconds for a lost last ACK), TIME_WAIT (60 s on Linux) when
 //! it closed first, and idle timeouts in the spirit of IPVS and conntrack otherwise.
 
-use crate::maps::{CONN_HALF_OPEN, CONN_OPENED_IN_FLOOD, FlowKey, NatReverse, PROTO_TCP};
+use crate::maps::{CONN_HALF_OPEN, CONN_OPENED_IN_FLOOD, ConnState, FlowKey, NatReverse, PROTO_TCP};
 use crate::packet::{TCP_FLAG_FIN, TCP_FLAG_RST};
 
 /// The program's clock: monotonic nanoseconds >> 20, about 1.05 ms per tick; a u32 of them
@@ -148,15 +148,37 @@ pub const fn may_take_port(
     holder: Option<Holder>,
     now: u32,
 ) -> bool {
-    if same_client_flow(taken, claimant) {
-        return true;
-    }
+    same_client_flow(taken, claimant) || port_free(taken, proto, holder, now)
+}
+
+/// Whether the port `taken` holds is free at `now` for any flow: its holder is half-open and
+/// its client has been quiet for [`half_open_wait`], or its connection has ended or gone quiet
+/// ([`reclaimable`]). The program gives such a port to the next flow that asks for it; the
+/// daemon's sweep removes its entry (with the holder's, `lb-userspace/src/dataplane/sweep.rs`).
+#[inline(always)]
+pub const fn port_free(taken: &NatReverse, proto: u8, holder: Option<Holder>, now: u32) -> bool {
     match holder {
         // Judged by the client alone: the backend answers a spoofed SYN, and repeats its answer.
         Some(holder) if holder.half_open() => elapsed(holder.last_seen, now) >= half_open_wait(holder.flags),
         Some(Holder { last_seen, .. }) => reclaimable(taken, proto, Some(last_seen), now),
         None => reclaimable(taken, proto, None, now),
     }
+}
+
+/// Whether the daemon's sweep removes a connection-table entry that holds no NAT port (a DSR
+/// or tunnel flow, or a NAT flow whose port entry is gone): once its client has been quiet
+/// for the protocol's idle time, or for [`half_open_wait`] after a SYN and nothing else. The
+/// flow's next packet, if one comes, is placed by the Maglev table again: on the same backend
+/// unless the table changed meanwhile. NAT flows that hold a port go with it ([`port_free`]).
+pub const fn conn_expired(conn: &ConnState, proto: u8, now: u32) -> bool {
+    let wait = if conn.flags & CONN_HALF_OPEN != 0 {
+        half_open_wait(conn.flags)
+    } else if proto == PROTO_TCP {
+        TCP_IDLE
+    } else {
+        UDP_IDLE
+    };
+    elapsed(conn.last_seen, now) >= wait
 }
 
 /// Whether two reverse entries were made for the same client flow.
@@ -307,6 +329,35 @@ mod tests {
             assert!(!take(open, TCP_IDLE - 1), "until it has been idle for TCP_IDLE");
         }
         assert!(HALF_OPEN_WAIT_FLOODED < HALF_OPEN_WAIT && HALF_OPEN_WAIT_FLOODED >= seconds(1) / 4);
+    }
+
+    #[test]
+    fn the_sweep_removes_quiet_flows_by_protocol_and_half_open_ones_sooner() {
+        let conn = |flags, quiet: u32| ConnState { flags, last_seen: NOW - quiet, ..Default::default() };
+        assert!(!conn_expired(&conn(0, TCP_IDLE - 1), PROTO_TCP, NOW));
+        assert!(conn_expired(&conn(0, TCP_IDLE), PROTO_TCP, NOW));
+        assert!(!conn_expired(&conn(0, UDP_IDLE - 1), PROTO_UDP, NOW));
+        assert!(conn_expired(&conn(0, UDP_IDLE), PROTO_UDP, NOW));
+        assert!(!conn_expired(&conn(CONN_HALF_OPEN, HALF_OPEN_WAIT - 1), PROTO_TCP, NOW));
+        assert!(conn_expired(&conn(CONN_HALF_OPEN, HALF_OPEN_WAIT), PROTO_TCP, NOW));
+        let flooded = CONN_HALF_OPEN | CONN_OPENED_IN_FLOOD;
+        assert!(conn_expired(&conn(flooded, HALF_OPEN_WAIT_FLOODED), PROTO_TCP, NOW));
+        assert!(!conn_expired(&conn(0, 0), PROTO_TCP, NOW.wrapping_sub(5)), "written just after now");
+    }
+
+    #[test]
+    fn a_free_port_is_free_for_every_flow_and_a_held_one_only_for_its_own() {
+        let held = NatReverse { client_port: 4000, last_seen: NOW, ..Default::default() };
+        let quiet = Some(Holder { last_seen: NOW - TCP_IDLE, flags: 0 });
+        assert!(port_free(
+            &held,
+            PROTO_TCP,
+            Some(Holder { last_seen: NOW, flags: CONN_HALF_OPEN }),
+            NOW + HALF_OPEN_WAIT
+        ));
+        assert!(!port_free(&held, PROTO_TCP, quiet, NOW), "the backend spoke just now");
+        assert!(port_free(&NatReverse { last_seen: NOW - TCP_IDLE, ..held }, PROTO_TCP, quiet, NOW));
+        assert!(!port_free(&held, PROTO_TCP, None, NOW) && may_take_port(&held, &held, PROTO_TCP, None, NOW));
     }
 
     #[test]

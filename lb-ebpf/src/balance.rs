@@ -55,10 +55,11 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         let (index, snat_port) = unsafe { ((*conn).backend, (*conn).snat_port) };
         // An established flow stays on its backend unless that backend is gone or down.
         if let Some(backend) = usable_backend(index) {
+            // SAFETY: as above; plain stores, racing only with the same flow on another CPU.
+            touch(unsafe { &mut (*conn).last_seen });
             if vip.mode == MODE_NAT {
-                // SAFETY: as above; plain stores, racing only with the same flow on another CPU.
-                touch(unsafe { &mut (*conn).last_seen });
                 // Anything after the SYN (here: never a SYN) completes the client's side.
+                // SAFETY: as above.
                 if unsafe { (*conn).flags } & CONN_HALF_OPEN != 0 {
                     unsafe { (*conn).flags &= !(CONN_HALF_OPEN | CONN_OPENED_IN_FLOOD) };
                 }
@@ -84,8 +85,9 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
     // A new flow in a TCP connection's first packet; later ones without an entry (a DSR flow's
     // handshake completing, or an entry lost) are placed again, not counted again.
     let new_flow = packet.opens_connection != 0 || packet.flow.proto != PROTO_TCP || vip.mode == MODE_NAT;
-    // DSR needs only the backend; NAT adds its source port and the time, below.
-    let mut conn = ConnState { backend: index, snat_port: 0, flags: 0, _pad: 0, last_seen: 0 };
+    // DSR needs only the backend and the time (for the daemon's sweep); NAT adds its source
+    // port, below.
+    let mut conn = ConnState { backend: index, snat_port: 0, flags: 0, _pad: 0, last_seen: now() };
     if vip.mode != MODE_NAT {
         // A SYN goes where the table says and leaves no state: the handshake's next packet
         // records the flow, so spoofed SYNs fill no table.
@@ -114,18 +116,23 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
             client_mac,
             ended: 0,
             awaiting: AWAITING_ANSWER,
-            last_seen: now(),
+            last_seen: conn.last_seen,
         };
         conn.snat_port = allocate_snat_port(packet, vip, backend, hash, &reverse)?;
-        conn.last_seen = reverse.last_seen;
         if packet.opens_connection != 0 {
             // Half-open until the client's next packet; opened during a flood, it gives its
             // port up sooner (`lb_common::nat::half_open_wait`).
             conn.flags = CONN_HALF_OPEN | if flooded() { CONN_OPENED_IN_FLOOD } else { 0 };
         }
+        // A full table keeps the connections it has: the new one is dropped, its port freed.
+        if CONNS.insert(&packet.flow, &conn, 0).is_err() {
+            release_port(packet, vip, backend, conn.snat_port);
+            return Err(Reason::DropTableFull);
+        }
         report_nat_flow(packet, vip, backend, &conn, &reverse);
+        return Ok(Chosen { index, backend, snat_port: conn.snat_port, new_flow });
     }
-    // A full table evicts its least recently used entry; an insert failure only costs stickiness.
+    // A full table keeps the connections it has; this flow goes where the Maglev table says.
     if CONNS.insert(&packet.flow, &conn, 0).is_err() {
         flow_event(FlowEvent::TableFull);
     }
@@ -225,6 +232,13 @@ fn note_client_end(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port:
     }
 }
 
+/// Gives back the port a new NAT flow had reserved (the flow found no room in `CONNS`). Apart,
+/// in a frame of its own: the reply key must not grow the balancing call chain's stack.
+#[inline(never)]
+fn release_port(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port: u16) {
+    let _ = NAT_REV.remove(&reply_key(packet, vip, backend, snat_port));
+}
+
 /// Reserves a source port towards `backend` by creating the reply-direction entry: the first
 /// candidate that is free, or whose connection has ended or gone quiet
 /// (`lb_common::nat::may_take_port`).
@@ -239,23 +253,41 @@ fn allocate_snat_port(
     for attempt in 0..NAT_PORT_TRIES {
         let port = snat_port_candidate(hash, attempt, vip.snat_port_min, vip.snat_port_max).to_be();
         let reply = reply_key(packet, vip, backend, port);
-        if claim_port(&reply, reverse) {
-            return Ok(port);
+        match claim_port(&reply, reverse) {
+            Claim::Claimed => return Ok(port),
+            // Another candidate would find the table as full.
+            Claim::NoRoom => return Err(Reason::DropTableFull),
+            Claim::Busy => {}
         }
     }
     Err(Reason::DropNatPorts)
 }
 
+/// What asking for a port came to.
+enum Claim {
+    Claimed,
+    /// Another connection holds it.
+    Busy,
+    /// The port is free but `NAT_REV` is full.
+    NoRoom,
+}
+
+const E2BIG: i32 = 7;
+
 /// Gives the port in `reply` to `reverse`'s flow when it is free (BPF_NOEXIST makes that
 /// race-free across CPUs), when that flow held it already, or when the connection holding it
-/// has ended or gone quiet (`lb_common::nat::may_take_port`); returns whether it did.
+/// has ended or gone quiet (`lb_common::nat::may_take_port`).
 ///
-/// A lookup first: an insert attempt on a taken port would cost more, and on a full LRU map
-/// it takes a node from the free list first, which may evict another flow's entry.
+/// A lookup first: an insert attempt on a taken port would cost more.
 #[inline(never)]
-fn claim_port(reply: &FlowKey, reverse: &NatReverse) -> bool {
+fn claim_port(reply: &FlowKey, reverse: &NatReverse) -> Claim {
     let Some(taken) = NAT_REV.get_ptr(reply) else {
-        return NAT_REV.insert(reply, reverse, BPF_NOEXIST).is_ok();
+        return match NAT_REV.insert(reply, reverse, BPF_NOEXIST) {
+            Ok(()) => Claim::Claimed,
+            Err(error) if error == -E2BIG => Claim::NoRoom,
+            // Another CPU claimed it first.
+            Err(_) => Claim::Busy,
+        };
     };
     // SAFETY: a map value pointer stays valid for the program's run.
     let taken = unsafe { &*taken };
@@ -269,7 +301,7 @@ fn claim_port(reply: &FlowKey, reverse: &NatReverse) -> bool {
         _ => None,
     };
     if !may_take_port(taken, reverse, reply.proto, holder_state, reverse.last_seen) {
-        return false;
+        return Claim::Busy;
     }
     // One number across the calls below (see above).
     let held = match holder_state {
@@ -277,8 +309,9 @@ fn claim_port(reply: &FlowKey, reverse: &NatReverse) -> bool {
         Some(_) => 1,
         None => 0,
     };
+    // Replacing an entry needs no free one: this succeeds in a full table too.
     if NAT_REV.insert(reply, reverse, BPF_ANY).is_err() {
-        return false;
+        return Claim::Busy;
     }
     if held != 0 {
         // The old flow's late packets must not reach the backend on the new flow's tuple.
@@ -287,5 +320,5 @@ fn claim_port(reply: &FlowKey, reverse: &NatReverse) -> bool {
     if held == 2 {
         flow_event(FlowEvent::HalfOpenPortTaken);
     }
-    true
+    Claim::Claimed
 }

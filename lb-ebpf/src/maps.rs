@@ -33,8 +33,11 @@ pub static RINGS: Array<u32> = Array::with_max_entries(2 * DEFAULT_MAX_VIPS * DE
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
+/// Client flows and their backends. A plain hash map, not an LRU one: a full table refuses new
+/// entries instead of evicting an established connection's; the daemon sweeps out quiet and
+/// finished flows (`lb_common::nat::conn_expired`, `port_free`).
 #[map(name = "CONNS")]
-pub static CONNS: LruHashMap<FlowKey, ConnState> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+pub static CONNS: HashMap<FlowKey, ConnState> = HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -47,8 +50,9 @@ pub static NEW_NAT_FLOWS: RingBuf = RingBuf::with_byte_size(NEW_NAT_FLOWS_BYTES,
 #[map(name = "NAT_FLOWS_LOST")]
 pub static NAT_FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// NAT source ports in use, keyed by the backend's reply flow; swept like `CONNS`.
 #[map(name = "NAT_REV")]
-pub static NAT_REV: LruHashMap<FlowKey, NatReverse> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+pub static NAT_REV: HashMap<FlowKey, NatReverse> = HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
 
 /// Fragmented datagrams whose first fragment was forwarded: where the later ones go.
 #[map(name = "FRAGS")]

@@ -481,6 +481,20 @@ fn print_stats(s: &StatsReport) {
             s.flood.busiest_cpu_rate, s.flood.threshold, s.flood.floods
         );
     }
+    let t = &s.tables;
+    if t.sweeps > 0 {
+        println!(
+            "\nconnection tables: {} connections and {} NAT ports of {} each ({}% full); swept {} times, {} connections and {} NAT ports removed, last pass {:.1} ms",
+            t.connections,
+            t.nat_entries,
+            t.capacity,
+            t.fullest_percent(),
+            t.sweeps,
+            t.removed_connections,
+            t.removed_nat_entries,
+            t.last_sweep_micros as f64 / 1000.0
+        );
+    }
     if s.flow_events.iter().any(|(_, n)| *n > 0) {
         let mut events = table(&["connection-table event", "count"]);
         for (event, count) in s.flow_events.iter().filter(|(_, n)| *n > 0) {

@@ -81,6 +81,21 @@ pub fn render(stats: &StatsReport, vrrp: Option<&VrrpStatus>, bgp: Option<&BgpSt
     let rate = gauges();
     rate.get_or_create(&labels(&[])).set(stats.flood.busiest_cpu_rate as i64);
     registry.register("lb_busiest_cpu_new_flows_per_second", "New flows per second on the busiest CPU.", rate);
+    let tables = &stats.tables;
+    let entries = gauges();
+    entries.get_or_create(&labels(&[("table", "connections")])).set(tables.connections as i64);
+    entries.get_or_create(&labels(&[("table", "nat_ports")])).set(tables.nat_entries as i64);
+    registry.register("lb_table_entries", "Entries in the connection tables at the last sweep.", entries);
+    let capacity = gauges();
+    capacity.get_or_create(&labels(&[])).set(tables.capacity as i64);
+    registry.register("lb_table_capacity", "Entries each connection table holds at most (daemon.max_conns).", capacity);
+    let swept = counters();
+    swept.get_or_create(&labels(&[("table", "connections")])).inc_by(tables.removed_connections);
+    swept.get_or_create(&labels(&[("table", "nat_ports")])).inc_by(tables.removed_nat_entries);
+    registry.register("lb_table_swept", "Entries the sweep removed (quiet or finished flows).", swept);
+    let sweep_time = gauges();
+    sweep_time.get_or_create(&labels(&[])).set(tables.last_sweep_micros as i64);
+    registry.register("lb_table_sweep_microseconds", "How long the last sweep of the tables took.", sweep_time);
     if let Some(errors) = stats.xdp_tx_errors {
         let family = counters();
         family.get_or_create(&labels(&[])).inc_by(errors);
@@ -187,6 +202,12 @@ mod tests {
             flow_events: vec![("table_full".into(), 2)],
             flood: crate::flood::FloodState { active: true, busiest_cpu_rate: 70_000, threshold: 50_000, floods: 1 },
             nat_flows_lost: Some(3),
+            tables: crate::report::TablesState {
+                capacity: 1024,
+                connections: 10,
+                removed_nat_entries: 4,
+                ..Default::default()
+            },
         };
         let text = render(&stats, None, None, "lb");
         for line in [
@@ -202,6 +223,9 @@ mod tests {
             "lb_flow_events_total{instance=\"lb\",event=\"table_full\"} 2",
             "lb_flood_active{instance=\"lb\"} 1",
             "lb_busiest_cpu_new_flows_per_second{instance=\"lb\"} 70000",
+            "lb_table_entries{instance=\"lb\",table=\"connections\"} 10",
+            "lb_table_capacity{instance=\"lb\"} 1024",
+            "lb_table_swept_total{instance=\"lb\",table=\"nat_ports\"} 4",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
@@ -220,6 +244,7 @@ mod tests {
             flow_events: vec![],
             flood: Default::default(),
             nat_flows_lost: None,
+            tables: Default::default(),
         };
         let vrrp = VrrpStatus {
             vrid: 51,

@@ -173,6 +173,40 @@ pub struct StatsReport {
     /// so that the standby does not know them.
     #[serde(default)]
     pub nat_flows_lost: Option<u64>,
+    /// The connection tables as the last sweep found them.
+    #[serde(default)]
+    pub tables: TablesState,
+}
+
+/// The connection tables (`CONNS`, `NAT_REV`) as the last sweep found them, and what the
+/// sweeps removed since the daemon started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablesState {
+    /// Entries each table holds at most (`daemon.max_conns`).
+    pub capacity: u32,
+    pub connections: usize,
+    pub nat_entries: usize,
+    pub sweeps: u64,
+    pub removed_connections: u64,
+    pub removed_nat_entries: u64,
+    pub last_sweep_micros: u64,
+}
+
+impl TablesState {
+    /// Adds one pass.
+    pub fn record(&mut self, swept: &crate::dataplane::Swept) {
+        self.connections = swept.connections - swept.removed_connections;
+        self.nat_entries = swept.nat_entries - swept.removed_nat_entries;
+        self.sweeps += 1;
+        self.removed_connections += swept.removed_connections as u64;
+        self.removed_nat_entries += swept.removed_nat_entries as u64;
+        self.last_sweep_micros = swept.micros;
+    }
+
+    /// The fuller table's share of its capacity, in percent.
+    pub fn fullest_percent(&self) -> u64 {
+        (self.connections.max(self.nat_entries) as u64 * 100).checked_div(self.capacity as u64).unwrap_or(0)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

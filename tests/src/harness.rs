@@ -56,7 +56,11 @@ impl Harness {
     /// A harness whose maps have `sizes` (e.g. a connection table too small for the traffic).
     pub fn with_sizes(sizes: DataplaneSizes) -> Result<Self> {
         let dataplane = Dataplane::load(sizes)?;
-        let model = ModelMaps { ring_len: 2 * sizes.max_vips * sizes.ring_size, ..Default::default() };
+        let model = ModelMaps {
+            ring_len: 2 * sizes.max_vips * sizes.ring_size,
+            table_capacity: Some(sizes.max_conns as usize),
+            ..Default::default()
+        };
         Ok(Self { dataplane, model })
     }
 

@@ -5,6 +5,7 @@
 use lb::dataplane::VipForwarding;
 use lb_common::hash::flow_hash;
 use lb_common::maps::*;
+use lb_common::nat::seconds;
 use lb_common::packet::build::{Frame, TCP_ACK, reassemble, verify_checksums};
 use lb_common::packet::{ETH_HLEN, ETH_P_IPV6, TCP_FLAG_FIN};
 use lb_tests::harness::{Harness, addr16, backend, vip_key};
@@ -61,7 +62,11 @@ fn setups() -> Vec<Setup> {
 }
 
 fn harness_with(setups: &[Setup]) -> Harness {
-    let mut harness = Harness::new().unwrap();
+    harness_sized(setups, lb_tests::harness::test_sizes())
+}
+
+fn harness_sized(setups: &[Setup], sizes: lb::dataplane::DataplaneSizes) -> Harness {
+    let mut harness = Harness::with_sizes(sizes).unwrap();
     for (slot, setup) in setups.iter().enumerate() {
         for (index, addr) in &setup.backends {
             let mut b = backend(*addr, backend_mac(*index));
@@ -405,6 +410,81 @@ fn a_half_open_nat_flow_gives_its_port_up_when_its_client_stays_silent() {
     harness.age_nat_flows(lb_common::nat::CLOSED_WAIT).unwrap();
     let another = client_frame(setup, ip("192.0.2.201"), 45002);
     assert_eq!(run(&mut harness, &another).reason, Reason::DropNatPorts, "an open connection keeps its port");
+}
+
+/// The daemon's sweep takes out what the program would give away, and nothing else: a silent
+/// half-open NAT flow after HALF_OPEN_WAIT, a closed one after CLOSED_WAIT, open ones (NAT and
+/// DSR) once idle for TCP_IDLE, each NAT flow with its port. A full table refuses new NAT flows
+/// (dropped and counted, no established flow evicted) until a sweep has made room.
+#[test]
+fn the_sweep_removes_quiet_and_finished_flows_and_makes_room_in_a_full_table() {
+    use lb_common::nat::{CLOSED_WAIT, HALF_OPEN_WAIT, TCP_IDLE};
+    if !require_root("the_sweep_removes_quiet_and_finished_flows_and_makes_room_in_a_full_table") {
+        return;
+    }
+    const TABLE: u32 = 8;
+    let setups: Vec<Setup> = setups().into_iter().filter(|s| s.proto == PROTO_TCP && s.vip.is_ipv4()).collect();
+    let sizes = lb::dataplane::DataplaneSizes { max_conns: TABLE, ..lb_tests::harness::test_sizes() };
+    let mut harness = harness_sized(&setups, sizes);
+    let (dsr, nat) = (&setups[0], &setups[1]);
+    assert_eq!((dsr.mode, nat.mode), (MODE_DSR, MODE_NAT));
+    let client = client_ip(nat);
+    let sweeper = harness.dataplane.sweeper().unwrap();
+    let now = lb_tests::harness::kernel_clock_ticks();
+    // Sweeps at `now + after`; the model goes on from the tables the sweep left.
+    let sweep = |harness: &mut Harness, after: u32| {
+        let swept = sweeper.sweep(now + after).unwrap();
+        harness.model.conns = harness.dataplane.connections().unwrap().into_iter().collect();
+        harness.model.nat_rev = harness.dataplane.nat_reverses().unwrap().into_iter().collect();
+        (swept.removed_connections, swept.removed_nat_entries)
+    };
+
+    // An open NAT connection, a closed one, an open DSR one.
+    let open = client_frame(nat, client, 45001);
+    assert_eq!(run(&mut harness, &open).reason, Reason::TxForward);
+    assert_eq!(run(&mut harness, &established(open.clone())).reason, Reason::TxForward);
+    let closed = client_frame(nat, client, 45002);
+    let opened = run(&mut harness, &closed);
+    let (snat, snat_port, backend_ip, backend_port) = flow_of(&opened.packet);
+    let mut fin = established(closed.clone());
+    fin.tcp_flags = TCP_ACK | TCP_FLAG_FIN;
+    assert_eq!(run(&mut harness, &fin).reason, Reason::TxForward);
+    let mut reply = closed.clone();
+    (reply.src, reply.sport, reply.dst, reply.dport) = (backend_ip, backend_port, snat, snat_port);
+    (reply.src_mac, reply.dst_mac) = (opened.packet[0..6].try_into().unwrap(), LB_MAC);
+    reply.tcp_flags = TCP_ACK | TCP_FLAG_FIN;
+    assert_eq!(run(&mut harness, &reply).reason, Reason::TxNatReply);
+    let dsr_flow = client_frame(dsr, client, 45003);
+    run(&mut harness, &dsr_flow);
+    assert_eq!(run(&mut harness, &established(dsr_flow.clone())).reason, Reason::TxForward);
+    // Half-open NAT flows (SYNs nothing followed) fill the table.
+    for sport in 0..5 {
+        assert_eq!(run(&mut harness, &client_frame(nat, ip("192.0.2.200"), 46000 + sport)).reason, Reason::TxForward);
+    }
+    assert_eq!(harness.dataplane.connections().unwrap().len(), TABLE as usize);
+    let refused = client_frame(nat, ip("192.0.2.201"), 47000);
+    assert_eq!(run(&mut harness, &refused).reason, Reason::DropTableFull, "a full table drops a new NAT flow");
+    assert_eq!(harness.dataplane.nat_reverses().unwrap().len(), 7, "and takes back the port it had reserved");
+    let dsr_unrecorded = client_frame(dsr, client, 45004);
+    run(&mut harness, &dsr_unrecorded);
+    assert_eq!(run(&mut harness, &established(dsr_unrecorded)).reason, Reason::TxForward, "a DSR flow goes on");
+    assert_eq!(run(&mut harness, &established(open.clone())).reason, Reason::TxForward, "nothing was evicted");
+
+    assert_eq!(sweep(&mut harness, 0), (0, 0), "nothing has waited long enough yet");
+    assert_eq!(sweep(&mut harness, HALF_OPEN_WAIT), (5, 5), "the silent half-open flows go, with their ports");
+    assert_eq!(run(&mut harness, &refused).reason, Reason::TxForward, "room for a new flow");
+    assert_eq!(sweep(&mut harness, CLOSED_WAIT), (2, 2), "then the closed connection, and the new flow's SYN");
+    assert_eq!(sweep(&mut harness, TCP_IDLE - seconds(10)), (0, 0), "open connections stay while not idle");
+    assert_eq!(run(&mut harness, &established(open.clone())).reason, Reason::TxForward);
+    // (The NAT connection just sent again: it is idle a little later than the DSR one.)
+    assert_eq!(
+        sweep(&mut harness, TCP_IDLE + seconds(10)),
+        (2, 1),
+        "idle ones go: the NAT flow with its port, the DSR one"
+    );
+    assert!(
+        harness.dataplane.connections().unwrap().is_empty() && harness.dataplane.nat_reverses().unwrap().is_empty()
+    );
 }
 
 #[test]

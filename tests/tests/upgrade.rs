@@ -1,12 +1,13 @@
-//! Upgrades across pinned-layout versions: a daemon of this build finds the pins the first
-//! release (layout 1) left, forwarding live connections, and migrates them into maps of its own
-//! layout without losing one; pins of a layout newer than it knows are refused untouched.
+//! Upgrades across pinned-layout versions: a daemon of this build finds the pins an earlier
+//! release (layout 1, layout 2) left, forwarding live connections, and migrates them into maps
+//! of its own layout without losing one; pins of a layout newer than it knows are refused
+//! untouched.
 
 use lb::config::parse;
 use lb_common::maps::Reason;
 use lb_tests::daemon::{LbDaemon, unique_instance};
 
-use lb_tests::legacy::{layout1_reason_count, pin_layout1};
+use lb_tests::legacy::{Release, pin_release, release_reason_count};
 use lb_tests::privilege::require_root;
 use lb_tests::service::{nat_config, tcp_vip, udp_stream, udp_vip};
 use lb_tests::topology::{CLIENT_V4, Topology};
@@ -48,20 +49,31 @@ fn open_connections(topology: &Topology) -> Vec<(TcpStream, String)> {
 
 #[test]
 fn pins_of_layout_1_are_migrated_without_losing_a_connection() {
-    if !require_root("pins_of_layout_1_are_migrated_without_losing_a_connection") {
-        return;
+    if require_root("pins_of_layout_1_are_migrated_without_losing_a_connection") {
+        migrates_without_losing_a_connection(Release::Layout1);
     }
+}
+
+/// Layout 2's connection tables were LRU maps; this build's are plain hash maps.
+#[test]
+fn pins_of_layout_2_are_migrated_without_losing_a_connection() {
+    if require_root("pins_of_layout_2_are_migrated_without_losing_a_connection") {
+        migrates_without_losing_a_connection(Release::Layout2);
+    }
+}
+
+fn migrates_without_losing_a_connection(release: Release) {
     let topology = Topology::new(3, false).unwrap();
     let instance = unique_instance();
     let config_text = nat_config(&topology, 3, None);
     let config = parse("lb.toml", &config_text.replace("{instance}", &instance)).unwrap();
     let macs: Vec<(IpAddr, [u8; 6])> = topology.backends.iter().map(|b| (IpAddr::from(b.v4), b.mac)).collect();
     let mac_of = |ip: IpAddr| macs.iter().find(|(a, _)| *a == ip).map(|(_, m)| *m).expect("a backend's MAC");
-    pin_layout1(&topology.lb, &instance, config.daemon.sizes, &config.state, &mac_of).unwrap();
+    pin_release(release, &topology.lb, &instance, config.daemon.sizes, &config.state, &mac_of).unwrap();
 
     // Long-lived connections through the old program, each answering from its backend.
     let connections = open_connections(&topology);
-    let forwarded_before = layout1_reason_count(&instance, Reason::TxForward).unwrap();
+    let forwarded_before = release_reason_count(release, &instance, Reason::TxForward).unwrap();
     assert!(forwarded_before >= 2 * CONNECTIONS as u64, "the old program forwarded: {forwarded_before}");
 
     // A UDP stream runs across the migration and the program swap.
@@ -77,11 +89,14 @@ fn pins_of_layout_1_are_migrated_without_losing_a_connection() {
     let status: serde_json::Value = serde_json::from_str(&daemon.ok(&["--json", "status"]).unwrap()).unwrap();
     let attachment = status["attachment"].as_str().unwrap();
     assert!(
-        attachment.starts_with("took over the running data plane; state migrated from layout 1"),
+        attachment.starts_with(&format!(
+            "took over the running data plane; state migrated from layout {}",
+            release.version()
+        )),
         "{attachment}\n{}",
         daemon.log()
     );
-    assert!(status["pinned_maps"].as_str().unwrap().starts_with("layout 2"), "{status}");
+    assert!(status["pinned_maps"].as_str().unwrap().starts_with("layout 3"), "{status}");
     eprintln!("migration: {attachment}; UDP {answered} of {sent} answered");
     assert_eq!(answered, sent, "datagrams lost across the migration");
     for (i, (stream, name)) in connections.iter().enumerate() {
@@ -107,8 +122,14 @@ fn pins_of_layout_1_are_migrated_without_losing_a_connection() {
     );
     // The old pins are gone; the new set is in its own directory.
     let pins = lb::dataplane::PinDir::for_instance(&instance);
-    assert!(!pins.path().join("VIPS").exists(), "layout-1 pins removed");
-    assert!(pins.path().join("v2-1").join("CONNS").exists(), "layout-2 pins in place");
+    assert!(!release.map_dir(&pins).join("VIPS").exists(), "the old pins removed");
+    let sets: Vec<String> = std::fs::read_dir(pins.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let new_set =
+        sets.iter().find(|name| name.starts_with("v3-")).unwrap_or_else(|| panic!("no layout-3 set: {sets:?}"));
+    assert!(pins.path().join(new_set).join("CONNS").exists(), "layout-3 pins in place");
 }
 
 #[test]
@@ -163,7 +184,7 @@ fn new_table_sizes_are_migrated_at_a_restart_without_losing_a_connection() {
     let attachment = status["attachment"].as_str().unwrap();
     assert!(
         attachment.contains(
-            "state migrated from layout 2 generation 1 (CONNS has 262144 entries, the configuration gives 524288"
+            "state migrated from layout 3 generation 1 (CONNS has 262144 entries, the configuration gives 524288"
         ),
         "{attachment}"
     );
@@ -174,7 +195,7 @@ fn new_table_sizes_are_migrated_at_a_restart_without_losing_a_connection() {
     }
     let pins = lb::dataplane::PinDir::for_instance(&daemon.instance);
     assert!(
-        !pins.path().join("v2-1").exists() && pins.path().join("v2-2").exists(),
+        !pins.path().join("v3-1").exists() && pins.path().join("v3-2").exists(),
         "the new generation replaced the old"
     );
 }

@@ -84,6 +84,8 @@ pub struct Daemon {
     flood: crate::flood::FloodDetector,
     /// Watches how backends of `observe` VIPs answer new flows (see [`Self::observe`]).
     observer: crate::observe::Observer,
+    /// The connection tables as the sweep thread last found them (`run::sweep_tables`).
+    pub(crate) tables: std::sync::Arc<std::sync::Mutex<crate::report::TablesState>>,
 }
 
 /// Everything a desired state needs, computed before anything is written.

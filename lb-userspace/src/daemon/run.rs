@@ -4,7 +4,7 @@
 use super::Daemon;
 use crate::api;
 use crate::config::{self, Config};
-use crate::dataplane::{Dataplane, PinDir};
+use crate::dataplane::{Dataplane, PinDir, SWEEP_EVERY, Sweeper, next_sweep};
 use crate::planner::{Slots, vip_id, vip_key};
 use crate::store::{StateStore, digest};
 use anyhow::{Context, Result, anyhow};
@@ -86,6 +86,10 @@ pub async fn run(config_file: &Path) -> Result<()> {
         stop: None,
         flood: crate::flood::FloodDetector::new(settings.flood_new_flows),
         observer: crate::observe::Observer::default(),
+        tables: Arc::new(Mutex::new(crate::report::TablesState {
+            capacity: settings.sizes.max_conns,
+            ..Default::default()
+        })),
     };
     if reused {
         // Start from what the running data plane holds, so unchanged tables are not rewritten
@@ -158,6 +162,16 @@ pub async fn run(config_file: &Path) -> Result<()> {
         tokio::spawn(serve_metrics(address, daemon.clone(), instance.clone()));
     }
     tokio::spawn(sample_counters(daemon.clone(), settings.interface.clone()));
+    {
+        let (sweeper, tables) = {
+            let d = daemon.lock().map_err(|_| anyhow!("daemon state poisoned"))?;
+            (d.dataplane.sweeper()?, d.tables.clone())
+        };
+        std::thread::Builder::new()
+            .name("sweep".into())
+            .spawn(move || sweep_tables(&sweeper, &tables))
+            .context("starting the connection-table sweep")?;
+    }
     if settings.flood_new_flows > 0 {
         // A flood is met within a tenth of a second.
         tokio::spawn(every(crate::flood::SAMPLE_EVERY, daemon.clone(), Daemon::watch_floods));
@@ -258,6 +272,54 @@ async fn serve_connection(
     let _ = api::reply(&mut stream, &response).await;
     if stop {
         stopped.notify_one();
+    }
+}
+
+/// Sweeps the connection tables for the daemon's lifetime (when: [`next_sweep`]), on a thread
+/// of its own: a pass over a million flows takes most of a second here, which the daemon's
+/// loop must not wait for. Says when a table nears full: new NAT flows are then dropped, and
+/// DSR flows go unrecorded.
+fn sweep_tables(sweeper: &Sweeper, tables: &Mutex<crate::report::TablesState>) {
+    const NEARLY_FULL: u64 = 90;
+    let mut failing = false;
+    let mut nearly_full = false;
+    let mut wait = SWEEP_EVERY;
+    loop {
+        std::thread::sleep(wait);
+        wait = SWEEP_EVERY;
+        let swept = match sweeper.sweep(crate::dataplane::clock_ticks()) {
+            Ok(swept) => swept,
+            Err(error) => {
+                if !failing {
+                    tracing::error!("sweeping the connection tables failed: {error:#}");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        if std::mem::take(&mut failing) {
+            tracing::info!("sweeping the connection tables works again");
+        }
+        let Ok(mut state) = tables.lock() else { return };
+        state.record(&swept);
+        let percent = state.fullest_percent();
+        wait = next_sweep(Duration::from_micros(swept.micros), percent);
+        if percent >= NEARLY_FULL && !nearly_full {
+            tracing::warn!(
+                connections = state.connections,
+                nat_entries = state.nat_entries,
+                capacity = state.capacity,
+                "the connection tables are {percent}% full: new NAT flows are dropped and DSR flows go unrecorded once full (daemon.max_conns)"
+            );
+        } else if percent < NEARLY_FULL - 10 && nearly_full {
+            tracing::info!(
+                connections = state.connections,
+                nat_entries = state.nat_entries,
+                "the connection tables have room again"
+            );
+        }
+        nearly_full = if nearly_full { percent >= NEARLY_FULL - 10 } else { percent >= NEARLY_FULL };
+        tracing::debug!(?swept, "swept the connection tables");
     }
 }
 

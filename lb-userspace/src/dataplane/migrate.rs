@@ -62,7 +62,7 @@ impl OldMaps {
 /// First pass (the old program still forwards): connections, NAT entries and backends.
 pub fn copy_state(old: &OldMaps, new: &mut aya::Ebpf) -> Result<Carried> {
     Ok(Carried {
-        connections: merge_hash::<ConnState>(old.map(MAP_CONNS)?, map_mut(new, MAP_CONNS)?, merge_connection)?,
+        connections: merge_hash::<ConnState>(old.map(MAP_CONNS)?, map_mut(new, MAP_CONNS)?, carry_connection)?,
         nat_entries: merge_hash::<NatReverse>(old.map(MAP_NAT_REV)?, map_mut(new, MAP_NAT_REV)?, merge_nat)?,
         backends: copy_backends(old.map(MAP_BACKENDS)?, map_mut(new, MAP_BACKENDS)?)?,
         counters: 0,
@@ -73,7 +73,7 @@ pub fn copy_state(old: &OldMaps, new: &mut aya::Ebpf) -> Result<Carried> {
 /// the old counters' final values added to the new ones.
 pub fn copy_rest(old: &OldMaps, new: &mut aya::Ebpf) -> Result<Carried> {
     Ok(Carried {
-        connections: merge_hash::<ConnState>(old.map(MAP_CONNS)?, map_mut(new, MAP_CONNS)?, merge_connection)?,
+        connections: merge_hash::<ConnState>(old.map(MAP_CONNS)?, map_mut(new, MAP_CONNS)?, carry_connection)?,
         nat_entries: merge_hash::<NatReverse>(old.map(MAP_NAT_REV)?, map_mut(new, MAP_NAT_REV)?, merge_nat)?,
         // The daemon has written its own backend entries by now.
         backends: 0,
@@ -92,18 +92,39 @@ fn map_mut<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut Map> {
 fn merge_hash<V: Pod + PartialEq>(old: &Map, new: &mut Map, merge: fn(V, Option<V>) -> V) -> Result<usize> {
     let old: HashMap<&MapData, FlowKey, V> = HashMap::try_from(old)?;
     let mut new: HashMap<&mut MapData, FlowKey, V> = HashMap::try_from(new)?;
-    let mut written = 0;
+    let (mut written, mut no_room) = (0, 0);
     for entry in old.iter() {
-        // An entry may vanish between listing and reading (LRU eviction): skip it.
+        // An entry may vanish between listing and reading (evicted or swept): skip it.
         let Ok((key, value)) = entry else { continue };
         let current = new.get(&key, 0).ok();
         let merged = merge(value, current);
         if current != Some(merged) {
-            new.insert(key, merged, 0).context("writing a migrated entry")?;
-            written += 1;
+            match new.insert(key, merged, 0) {
+                Ok(()) => written += 1,
+                // A smaller table than the old one's: what does not fit is lost, not the rest.
+                Err(aya::maps::MapError::SyscallError(error)) if error.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                    no_room += 1
+                }
+                Err(error) => return Err(error).context("writing a migrated entry"),
+            }
         }
     }
+    if no_room > 0 {
+        tracing::warn!(no_room, "the new table is full: entries of the old one were not carried");
+    }
     Ok(written)
+}
+
+/// A connection as [`merge_connection`] carries it, with a time where the old program kept
+/// none: before layout 3 DSR and tunnel entries had no timestamp (0), and the sweep would take
+/// them for long idle.
+fn carry_connection(old: ConnState, new: Option<ConnState>) -> ConnState {
+    let old = if old.snat_port == 0 && old.last_seen == 0 {
+        ConnState { last_seen: super::clock_ticks(), ..old }
+    } else {
+        old
+    };
+    merge_connection(old, new)
 }
 
 /// A connection keeps the new map's entry (the new program may have moved on) but the latest
@@ -192,6 +213,9 @@ mod tests {
         let conn = ConnState { backend: 3, last_seen: 5, ..Default::default() };
         assert_eq!(merge_connection(conn, Some(ConnState { backend: 4, last_seen: 7, ..conn })).backend, 4);
         assert_eq!(merge_connection(conn, Some(ConnState { last_seen: 2, ..conn })).last_seen, 5);
+        let untimed = ConnState { backend: 3, ..Default::default() };
+        assert!(carry_connection(untimed, None).last_seen > 0, "a DSR entry of layout 2 is stamped now");
+        assert_eq!(carry_connection(conn, None), conn);
     }
 
     #[test]

@@ -9,11 +9,13 @@ mod pins;
 mod probe;
 mod ring;
 mod start;
+mod sweep;
 
 pub use migrate::Carried;
 pub use pinned::{Attach, Attachment, MapsOrigin};
 pub use pins::{BPFFS_ROOT, MapSet, PinDir};
 pub use probe::{ForwardFloor, PassThrough, Sink};
+pub use sweep::{SWEEP_EVERY, Sweeper, Swept, next_sweep};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
@@ -491,6 +493,17 @@ impl Dataplane {
         let mut nat: HashMap<&mut MapData, FlowKey, NatReverse> =
             HashMap::try_from(map_mut(&mut self.ebpf, MAP_NAT_REV)?)?;
         Ok(nat.insert(reply, reverse, 0)?)
+    }
+
+    /// A sweeper of the connection tables ([`Sweeper`]), to run beside the daemon's loop.
+    pub fn sweeper(&self) -> Result<Sweeper> {
+        let fd = |name| -> Result<&aya::maps::MapFd> {
+            match map(&self.ebpf, name)? {
+                Map::HashMap(data) => Ok(data.fd()),
+                _ => bail!("map {name} is not a hash map"),
+            }
+        };
+        Sweeper::new(fd(MAP_CONNS)?.as_fd(), fd(MAP_NAT_REV)?.as_fd())
     }
 
     pub fn connections(&self) -> Result<Vec<(FlowKey, ConnState)>> {

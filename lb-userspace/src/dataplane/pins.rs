@@ -189,7 +189,8 @@ impl PinDir {
                 )
             })?;
             let found = (info.map_type().ok(), info.key_size(), info.value_size());
-            let wanted = (Some(map_type(spec.kind)), spec.key_size, spec.value_size);
+            let kind = lb_common::layout::pinned_kind(spec, set.version);
+            let wanted = (Some(map_type(kind)), spec.key_size, spec.value_size);
             if found != wanted {
                 bail!(
                     "{set}: pinned map {name} has (type, key size, value size) = {found:?}, layout {} needs {wanted:?}: \

@@ -1,5 +1,6 @@
 //! Control-plane costs: building Maglev tables, and publishing one whole to the data plane
-//! (inactive ring written through the memory mapping, then one VIP update).
+//! (inactive ring written through the memory mapping, then one VIP update); the daemon's sweep
+//! of the connection tables (`lb::dataplane::Sweeper`), over full tables.
 //!
 //! Usage: control-plane-cost [RUNS]   (default 5; medians are printed)
 
@@ -58,5 +59,88 @@ fn main() -> Result<()> {
             median(publishes).as_secs_f64() * 1e3
         );
     }
+    sweep_cost(runs)
+}
+
+/// One sweep pass over tables of `n` flows (half DSR, half NAT with their ports): with nothing
+/// to remove (what a daemon pays every second), and removing every entry.
+fn sweep_cost(runs: usize) -> Result<()> {
+    use lb_common::maps::{ConnState, FlowKey, NatReverse};
+    use lb_common::nat::TCP_IDLE;
+    const CAPACITY: u32 = 1 << 20;
+    println!("\n# Connection-table sweep (median of {runs} passes; tables of {CAPACITY} entries each)\n");
+    println!(
+        "| flows (connections + NAT ports) | pass, nothing to remove | per entry | pass removing all | per entry |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    let mut dataplane = Dataplane::load(DataplaneSizes { max_vips: 4, ring_size: 251, max_conns: CAPACITY })?;
+    let sweeper = dataplane.sweeper()?;
+    for n in [100_000u32, 1_000_000] {
+        let now = lb::dataplane::clock_ticks();
+        let fill = |dataplane: &mut Dataplane| -> Result<usize> {
+            for i in 0..n {
+                let flow = FlowKey {
+                    src: lb::planner::addr16(std::net::IpAddr::from([
+                        10,
+                        1 + (i >> 16) as u8,
+                        (i >> 8) as u8,
+                        i as u8,
+                    ])),
+                    dst: lb::planner::addr16("10.0.0.10".parse()?),
+                    sport: (1024 + i % 60000) as u16,
+                    dport: 80u16.to_be(),
+                    proto: 6,
+                    family: lb_common::maps::FAMILY_V4,
+                    _pad: [0; 2],
+                };
+                let nat = i % 2 == 1;
+                let snat_port = if nat { (i / 2 % 65536) as u16 } else { 0 };
+                dataplane.insert_connection(
+                    &flow,
+                    &ConnState { backend: i % 64, snat_port, last_seen: now, ..Default::default() },
+                )?;
+                if nat {
+                    let reply = FlowKey { src: flow.dst, dst: flow.src, sport: flow.dport, dport: snat_port, ..flow };
+                    let reverse = NatReverse {
+                        client_addr: flow.src,
+                        vip_addr: flow.dst,
+                        client_port: flow.sport,
+                        vip_port: flow.dport,
+                        last_seen: now,
+                        ..Default::default()
+                    };
+                    dataplane.insert_nat_reverse(&reply, &reverse)?;
+                }
+            }
+            Ok(n as usize + n as usize / 2)
+        };
+        let entries = fill(&mut dataplane)?;
+        let mut idle = Vec::new();
+        for _ in 0..runs {
+            let swept = sweeper.sweep(now)?;
+            anyhow::ensure!(swept.removed_connections == 0 && swept.connections == n as usize, "{swept:?}");
+            idle.push(Duration::from_micros(swept.micros));
+        }
+        let mut removing = Vec::new();
+        for run in 0..runs.min(3) {
+            if run > 0 {
+                fill(&mut dataplane)?;
+            }
+            let swept = sweeper.sweep(now.wrapping_add(2 * TCP_IDLE))?;
+            anyhow::ensure!(swept.removed_connections == n as usize, "{swept:?}");
+            removing.push(Duration::from_micros(swept.micros));
+        }
+        let (idle, removing) = (median(idle), median(removing));
+        let per_entry = |d: Duration| d.as_secs_f64() * 1e9 / entries as f64;
+        println!(
+            "| {n} + {} | {:.1} ms | {:.0} ns | {:.1} ms | {:.0} ns |",
+            n / 2,
+            idle.as_secs_f64() * 1e3,
+            per_entry(idle),
+            removing.as_secs_f64() * 1e3,
+            per_entry(removing)
+        );
+    }
+    println!("\nThe daemon sweeps once a second ({:?}) on a thread of its own.", lb::dataplane::SWEEP_EVERY);
     Ok(())
 }
