@@ -430,14 +430,6 @@ fn the_sweep_removes_quiet_and_finished_flows_and_makes_room_in_a_full_table() {
     assert_eq!((dsr.mode, nat.mode), (MODE_DSR, MODE_NAT));
     let client = client_ip(nat);
     let sweeper = harness.dataplane.sweeper().unwrap();
-    let now = lb_tests::harness::kernel_clock_ticks();
-    // Sweeps at `now + after`; the model goes on from the tables the sweep left.
-    let sweep = |harness: &mut Harness, after: u32| {
-        let swept = sweeper.sweep(now + after).unwrap();
-        harness.model.conns = harness.dataplane.connections().unwrap().into_iter().collect();
-        harness.model.nat_rev = harness.dataplane.nat_reverses().unwrap().into_iter().collect();
-        (swept.removed_connections, swept.removed_nat_entries)
-    };
 
     // An open NAT connection, a closed one, an open DSR one.
     let open = client_frame(nat, client, 45001);
@@ -470,6 +462,15 @@ fn the_sweep_removes_quiet_and_finished_flows_and_makes_room_in_a_full_table() {
     assert_eq!(run(&mut harness, &established(dsr_unrecorded)).reason, Reason::TxForward, "a DSR flow goes on");
     assert_eq!(run(&mut harness, &established(open.clone())).reason, Reason::TxForward, "nothing was evicted");
 
+    // Read after every flow above was written: no entry is younger than `now`.
+    let now = lb_tests::harness::kernel_clock_ticks();
+    // Sweeps at `now + after`; the model goes on from the tables the sweep left.
+    let sweep = |harness: &mut Harness, after: u32| {
+        let swept = sweeper.sweep(now + after).unwrap();
+        harness.model.conns = harness.dataplane.connections().unwrap().into_iter().collect();
+        harness.model.nat_rev = harness.dataplane.nat_reverses().unwrap().into_iter().collect();
+        (swept.removed_connections, swept.removed_nat_entries)
+    };
     assert_eq!(sweep(&mut harness, 0), (0, 0), "nothing has waited long enough yet");
     assert_eq!(sweep(&mut harness, HALF_OPEN_WAIT), (5, 5), "the silent half-open flows go, with their ports");
     assert_eq!(run(&mut harness, &refused).reason, Reason::TxForward, "room for a new flow");

@@ -41,9 +41,12 @@ pub fn snapshot() -> BTreeSet<String> {
     found
 }
 
-/// Fails, naming each, when the tests left anything that was not there before.
+/// Fails, naming each, when the tests left anything that was not there before. What belongs to
+/// a test process that still runs is another test run's, going on beside this one (this run's
+/// test processes have all exited by now).
 pub fn check(before: &BTreeSet<String>) -> Result<()> {
-    let left: Vec<String> = snapshot().difference(before).cloned().collect();
+    let running_elsewhere = |item: &String| owner_of(item).is_some_and(|pid| Path::new("/proc").join(pid).exists());
+    let left: Vec<String> = snapshot().difference(before).filter(|item| !running_elsewhere(item)).cloned().collect();
     if !left.is_empty() {
         bail!("the tests left {} things behind:\n  {}", left.len(), left.join("\n  "));
     }
@@ -111,6 +114,29 @@ fn live_netns_inodes() -> BTreeSet<u64> {
     named.chain(of_processes).filter_map(|path| std::fs::metadata(path).ok()).map(|m| m.ino()).collect()
 }
 
+/// The pid that starts the owning test process's tag in a snapshot item (see [`snapshot`]): in
+/// an instance (`t<pid>x<n>`), a namespace or temporary name (`lbt<pid>-…`, `lb-test-t<pid>x…`),
+/// or for a process, in the name of the test namespace it runs in. None when it has none.
+fn owner_of(item: &str) -> Option<String> {
+    let tagged = match item.strip_prefix("process ") {
+        Some(rest) => netns_of(rest.split(' ').next()?)?,
+        None => item.rsplit(['/', ' ']).next()?.to_string(),
+    };
+    let tag =
+        tagged.strip_prefix("lb-test-t").or_else(|| tagged.strip_prefix("lbt")).or_else(|| tagged.strip_prefix('t'))?;
+    let pid: String = tag.chars().take_while(char::is_ascii_digit).collect();
+    (!pid.is_empty()).then_some(pid)
+}
+
+/// The name of the named network namespace process `pid` runs in.
+fn netns_of(pid: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(Path::new("/proc").join(pid).join("ns/net")).ok()?.ino();
+    entries(Path::new("/run/netns"))
+        .into_iter()
+        .find(|name| std::fs::metadata(Path::new("/run/netns").join(name)).is_ok_and(|m| m.ino() == inode))
+}
+
 /// Whether the process whose pid starts `tail` (up to the first non-digit) has exited.
 fn owner_gone(tail: Option<&str>) -> bool {
     let Some(tail) = tail else { return false };
@@ -142,4 +168,19 @@ fn processes() -> Vec<(u32, String)> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leftover_names_its_test_process_when_it_has_one() {
+        assert_eq!(owner_of("/sys/fs/bpf/t123x1").as_deref(), Some("123"));
+        assert_eq!(owner_of("/run/lb/t123x1.sock").as_deref(), Some("123"));
+        assert_eq!(owner_of("network namespace lbt55-3-lb").as_deref(), Some("55"));
+        assert_eq!(owner_of("/tmp/lb-test-t77x2.toml").as_deref(), Some("77"));
+        assert_eq!(owner_of("/sys/fs/bpf/tc"), None, "not a test's");
+        assert_eq!(owner_of("/run/lb/bird"), None);
+    }
 }
