@@ -75,7 +75,7 @@ fn sweep_cost(runs: usize) -> Result<()> {
     println!("|---:|---:|---:|---:|---:|");
     let mut dataplane = Dataplane::load(DataplaneSizes { max_vips: 4, ring_size: 251, max_conns: CAPACITY })?;
     let sweeper = dataplane.sweeper()?;
-    for n in [100_000u32, 1_000_000] {
+    for n in [0u32, 100_000, 1_000_000] {
         let now = lb::dataplane::clock_ticks();
         let fill = |dataplane: &mut Dataplane| -> Result<usize> {
             for i in 0..n {
@@ -131,9 +131,12 @@ fn sweep_cost(runs: usize) -> Result<()> {
             removing.push(Duration::from_micros(swept.micros));
         }
         let (idle, removing) = (median(idle), median(removing));
-        let per_entry = |d: Duration| d.as_secs_f64() * 1e9 / entries as f64;
+        // Empty tables: the pass is the walk over their buckets alone.
+        let per_entry = |d: Duration| {
+            if entries == 0 { "-".to_string() } else { format!("{:.0} ns", d.as_secs_f64() * 1e9 / entries as f64) }
+        };
         println!(
-            "| {n} + {} | {:.1} ms | {:.0} ns | {:.1} ms | {:.0} ns |",
+            "| {n} + {} | {:.1} ms | {} | {:.1} ms | {} |",
             n / 2,
             idle.as_secs_f64() * 1e3,
             per_entry(idle),
