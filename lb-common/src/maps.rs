@@ -481,7 +481,7 @@ pub struct NatReverse {
     pub last_seen: u32,
 }
 
-/// `OBSERVED` value: how a backend answered new NAT flows (per CPU, counted from each load of
+/// `OBSERVED` value: how a backend answered new NAT flows, or did not (per CPU, counted from each load of
 /// the program). The daemon reads them for VIPs with `observe`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -491,6 +491,9 @@ pub struct Attempts {
     pub refused: u64,
     /// The first answer was anything else (a SYN-ACK; for UDP, a datagram).
     pub answered: u64,
+    /// No answer: the client sent its SYN again, to the same backend, before the backend
+    /// answered the previous one (a host that is down, or drops what it cannot take).
+    pub unanswered: u64,
 }
 
 /// `FRAGS` key: one fragmented datagram (RFC 791 / RFC 8200 reassembly key).

@@ -131,6 +131,9 @@ impl ModelMaps {
             return Ok(Reason::TxNatReply);
         };
         let client_mac: [u8; 6] = packet[6..12].try_into().unwrap();
+        if parsed.opens_connection && vip.flags & VIP_OBSERVE != 0 {
+            self.note_syn_again(&parsed.flow, &vip);
+        }
         let (backend, index, snat_port) = self.choose(&parsed, &vip, client_mac)?;
         let mut hash = 0;
         if vip.mode == MODE_NAT {
@@ -171,6 +174,17 @@ impl ModelMaps {
             }
         }
         refused && self.find_vip(&client).is_some_and(|vip| vip.flags & VIP_OBSERVE != 0)
+    }
+
+    /// A SYN for a NAT flow that still waits for its backend's first answer: counted as an
+    /// attempt that backend left unanswered.
+    fn note_syn_again(&mut self, flow: &FlowKey, vip: &VipMeta) {
+        let Some(conn) = self.conns.get(flow).copied() else { return };
+        let Some(backend) = self.backends.get(&conn.backend) else { return };
+        let reply = reply_key(flow, backend, vip, conn.snat_port);
+        if self.nat_rev.get(&reply).is_some_and(|reverse| nat::retried_unanswered(reverse, flow)) {
+            self.observed.entry(conn.backend).or_default().unanswered += 1;
+        }
     }
 
     fn find_vip(&self, flow: &FlowKey) -> Option<VipMeta> {

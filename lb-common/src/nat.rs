@@ -159,6 +159,20 @@ pub const fn may_take_port(
     }
 }
 
+/// Whether a client's SYN for `flow` finds the flow's reverse entry (`reverse`, at the port its
+/// table entry holds) still waiting for the backend's first answer: the SYN retransmitted, an
+/// attempt that backend left unanswered (`observe`). The first answer clears `awaiting`, so a
+/// refusal that was held back, then retried by the client, is not counted a second time. The
+/// entry may belong to another flow by now (the port was taken back): then it is not this one's.
+#[inline(always)]
+pub const fn retried_unanswered(reverse: &NatReverse, flow: &FlowKey) -> bool {
+    reverse.awaiting & AWAITING_ANSWER != 0
+        && reverse.client_port == flow.sport
+        && reverse.vip_port == flow.dport
+        && same_address(&reverse.client_addr, &flow.src)
+        && same_address(&reverse.vip_addr, &flow.dst)
+}
+
 /// Whether two reverse entries were made for the same client flow.
 #[inline(always)]
 pub const fn same_client_flow(a: &NatReverse, b: &NatReverse) -> bool {
@@ -287,6 +301,32 @@ mod tests {
             NatReverse { vip_addr: [21; 16], ..holder },
         ] {
             assert!(!may_take_port(&holder, &other, PROTO_TCP, None, NOW), "another flow waits: {other:?}");
+        }
+    }
+
+    #[test]
+    fn a_syn_again_before_any_answer_is_an_unanswered_attempt() {
+        let flow =
+            FlowKey { src: [10; 16], dst: [20; 16], sport: 4000, dport: 80, proto: PROTO_TCP, ..Default::default() };
+        let reverse = NatReverse {
+            client_addr: flow.src,
+            vip_addr: flow.dst,
+            client_port: flow.sport,
+            vip_port: flow.dport,
+            awaiting: AWAITING_ANSWER,
+            last_seen: NOW,
+            ..Default::default()
+        };
+        assert!(retried_unanswered(&reverse, &flow));
+        let answered = NatReverse { awaiting: 0, ..reverse };
+        assert!(!retried_unanswered(&answered, &flow), "answered (or refused, held back) before");
+        for other in [
+            FlowKey { sport: 4001, ..flow },
+            FlowKey { dport: 443, ..flow },
+            FlowKey { src: [11; 16], ..flow },
+            FlowKey { dst: [21; 16], ..flow },
+        ] {
+            assert!(!retried_unanswered(&reverse, &other), "the port went to another flow: {other:?}");
         }
     }
 

@@ -23,7 +23,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::hash::flow_hash;
 use lb_common::maps::{
     FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic, TunnelJob, VIP_ADDR_SNAT,
-    VIP_ADDR_VIP, VipAddrKey, VipKey, VipMeta, address_filter_bit,
+    VIP_ADDR_VIP, VIP_OBSERVE, VipAddrKey, VipKey, VipMeta, address_filter_bit,
 };
 use lb_common::nat::{note_segment, refuses};
 use lb_common::packet::{Fragment, icmp_protocol};
@@ -101,6 +101,9 @@ fn nat_reply(ctx: &XdpContext, packet: &Packet) -> Reason {
 #[inline(always)]
 fn balance_packet(ctx: &XdpContext, packet: &Packet, vip: &VipMeta, job: &mut TunnelJob) -> Result<Reason, Reason> {
     let client_mac: [u8; 6] = read(ctx, 6)?;
+    if packet.opens_connection != 0 && vip.flags & VIP_OBSERVE != 0 {
+        observe::note_syn_again(&packet.flow, vip);
+    }
     let chosen = balance::choose(packet, vip, client_mac)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let mut hash = 0;
