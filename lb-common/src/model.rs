@@ -182,7 +182,7 @@ impl ModelMaps {
         let Some(conn) = self.conns.get(flow).copied() else { return };
         let Some(backend) = self.backends.get(&conn.backend) else { return };
         let reply = reply_key(flow, backend, vip, conn.snat_port);
-        if self.nat_rev.get(&reply).is_some_and(|reverse| nat::retried_unanswered(reverse, flow)) {
+        if self.nat_rev.get(&reply).is_some_and(|reverse| nat::retried_unanswered(reverse, flow, self.now)) {
             self.observed.entry(conn.backend).or_default().unanswered += 1;
         }
     }

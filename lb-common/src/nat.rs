@@ -159,14 +159,21 @@ pub const fn may_take_port(
     }
 }
 
-/// Whether a client's SYN for `flow` finds the flow's reverse entry (`reverse`, at the port its
-/// table entry holds) still waiting for the backend's first answer: the SYN retransmitted, an
-/// attempt that backend left unanswered (`observe`). The first answer clears `awaiting`, so a
-/// refusal that was held back, then retried by the client, is not counted a second time. The
-/// entry may belong to another flow by now (the port was taken back): then it is not this one's.
+/// A client's SYN for a flow sooner than this after the SYN that placed it is a duplicate, not
+/// a retransmission (Linux retransmits after 1 s): a backend that is up answers well within
+/// it, and SYNs sent in pairs (spoofed ones too) cannot make it look silent.
+pub const SYN_AGAIN_AFTER: u32 = ticks(500_000_000);
+
+/// Whether a client's SYN for `flow` at `now` finds the flow's reverse entry (`reverse`, at
+/// the port its table entry holds) still waiting for the backend's first answer, placed at
+/// least [`SYN_AGAIN_AFTER`] ago: the SYN retransmitted, an attempt that backend left
+/// unanswered (`observe`). The first answer clears `awaiting`, so a refusal that was held
+/// back, then retried by the client, is not counted a second time. The entry may belong to
+/// another flow by now (the port was taken back): then it is not this one's.
 #[inline(always)]
-pub const fn retried_unanswered(reverse: &NatReverse, flow: &FlowKey) -> bool {
+pub const fn retried_unanswered(reverse: &NatReverse, flow: &FlowKey, now: u32) -> bool {
     reverse.awaiting & AWAITING_ANSWER != 0
+        && elapsed(reverse.last_seen, now) >= SYN_AGAIN_AFTER
         && reverse.client_port == flow.sport
         && reverse.vip_port == flow.dport
         && same_address(&reverse.client_addr, &flow.src)
@@ -317,16 +324,19 @@ mod tests {
             last_seen: NOW,
             ..Default::default()
         };
-        assert!(retried_unanswered(&reverse, &flow));
+        let retransmitted = NOW + seconds(1);
+        assert!(retried_unanswered(&reverse, &flow, retransmitted));
+        assert!(retried_unanswered(&reverse, &flow, NOW + SYN_AGAIN_AFTER));
+        assert!(!retried_unanswered(&reverse, &flow, NOW + SYN_AGAIN_AFTER - 1), "a duplicate SYN");
         let answered = NatReverse { awaiting: 0, ..reverse };
-        assert!(!retried_unanswered(&answered, &flow), "answered (or refused, held back) before");
+        assert!(!retried_unanswered(&answered, &flow, retransmitted), "answered (or refused, held back) before");
         for other in [
             FlowKey { sport: 4001, ..flow },
             FlowKey { dport: 443, ..flow },
             FlowKey { src: [11; 16], ..flow },
             FlowKey { dst: [21; 16], ..flow },
         ] {
-            assert!(!retried_unanswered(&reverse, &other), "the port went to another flow: {other:?}");
+            assert!(!retried_unanswered(&reverse, &other, retransmitted), "the port went to another flow: {other:?}");
         }
     }
 

@@ -102,6 +102,7 @@ fn nat_reply(ctx: &XdpContext, packet: &Packet) -> Reason {
 fn balance_packet(ctx: &XdpContext, packet: &Packet, vip: &VipMeta, job: &mut TunnelJob) -> Result<Reason, Reason> {
     let client_mac: [u8; 6] = read(ctx, 6)?;
     if packet.opens_connection != 0 && vip.flags & VIP_OBSERVE != 0 {
+        // Before `choose` gives the flow its port anew; SYNs of observed VIPs only look it up.
         observe::note_syn_again(&packet.flow, vip);
     }
     let chosen = balance::choose(packet, vip, client_mac)?;

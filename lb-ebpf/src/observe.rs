@@ -2,7 +2,7 @@
 //! leaves them unanswered, counted in `OBSERVED` for the daemon, which takes out a backend that
 //! refuses them or does not answer.
 
-use crate::balance::port_towards;
+use crate::balance::{now, port_towards};
 use crate::maps::{BACKENDS, CONNS, NAT_REV, OBSERVED};
 use lb_common::maps::{FlowKey, NatReverse, VIP_ADDR_VIP, VIP_OBSERVE, VipMeta};
 use lb_common::nat::{client_flow, retried_unanswered};
@@ -51,7 +51,7 @@ pub fn note_syn_again(flow: &FlowKey, vip: &VipMeta) {
         _pad: [0; 2],
     };
     // SAFETY: as above.
-    if NAT_REV.get_ptr(&reply).is_some_and(|reverse| retried_unanswered(unsafe { &*reverse }, flow))
+    if NAT_REV.get_ptr(&reply).is_some_and(|reverse| retried_unanswered(unsafe { &*reverse }, flow, now()))
         && let Some(attempts) = OBSERVED.get_ptr_mut(index)
     {
         // SAFETY: per-CPU value, only this CPU writes it.

@@ -447,8 +447,9 @@ fn during_a_flood_dsr_flows_are_not_recorded_and_nat_half_open_ports_go_sooner()
     assert_eq!(event(&harness, FlowEvent::HalfOpenPortTaken), 1);
 }
 
-/// `observe`: a SYN again before the backend answered the flow's first is an unanswered
-/// attempt of that backend; after an answer, or a refusal held back, it is not.
+/// `observe`: a SYN again, a retransmission's time after the first, before the backend
+/// answered, is an unanswered attempt of that backend; sooner (a duplicate), after an answer,
+/// or after a refusal held back, it is not.
 #[test]
 fn a_syn_again_before_any_answer_is_counted_unanswered_for_an_observed_vip() {
     if !require_root("a_syn_again_before_any_answer_is_counted_unanswered_for_an_observed_vip") {
@@ -478,12 +479,16 @@ fn a_syn_again_before_any_answer_is_counted_unanswered_for_an_observed_vip() {
     let silent = client_frame(setup, client, 45000);
     run(&mut harness, &silent);
     assert_eq!(attempts(&harness), (0, 0, 0), "a first SYN is no attempt yet");
+    run(&mut harness, &silent);
+    assert_eq!(attempts(&harness), (0, 0, 0), "a duplicate SYN, sooner than a retransmission");
+    harness.age_nat_flows(lb_common::nat::SYN_AGAIN_AFTER).unwrap();
     let again = run(&mut harness, &silent);
     assert_eq!(again.reason, Reason::TxForward);
     assert_eq!(attempts(&harness), (0, 0, 1), "its SYN again, unanswered");
     // Answered at last: its next SYN (a lost SYN-ACK) is no longer an unanswered attempt.
     let syn_ack = answer(&again.packet, TCP_FLAG_SYN | TCP_FLAG_ACK);
     assert_eq!(run(&mut harness, &syn_ack).reason, Reason::TxNatReply);
+    harness.age_nat_flows(lb_common::nat::SYN_AGAIN_AFTER).unwrap();
     run(&mut harness, &silent);
     assert_eq!(attempts(&harness), (0, 1, 1));
     // Refused: the RST is held back, and the client's SYN again is not counted a second time.
@@ -491,6 +496,7 @@ fn a_syn_again_before_any_answer_is_counted_unanswered_for_an_observed_vip() {
     let forwarded = run(&mut harness, &refused);
     let rst = answer(&forwarded.packet, TCP_FLAG_RST | TCP_FLAG_ACK);
     assert_eq!(run(&mut harness, &rst).reason, Reason::DropRefusalHeld);
+    harness.age_nat_flows(lb_common::nat::SYN_AGAIN_AFTER).unwrap();
     assert_eq!(run(&mut harness, &refused).reason, Reason::TxForward);
     assert_eq!(attempts(&harness), (1, 1, 1));
 }
