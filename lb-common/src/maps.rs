@@ -104,7 +104,7 @@ pub struct Settings {
     /// cannot know them. Every header layout (IPv4 options, IPv6 extension headers, fragments)
     /// and every such fact then reaches the balancing code in one verifier state instead of one
     /// each: with IPv6 extension headers, one state each took the verifier past its limit of
-    /// 1,000,000 instructions; hidden, the whole program takes ~715,000 (printed by the test
+    /// 1,000,000 instructions; hidden, the whole program takes ~712,000 (printed by the test
     /// `the_verifier_accepts_the_program_with_room_to_spare`).
     pub zero: u16,
     /// Tunnel modes: GUE's UDP destination port (network byte order).
@@ -490,7 +490,7 @@ pub struct NatReverse {
     pub last_seen: u32,
 }
 
-/// `OBSERVED` value: how a backend answered new NAT flows (per CPU, counted from each load of
+/// `OBSERVED` value: how a backend answered new NAT flows, or did not (per CPU, counted from each load of
 /// the program). The daemon reads them for VIPs with `observe`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -500,6 +500,9 @@ pub struct Attempts {
     pub refused: u64,
     /// The first answer was anything else (a SYN-ACK; for UDP, a datagram).
     pub answered: u64,
+    /// No answer: the client sent its SYN again, to the same backend, before the backend
+    /// answered the previous one (a host that is down, or drops what it cannot take).
+    pub unanswered: u64,
 }
 
 /// `FRAGS` key: one fragmented datagram (RFC 791 / RFC 8200 reassembly key).
@@ -563,7 +566,10 @@ pub struct TunnelJob {
     pub too_big_fits: u16,
     /// 1: GUE, 0: IPIP.
     pub gue: u8,
-    pub _pad: u8,
+    /// Not the tunnel's: a SYN of an `observe` VIP whose flow had a refusal held back already
+    /// (1), for the entry its port gets. Kept here rather than in a register across the choice
+    /// of backend, which the verifier would then follow twice.
+    pub refusal_held: u8,
 }
 
 /// Per-VIP and per-backend counters (values of per-CPU arrays).

@@ -114,9 +114,13 @@ impl ModelMaps {
                 entry.ended = nat::note_segment(entry.ended, parsed.tcp_flags, true);
             }
             let awaiting = entry.awaiting;
-            entry.awaiting = 0;
+            entry.awaiting &= !nat::AWAITING_ANSWER;
             let reverse = *entry;
-            if awaiting != 0 && self.note_answer(&parsed.flow, &reverse, nat::refuses(parsed.tcp_flags)) {
+            if awaiting & nat::AWAITING_ANSWER != 0
+                && self.note_answer(&parsed.flow, &reverse, nat::refuses(parsed.tcp_flags))
+                && nat::holds_refusal(awaiting)
+            {
+                self.nat_rev.get_mut(&parsed.flow).expect("just read").awaiting |= nat::REFUSAL_HELD;
                 return Err(Reason::DropRefusalHeld);
             }
             rewrite_flow(
@@ -134,7 +138,12 @@ impl ModelMaps {
             return Ok(Reason::TxNatReply);
         };
         let client_mac: [u8; 6] = packet[6..12].try_into().unwrap();
+        let held_before =
+            parsed.opens_connection && vip.flags & VIP_OBSERVE != 0 && self.note_syn_again(&parsed.flow, &vip);
         let (backend, index, snat_port) = self.choose(&parsed, &vip, client_mac)?;
+        if held_before && let Some(entry) = self.nat_rev.get_mut(&reply_key(&parsed.flow, &backend, &vip, snat_port)) {
+            entry.awaiting |= nat::REFUSAL_HELD;
+        }
         let mut hash = 0;
         if vip.mode == MODE_NAT {
             let dport = if backend.port == 0 { parsed.flow.dport } else { backend.port };
@@ -174,6 +183,21 @@ impl ModelMaps {
             }
         }
         refused && self.find_vip(&client).is_some_and(|vip| vip.flags & VIP_OBSERVE != 0)
+    }
+
+    /// A SYN for a NAT flow that still waits for its backend's first answer: counted as an
+    /// attempt that backend left unanswered. Returns whether a refusal of the flow was held
+    /// back already.
+    fn note_syn_again(&mut self, flow: &FlowKey, vip: &VipMeta) -> bool {
+        let Some(conn) = self.conns.get(flow).copied() else { return false };
+        let Some(backend) = self.backends.get(&conn.backend) else { return false };
+        let Some(reverse) = self.nat_rev.get(&reply_key(flow, backend, vip, conn.snat_port)).copied() else {
+            return false;
+        };
+        if nat::retried_unanswered(&reverse, flow, self.now) {
+            self.observed.entry(conn.backend).or_default().unanswered += 1;
+        }
+        nat::refusal_held_before(&reverse, flow)
     }
 
     fn find_vip(&self, flow: &FlowKey) -> Option<VipMeta> {

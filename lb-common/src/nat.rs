@@ -33,6 +33,16 @@ pub const ENDED_RESET: u8 = 8;
 /// is counted in `OBSERVED` (refused or answered). For a VIP with `observe`, a refusal as the
 /// first answer is held back (see `Reason::DropRefusalHeld`).
 pub const AWAITING_ANSWER: u8 = 1;
+/// [`NatReverse::awaiting`]: a refusal of this client flow was held back once already; the
+/// next one reaches the client (a port closed on every backend is refused, a second late).
+pub const REFUSAL_HELD: u8 = 2;
+
+/// Whether a refusal that is a flow's first answer, for a VIP with `observe`, is held back:
+/// once per client flow.
+#[inline(always)]
+pub const fn holds_refusal(awaiting: u8) -> bool {
+    awaiting & REFUSAL_HELD == 0
+}
 
 /// Whether a TCP segment (flags; 0 for UDP), as a flow's first answer, refuses the connection.
 #[inline(always)]
@@ -181,6 +191,41 @@ pub const fn conn_expired(conn: &ConnState, proto: u8, now: u32) -> bool {
     elapsed(conn.last_seen, now) >= wait
 }
 
+/// A client's SYN for a flow sooner than this after the SYN that placed it is a duplicate, not
+/// a retransmission (Linux retransmits after 1 s): a backend that is up answers well within
+/// it, and SYNs sent in pairs (spoofed ones too) cannot make it look silent.
+pub const SYN_AGAIN_AFTER: u32 = ticks(500_000_000);
+
+/// Whether a client's SYN for `flow` at `now` finds the flow's reverse entry (`reverse`, at
+/// the port its table entry holds) still waiting for the backend's first answer, placed at
+/// least [`SYN_AGAIN_AFTER`] ago: the SYN retransmitted, an attempt that backend left
+/// unanswered (`observe`). The first answer clears `awaiting`, so a refusal that was held
+/// back, then retried by the client, is not counted a second time. The entry may belong to
+/// another flow by now (the port was taken back): then it is not this one's.
+#[inline(always)]
+pub const fn retried_unanswered(reverse: &NatReverse, flow: &FlowKey, now: u32) -> bool {
+    reverse.awaiting & AWAITING_ANSWER != 0
+        && elapsed(reverse.last_seen, now) >= SYN_AGAIN_AFTER
+        && names_flow(reverse, flow)
+}
+
+/// Whether a client's SYN for `flow` finds that a refusal of the flow was held back already
+/// ([`REFUSAL_HELD`] on the reverse entry of the port its table entry holds): the entry its
+/// SYN now gets carries the mark on, so that the next refusal reaches the client.
+#[inline(always)]
+pub const fn refusal_held_before(reverse: &NatReverse, flow: &FlowKey) -> bool {
+    reverse.awaiting & REFUSAL_HELD != 0 && names_flow(reverse, flow)
+}
+
+/// Whether `reverse` was made for the client flow `flow` (its `CONNS` key).
+#[inline(always)]
+pub const fn names_flow(reverse: &NatReverse, flow: &FlowKey) -> bool {
+    reverse.client_port == flow.sport
+        && reverse.vip_port == flow.dport
+        && same_address(&reverse.client_addr, &flow.src)
+        && same_address(&reverse.vip_addr, &flow.dst)
+}
+
 /// Whether two reverse entries were made for the same client flow.
 #[inline(always)]
 pub const fn same_client_flow(a: &NatReverse, b: &NatReverse) -> bool {
@@ -310,6 +355,55 @@ mod tests {
         ] {
             assert!(!may_take_port(&holder, &other, PROTO_TCP, None, NOW), "another flow waits: {other:?}");
         }
+    }
+
+    #[test]
+    fn a_syn_again_before_any_answer_is_an_unanswered_attempt() {
+        let flow =
+            FlowKey { src: [10; 16], dst: [20; 16], sport: 4000, dport: 80, proto: PROTO_TCP, ..Default::default() };
+        let reverse = NatReverse {
+            client_addr: flow.src,
+            vip_addr: flow.dst,
+            client_port: flow.sport,
+            vip_port: flow.dport,
+            awaiting: AWAITING_ANSWER,
+            last_seen: NOW,
+            ..Default::default()
+        };
+        let retransmitted = NOW + seconds(1);
+        assert!(retried_unanswered(&reverse, &flow, retransmitted));
+        assert!(retried_unanswered(&reverse, &flow, NOW + SYN_AGAIN_AFTER));
+        assert!(!retried_unanswered(&reverse, &flow, NOW + SYN_AGAIN_AFTER - 1), "a duplicate SYN");
+        let answered = NatReverse { awaiting: 0, ..reverse };
+        assert!(!retried_unanswered(&answered, &flow, retransmitted), "answered (or refused, held back) before");
+        for other in [
+            FlowKey { sport: 4001, ..flow },
+            FlowKey { dport: 443, ..flow },
+            FlowKey { src: [11; 16], ..flow },
+            FlowKey { dst: [21; 16], ..flow },
+        ] {
+            assert!(!retried_unanswered(&reverse, &other, retransmitted), "the port went to another flow: {other:?}");
+        }
+    }
+
+    #[test]
+    fn a_flows_refusal_is_held_back_once_and_the_mark_follows_its_next_syn() {
+        let flow = FlowKey { src: [10; 16], dst: [20; 16], sport: 4000, dport: 80, ..Default::default() };
+        let fresh = NatReverse {
+            client_addr: flow.src,
+            vip_addr: flow.dst,
+            client_port: flow.sport,
+            vip_port: flow.dport,
+            awaiting: AWAITING_ANSWER,
+            ..Default::default()
+        };
+        assert!(holds_refusal(fresh.awaiting), "the first refusal is held back");
+        let held = NatReverse { awaiting: REFUSAL_HELD, ..fresh };
+        assert!(refusal_held_before(&held, &flow) && !refusal_held_before(&fresh, &flow));
+        assert!(!refusal_held_before(&held, &FlowKey { sport: 4001, ..flow }), "another flow's mark");
+        let carried = NatReverse { awaiting: AWAITING_ANSWER | REFUSAL_HELD, ..fresh };
+        assert!(!holds_refusal(carried.awaiting), "the next refusal reaches the client");
+        assert!(!retried_unanswered(&held, &flow, NOW + seconds(2)), "a held refusal was an answer");
     }
 
     #[test]

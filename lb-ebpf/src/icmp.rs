@@ -16,7 +16,7 @@ use lb_common::maps::{
     FAMILY_V4, FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, TunnelJob,
     VIP_ADDR_ANSWER_PING, VIP_ADDR_VIP, VipAddrKey,
 };
-use lb_common::nat::icmp_refuses;
+use lb_common::nat::{AWAITING_ANSWER, icmp_refuses};
 use lb_common::packet::{
     DEFAULT_TTL, ETH_HLEN, Fragment, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,
 };
@@ -224,9 +224,9 @@ fn relay_error(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Result
     };
     translate(ctx, packet, &quoted, &to)?;
     set_macs(ctx, reverse.client_mac)?;
-    if reverse.awaiting != 0 && icmp_refuses(packet.family, packet.icmp_type, code) {
+    if reverse.awaiting & AWAITING_ANSWER != 0 && icmp_refuses(packet.family, packet.icmp_type, code) {
         // The backend (or a router before it) refused the connection (`observe`).
-        reverse.awaiting = 0;
+        reverse.awaiting &= !AWAITING_ANSWER;
         crate::observe::note_answer(&towards_us, reverse, true);
     }
     Ok(Reason::TxIcmpToClient)

@@ -23,9 +23,9 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::hash::flow_hash;
 use lb_common::maps::{
     FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic, TunnelJob, VIP_ADDR_SNAT,
-    VIP_ADDR_VIP, VipAddrKey, VipKey, VipMeta, address_filter_bit,
+    VIP_ADDR_VIP, VIP_OBSERVE, VipAddrKey, VipKey, VipMeta, address_filter_bit,
 };
-use lb_common::nat::{note_segment, refuses};
+use lb_common::nat::{AWAITING_ANSWER, REFUSAL_HELD, holds_refusal, note_segment, refuses};
 use lb_common::packet::{Fragment, icmp_protocol};
 use maps::{ADDR_FILTER, NAT_REV, SETTINGS, STATS_BACKEND, STATS_REASON, STATS_VIP, TUNNEL_JOB, VIP_ADDRS, VIPS};
 use parse::{Packet, parse, read};
@@ -101,7 +101,17 @@ fn nat_reply(ctx: &XdpContext, packet: &Packet) -> Reason {
 #[inline(always)]
 fn balance_packet(ctx: &XdpContext, packet: &Packet, vip: &VipMeta, job: &mut TunnelJob) -> Result<Reason, Reason> {
     let client_mac: [u8; 6] = read(ctx, 6)?;
+    // Before `choose` gives the flow its port anew; SYNs of observed VIPs only look it up.
+    job.refusal_held = 0;
+    if packet.opens_connection != 0 && vip.flags & VIP_OBSERVE != 0 {
+        job.refusal_held = observe::note_syn_again(&packet.flow, vip) as u8;
+    }
     let chosen = balance::choose(packet, vip, client_mac)?;
+    // Read back from the scratch, not kept in a register across `choose` (see `TunnelJob`).
+    // SAFETY: a valid reference.
+    if unsafe { core::ptr::read_volatile(&job.refusal_held) } != 0 {
+        observe::carry_refusal_held(&packet.flow, vip, chosen.backend, chosen.snat_port);
+    }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let mut hash = 0;
     let mut sent = Reason::TxForward;
@@ -192,10 +202,13 @@ fn translate_nat_reply(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reas
     if packet.flow.proto == PROTO_TCP {
         reverse.ended = note_segment(reverse.ended, packet.tcp_flags, true);
     }
-    if reverse.awaiting != 0 {
+    if reverse.awaiting & AWAITING_ANSWER != 0 {
         // The backend's first answer: a refusal or not (`observe`).
-        reverse.awaiting = 0;
-        if observe::note_answer(&packet.flow, reverse, refuses(packet.tcp_flags)) {
+        let first_hold = holds_refusal(reverse.awaiting);
+        reverse.awaiting &= !AWAITING_ANSWER;
+        if observe::note_answer(&packet.flow, reverse, refuses(packet.tcp_flags)) && first_hold {
+            // Once per client flow: the refusal its retried SYN meets reaches it.
+            reverse.awaiting |= REFUSAL_HELD;
             return Ok(Reason::DropRefusalHeld);
         }
     }

@@ -1,9 +1,11 @@
-//! Passive failure detection: how each backend answers new NAT flows (refused or answered),
-//! counted in `OBSERVED` for the daemon, which takes out a backend that refuses them.
+//! Passive failure detection: how each backend answers new NAT flows (refused or answered), or
+//! leaves them unanswered, counted in `OBSERVED` for the daemon, which takes out a backend that
+//! refuses them or does not answer.
 
-use crate::maps::{CONNS, OBSERVED};
-use lb_common::maps::{FlowKey, NatReverse, VIP_ADDR_VIP, VIP_OBSERVE};
-use lb_common::nat::client_flow;
+use crate::balance::{now, port_towards};
+use crate::maps::{BACKENDS, CONNS, NAT_REV, OBSERVED};
+use lb_common::maps::{Backend, FlowKey, NatReverse, VIP_ADDR_VIP, VIP_OBSERVE, VipMeta};
+use lb_common::nat::{REFUSAL_HELD, client_flow, refusal_held_before, retried_unanswered};
 
 /// The backend's first answer to a NAT flow (`reply`, its entry `reverse`): counted for the
 /// backend the client flow went to, as long as that flow still holds this reply's source port
@@ -22,6 +24,61 @@ pub fn note_answer(reply: &FlowKey, reverse: &NatReverse, refused: bool) -> bool
         }
     }
     refused && crate::find_vip(&client, VIP_ADDR_VIP).is_some_and(|vip| vip.flags & VIP_OBSERVE != 0)
+}
+
+/// A client's SYN for a NAT flow of a VIP with `observe`: when the flow already holds a port
+/// towards a backend that has not answered it, this is its SYN again, and an attempt that
+/// backend left unanswered (`lb_common::nat::retried_unanswered`). Looked up here, before the
+/// port allocator gives the flow its port back and forgets: a branch there would be followed
+/// by the verifier for every port it tries.
+/// Returns whether a refusal of the flow was held back already (its mark goes on to the entry
+/// `choose` writes, [`carry_refusal_held`]).
+#[inline(never)]
+pub fn note_syn_again(flow: &FlowKey, vip: &VipMeta) -> bool {
+    let Some(conn) = CONNS.get_ptr(flow) else {
+        return false;
+    };
+    // SAFETY: a map value pointer stays valid for the program's run.
+    let (index, snat_port) = unsafe { ((*conn).backend, (*conn).snat_port) };
+    let Some(backend) = BACKENDS.get(index) else {
+        return false;
+    };
+    let Some(reverse) = NAT_REV.get_ptr(&reply_key(flow, vip, backend, snat_port)) else {
+        return false;
+    };
+    // SAFETY: as above.
+    let reverse = unsafe { &*reverse };
+    if retried_unanswered(reverse, flow, now())
+        && let Some(attempts) = OBSERVED.get_ptr_mut(index)
+    {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        unsafe { (*attempts).unanswered += 1 };
+    }
+    refusal_held_before(reverse, flow)
+}
+
+/// The flow's SYN came again after one of its refusals was held back: the entry of the port it
+/// now holds says so, and the next refusal reaches the client.
+#[inline(never)]
+pub fn carry_refusal_held(flow: &FlowKey, vip: &VipMeta, backend: &Backend, snat_port: u16) {
+    if let Some(reverse) = NAT_REV.get_ptr_mut(&reply_key(flow, vip, backend, snat_port)) {
+        // SAFETY: a map value pointer stays valid for the program's run.
+        unsafe { (*reverse).awaiting |= REFUSAL_HELD };
+    }
+}
+
+/// The key of `backend`'s replies to the NAT flow `flow` on `snat_port`.
+#[inline(always)]
+fn reply_key(flow: &FlowKey, vip: &VipMeta, backend: &Backend, snat_port: u16) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: vip.snat_addr,
+        sport: port_towards(backend, flow.dport),
+        dport: snat_port,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+    }
 }
 
 #[inline(always)]

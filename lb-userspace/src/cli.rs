@@ -394,6 +394,9 @@ fn print_status(s: &StatusReport) {
         let announced = if b.announced.is_empty() { "nothing".into() } else { b.announced.join(" ") };
         t.add_row(vec!["bgp announces".into(), announced]);
     }
+    for down in &s.down {
+        t.add_row(vec!["backend down".into(), format!("{} {}: {}", down.vip, down.address, down.reason)]);
+    }
     println!("{t}");
     for warning in &s.warnings {
         println!("WARNING: {warning}");

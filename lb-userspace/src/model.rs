@@ -226,8 +226,9 @@ pub struct VipSpec {
     pub backends: Vec<BackendSpec>,
 }
 
-/// When watching a backend's answers takes it out: at least `refused` refusals, making at
-/// least `percent` % of its attempts, counted from its first refusal within `window`.
+/// When watching a backend's answers takes it out: at least `refused` failed attempts
+/// (refused, or unanswered), making at least `percent` % of its attempts, counted from its
+/// first failure within `window`. The name stays `refused`: configurations carry it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObserveSpec {
     pub refused: u32,

@@ -33,6 +33,17 @@ pub struct StatusReport {
     /// Active/active announcements, when `[bgp]` is configured.
     #[serde(default)]
     pub bgp: Option<BgpStatus>,
+    /// Backends out of rotation (down in the published tables), each with why.
+    #[serde(default)]
+    pub down: Vec<DownBackend>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DownBackend {
+    pub vip: String,
+    pub address: String,
+    /// As `lb backend list` shows it: the check's result, or what the data plane observed.
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

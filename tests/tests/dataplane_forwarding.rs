@@ -7,7 +7,7 @@ use lb_common::hash::flow_hash;
 use lb_common::maps::*;
 use lb_common::nat::seconds;
 use lb_common::packet::build::{Frame, TCP_ACK, reassemble, verify_checksums};
-use lb_common::packet::{ETH_HLEN, ETH_P_IPV6, TCP_FLAG_FIN};
+use lb_common::packet::{ETH_HLEN, ETH_P_IPV6, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 use lb_tests::harness::{Harness, addr16, backend, vip_key};
 use lb_tests::privilege::require_root;
 use std::net::{IpAddr, SocketAddr};
@@ -526,6 +526,67 @@ fn during_a_flood_dsr_flows_are_not_recorded_and_nat_half_open_ports_go_sooner()
     harness.age_nat_flows(lb_common::nat::HALF_OPEN_WAIT_FLOODED).unwrap();
     assert_eq!(run(&mut harness, &real).reason, Reason::TxForward, "the flood's SYN gave its port up sooner");
     assert_eq!(event(&harness, FlowEvent::HalfOpenPortTaken), 1);
+}
+
+/// `observe`: a SYN again, a retransmission's time after the first, before the backend
+/// answered, is an unanswered attempt of that backend; sooner (a duplicate), after an answer,
+/// or after a refusal held back, it is not. A connection's refusal is held back once: the
+/// refusal its SYN again meets reaches the client.
+#[test]
+fn a_syn_again_before_any_answer_is_counted_unanswered_for_an_observed_vip() {
+    if !require_root("a_syn_again_before_any_answer_is_counted_unanswered_for_an_observed_vip") {
+        return;
+    }
+    let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
+    let setup = &setups[0];
+    let index = setup.backends[0].0;
+    let observed = VipForwarding { observe: true, ..forwarding };
+    harness.publish_vip(&vip_key(setup.vip, setup.proto), &observed, &[index]).unwrap();
+    let client = client_ip(setup);
+    let attempts = |harness: &Harness| {
+        let kernel = harness.dataplane.backend_attempts(index).unwrap();
+        assert_eq!(kernel, harness.model.observed.get(&index).copied().unwrap_or_default(), "kernel and model");
+        (kernel.refused, kernel.answered, kernel.unanswered)
+    };
+    // The backend's answer to a SYN the program forwarded.
+    let answer = |forwarded: &[u8], tcp_flags: u8| {
+        let (snat, snat_port, backend_ip, backend_port) = flow_of(forwarded);
+        let mut reply = Frame::tcp(backend_ip, backend_port, snat, snat_port);
+        reply.src_mac = forwarded[0..6].try_into().unwrap();
+        reply.dst_mac = LB_MAC;
+        reply.tcp_flags = tcp_flags;
+        reply
+    };
+
+    let silent = client_frame(setup, client, 45000);
+    run(&mut harness, &silent);
+    assert_eq!(attempts(&harness), (0, 0, 0), "a first SYN is no attempt yet");
+    run(&mut harness, &silent);
+    assert_eq!(attempts(&harness), (0, 0, 0), "a duplicate SYN, sooner than a retransmission");
+    harness.age_nat_flows(lb_common::nat::SYN_AGAIN_AFTER).unwrap();
+    let again = run(&mut harness, &silent);
+    assert_eq!(again.reason, Reason::TxForward);
+    assert_eq!(attempts(&harness), (0, 0, 1), "its SYN again, unanswered");
+    // Answered at last: its next SYN (a lost SYN-ACK) is no longer an unanswered attempt.
+    let syn_ack = answer(&again.packet, TCP_FLAG_SYN | TCP_FLAG_ACK);
+    assert_eq!(run(&mut harness, &syn_ack).reason, Reason::TxNatReply);
+    harness.age_nat_flows(lb_common::nat::SYN_AGAIN_AFTER).unwrap();
+    run(&mut harness, &silent);
+    assert_eq!(attempts(&harness), (0, 1, 1));
+    // Refused: the RST is held back, and the client's SYN again is not counted a second time.
+    let refused = client_frame(setup, client, 45001);
+    let forwarded = run(&mut harness, &refused);
+    let rst = answer(&forwarded.packet, TCP_FLAG_RST | TCP_FLAG_ACK);
+    assert_eq!(run(&mut harness, &rst).reason, Reason::DropRefusalHeld);
+    harness.age_nat_flows(lb_common::nat::SYN_AGAIN_AFTER).unwrap();
+    let retried = run(&mut harness, &refused);
+    assert_eq!(retried.reason, Reason::TxForward);
+    assert_eq!(attempts(&harness), (1, 1, 1));
+    // Refused again: once per connection is enough, this refusal reaches the client.
+    let again = run(&mut harness, &answer(&retried.packet, TCP_FLAG_RST | TCP_FLAG_ACK));
+    assert_eq!(again.reason, Reason::TxNatReply, "the second refusal reaches the client");
+    assert_eq!(flow_of(&again.packet), (setup.vip.ip(), setup.vip.port(), client, 45001));
+    assert_eq!(attempts(&harness), (2, 1, 1));
 }
 
 #[test]

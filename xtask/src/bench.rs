@@ -141,7 +141,7 @@ fn report_step(name: &str, output: &str, previous: &Previous, markdown: &mut Str
 
 /// Runs one binary, echoing its output line by line (the progress), and returns the output.
 fn run_step(root: &Path, step: &Step) -> Result<String> {
-    let binary = root.join("target/release").join(step.binary);
+    let binary = crate::target_dir(root).join("release").join(step.binary);
     let mut child = Command::new(&binary)
         .args(&step.args)
         .stdout(Stdio::piped())

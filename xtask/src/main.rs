@@ -105,7 +105,7 @@ fn main() -> Result<()> {
         Task::Build => {
             setup::ensure()?;
             cargo(&root, &["build", "--release", "-p", "lb-userspace"])?;
-            println!("built {}", root.join("target/release/lb").display());
+            println!("built {}", target_dir(&root).join("release/lb").display());
             Ok(())
         }
         Task::Install { prefix, destdir, binary } => {
@@ -141,7 +141,7 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
         // The demo is a test too: every step checks what it promises.
         if cargo_args.is_empty() && setup::is_root() {
             println!("xtask test: running the demo");
-            let status = Command::new(root.join("target/debug/lb-demo")).status().context("running the demo")?;
+            let status = Command::new(target_dir(root).join("debug/lb-demo")).status().context("running the demo")?;
             if !status.success() {
                 bail!("the demo did not behave as described ({status})");
             }
@@ -165,7 +165,7 @@ fn demo(root: &Path, keep: bool) -> Result<()> {
         bail!("the demo creates network namespaces and loads XDP programs: run `sudo cargo xtask demo`");
     }
     cargo(root, &["build", "--quiet", "--workspace", "--bins"])?;
-    let demo = root.join("target/debug/lb-demo");
+    let demo = target_dir(root).join("debug/lb-demo");
     let mut command = Command::new(&demo);
     if keep {
         command.arg("--keep");
@@ -184,7 +184,7 @@ fn soak(root: &Path, minutes: f64) -> Result<()> {
     }
     // Release builds: the daemon's memory and CPU are measured as operators would run it.
     cargo(root, &["build", "--release", "--workspace", "--bins"])?;
-    let status = Command::new(root.join("target/release/soak"))
+    let status = Command::new(target_dir(root).join("release/soak"))
         .args(["--minutes", &minutes.to_string()])
         .current_dir(root)
         .status()
@@ -210,7 +210,7 @@ fn release_binary(root: &Path, binary: Option<PathBuf>) -> Result<PathBuf> {
         Some(binary) => Ok(binary),
         None => {
             cargo(root, &["build", "--release", "-p", "lb-userspace"])?;
-            Ok(root.join("target/release/lb"))
+            Ok(target_dir(root).join("release/lb"))
         }
     }
 }
@@ -227,6 +227,15 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` (relative to the workspace root, as
+/// cargo reads it there) when set, `target/` otherwise.
+pub fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
 }
 
 fn workspace_root() -> PathBuf {

@@ -122,9 +122,11 @@ impl ModelMaps {
         };
         translate(p, parsed, &quoted, &to);
         set_macs(p, reverse.client_mac);
-        if reverse.awaiting != 0 && crate::nat::icmp_refuses(parsed.family, parsed.icmp_type, code) {
+        if reverse.awaiting & crate::nat::AWAITING_ANSWER != 0
+            && crate::nat::icmp_refuses(parsed.family, parsed.icmp_type, code)
+        {
             if let Some(entry) = self.nat_rev.get_mut(&towards_us) {
-                entry.awaiting = 0;
+                entry.awaiting &= !crate::nat::AWAITING_ANSWER;
             }
             // Relayed all the same: the client hears of it at once.
             self.note_answer(&towards_us, &reverse, true);

@@ -609,12 +609,12 @@ impl Daemon {
 
     /// The counters of every VIP and backend, now.
     /// Samples the new-flow counters; tells the data plane when a flood starts or ends.
-    /// Reads how the backends of `observe` VIPs answered new flows: one that refuses them is
-    /// taken out at once (one publish), and its check brings it back.
+    /// Reads how the backends of `observe` VIPs answered new flows: one that refuses them, or
+    /// leaves them unanswered, is taken out at once (one publish), and its check brings it back.
     pub fn observe(&mut self) {
         let now = Instant::now();
         let mut observed = HashSet::new();
-        let mut refusing = Vec::new();
+        let mut failing_backends = Vec::new();
         for vip in &self.state.vips {
             let Some(spec) = vip.observe else { continue };
             for backend in &vip.backends {
@@ -622,14 +622,14 @@ impl Daemon {
                 let Some(index) = self.slots.backend(vip, backend.address) else { continue };
                 let Ok(totals) = self.dataplane.backend_attempts(index) else { continue };
                 observed.insert(id.clone());
-                if let Some((refused, attempts)) = self.observer.record(&id, now, totals, &spec) {
-                    refusing.push((vip.name.clone(), backend.address, id, refused, attempts));
+                if let Some(failing) = self.observer.record(&id, now, totals, &spec) {
+                    failing_backends.push((vip.name.clone(), backend.address, id, failing));
                 }
             }
         }
         self.observer.retain(&observed);
-        for (vip, backend, id, refused, attempts) in refusing {
-            let reason = format!("observed: {refused} of {attempts} connection attempts refused");
+        for (vip, backend, id, failing) in failing_backends {
+            let reason = failing.reason();
             if self.health.mark_observed_down(&id, &reason) {
                 self.observer.forget(&id);
                 self.on_transition(Transition { vip, backend, health: Health::Down, reason });

@@ -172,6 +172,16 @@ impl Daemon {
                 }
             }),
             bgp: self.bgp.as_ref().map(|b| b.status()),
+            down: self
+                .backend_rows(None)?
+                .into_iter()
+                .filter(|row| row.state == "down")
+                .map(|row| DownBackend {
+                    vip: row.vip,
+                    address: row.address,
+                    reason: row.last_check.unwrap_or_else(|| "no check result".into()),
+                })
+                .collect(),
         })
     }
 

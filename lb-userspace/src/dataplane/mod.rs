@@ -562,13 +562,15 @@ impl Dataplane {
         sum_traffic(&self.ebpf, MAP_STATS_VIP, vip_index)
     }
 
-    /// How backend `index` answered new NAT flows since the program was loaded (`observe`).
+    /// How backend `index` answered new NAT flows, or did not, since the program was loaded
+    /// (`observe`).
     pub fn backend_attempts(&self, index: u32) -> Result<Attempts> {
         let observed: PerCpuArray<&MapData, Attempts> = PerCpuArray::try_from(map(&self.ebpf, MAP_OBSERVED)?)?;
         let per_cpu = observed.get(&index, 0)?;
         Ok(per_cpu.iter().fold(Attempts::default(), |sum, a| Attempts {
             refused: sum.refused + a.refused,
             answered: sum.answered + a.answered,
+            unanswered: sum.unanswered + a.unanswered,
         }))
     }
 
