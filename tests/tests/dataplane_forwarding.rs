@@ -488,6 +488,39 @@ fn the_sweep_removes_quiet_and_finished_flows_and_makes_room_in_a_full_table() {
     );
 }
 
+/// A port the sweep found free may change hands before the sweep removes it (the program gives
+/// a free port to the next flow that asks, by the thousand a second during a flood): the sweep
+/// then leaves the port, and the old holder's entry, as they now are.
+#[test]
+fn a_port_that_changed_hands_after_the_sweep_read_it_stays_with_its_new_flow() {
+    if !require_root("a_port_that_changed_hands_after_the_sweep_read_it_stays_with_its_new_flow") {
+        return;
+    }
+    let (setups, mut harness, forwarding) = ipv4_tcp(MODE_NAT);
+    let setup = &setups[0];
+    one_port_to_one_backend(&mut harness, setup, &forwarding);
+    let sweeper = harness.dataplane.sweeper().unwrap();
+    // A SYN nothing followed: once its half-open wait is over, its port is free.
+    assert_eq!(run(&mut harness, &client_frame(setup, ip("192.0.2.200"), 45000)).reason, Reason::TxForward);
+    harness.age_nat_flows(lb_common::nat::HALF_OPEN_WAIT).unwrap();
+    let plan = sweeper.plan(lb_tests::harness::kernel_clock_ticks()).unwrap();
+    // Between the sweep's reading and its removing, a real client's SYN takes the port.
+    let client = client_ip(setup);
+    let real = client_frame(setup, client, 45001);
+    let opened = run(&mut harness, &real);
+    assert_eq!(opened.reason, Reason::TxForward);
+    let swept = sweeper.apply(plan).unwrap();
+    assert_eq!((swept.removed_connections, swept.removed_nat_entries), (0, 0), "{swept:?}");
+    // The backend's answer reaches the new flow's client.
+    let (snat, snat_port, backend_ip, backend_port) = flow_of(&opened.packet);
+    let mut syn_ack = Frame::tcp(backend_ip, backend_port, snat, snat_port);
+    (syn_ack.src_mac, syn_ack.dst_mac) = (opened.packet[0..6].try_into().unwrap(), LB_MAC);
+    syn_ack.tcp_flags = TCP_FLAG_SYN | TCP_FLAG_ACK;
+    let answer = run(&mut harness, &syn_ack);
+    assert_eq!(answer.reason, Reason::TxNatReply);
+    assert_eq!(flow_of(&answer.packet), (setup.vip.ip(), setup.vip.port(), client, 45001));
+}
+
 #[test]
 fn during_a_flood_dsr_flows_are_not_recorded_and_nat_half_open_ports_go_sooner() {
     if !require_root("during_a_flood_dsr_flows_are_not_recorded_and_nat_half_open_ports_go_sooner") {

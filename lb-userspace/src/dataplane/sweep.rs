@@ -5,11 +5,13 @@
 //! (`conn_expired`). The rules are the ones the program applies when it reclaims a port, so an
 //! entry goes no sooner than the program would have given its port away.
 //!
-//! Both tables are read with `BPF_MAP_LOOKUP_BATCH` and the expired entries removed with
-//! `BPF_MAP_DELETE_BATCH`: a few syscalls per thousand entries rather than two per entry. An
-//! entry whose client sends in the milliseconds between the read and the removal is removed
-//! all the same; after a wait of seconds to minutes of silence that is the program's own race
-//! when it takes a port (its next packet is placed anew).
+//! Both tables are read with `BPF_MAP_LOOKUP_BATCH`: a syscall per few thousand entries rather
+//! than two per entry. A free NAT port is removed only if its entry, and its holder's, are
+//! still as read (the program may have given the port to a new flow meanwhile: under a flood
+//! ports change hands by the thousand a second), one entry at a time. Flows without a port
+//! (DSR, tunnels) go with `BPF_MAP_DELETE_BATCH`: one whose client sends in the milliseconds
+//! between the read and the removal, after minutes of silence, is placed anew by its next
+//! packet, on the same backend unless the table changed.
 
 use anyhow::{Context, Result};
 use aya::Pod;
@@ -69,6 +71,12 @@ impl Sweeper {
 
     /// One pass at the program's clock reading `now` ([`super::clock_ticks`]).
     pub fn sweep(&self, now: u32) -> Result<Swept> {
+        let plan = self.plan(now)?;
+        self.apply(plan)
+    }
+
+    /// A pass's first half: reads both tables and judges them.
+    pub fn plan(&self, now: u32) -> Result<SweepPlan> {
         let started = Instant::now();
         let mut swept = Swept::default();
         let mut gone_flows = Vec::new();
@@ -91,15 +99,15 @@ impl Sweeper {
             // to another port since, whose entry is judged on its own).
             let holder = nat_flows.get_mut(&holder_key).filter(|flow| flow.conn.snat_port == reply.dport);
             let state = holder.as_ref().map(|flow| Holder { last_seen: flow.conn.last_seen, flags: flow.conn.flags });
-            let free = port_free(&reverse, reply.proto, state, now);
+            if port_free(&reverse, reply.proto, state, now) {
+                free_ports.push(FreePort {
+                    reply,
+                    reverse,
+                    holder: holder.as_ref().map(|flow| (holder_key, flow.conn)),
+                });
+            }
             if let Some(flow) = holder {
                 flow.has_port = true;
-                if free {
-                    gone_flows.push(holder_key);
-                }
-            }
-            if free {
-                free_ports.push(reply);
             }
         })
         .context("reading NAT_REV")?;
@@ -110,10 +118,62 @@ impl Sweeper {
                 .filter(|(key, flow)| !flow.has_port && conn_expired(&flow.conn, key.proto, now))
                 .map(|(key, _)| *key),
         );
-        swept.removed_nat_entries = delete_all(self.nat_rev.as_fd(), &free_ports).context("sweeping NAT_REV")?;
-        swept.removed_connections = delete_all(self.conns.as_fd(), &gone_flows).context("sweeping CONNS")?;
+        Ok(SweepPlan { started, swept, free_ports, gone_flows })
+    }
+
+    /// A pass's second half: removes what [`Self::plan`] found expired or free, as far as it
+    /// still is.
+    pub fn apply(&self, plan: SweepPlan) -> Result<Swept> {
+        let SweepPlan { started, mut swept, free_ports, gone_flows } = plan;
+        for port in &free_ports {
+            let (nat, conns) = self.take_port(port).context("sweeping a NAT port")?;
+            swept.removed_nat_entries += nat;
+            swept.removed_connections += conns;
+        }
+        swept.removed_connections += delete_all(self.conns.as_fd(), &gone_flows).context("sweeping CONNS")?;
         swept.micros = started.elapsed().as_micros() as u64;
         Ok(swept)
+    }
+}
+
+/// What a pass read and judged, to remove.
+pub struct SweepPlan {
+    started: Instant,
+    /// The entries read.
+    swept: Swept,
+    free_ports: Vec<FreePort>,
+    /// Flows without a port, expired.
+    gone_flows: Vec<FlowKey>,
+}
+
+/// A port the pass found free: its entry, and its holder's when a flow still held it, as read.
+struct FreePort {
+    reply: FlowKey,
+    reverse: NatReverse,
+    holder: Option<(FlowKey, ConnState)>,
+}
+
+impl Sweeper {
+    /// Removes a free port's entry, and its holder's, when they are still as the pass read them:
+    /// meanwhile the program may have given the port to a new flow (a port the pass finds free
+    /// is free for the program too, and under a flood ports change hands by the thousand a
+    /// second), or the holder's client may have sent again. One entry at a time, each looked at
+    /// just before it goes. Returns how many port and connection entries it removed.
+    fn take_port(&self, port: &FreePort) -> std::io::Result<(usize, usize)> {
+        if let Some((key, conn)) = &port.holder
+            && lookup::<FlowKey, ConnState>(self.conns.as_fd(), key)?.as_ref() != Some(conn)
+        {
+            return Ok((0, 0));
+        }
+        if lookup::<FlowKey, NatReverse>(self.nat_rev.as_fd(), &port.reply)?.as_ref() != Some(&port.reverse) {
+            return Ok((0, 0));
+        }
+        let nat = delete(self.nat_rev.as_fd(), &port.reply)? as usize;
+        let conns = match &port.holder {
+            Some((key, _)) => delete(self.conns.as_fd(), key)? as usize,
+            None => 0,
+        };
+        Ok((nat, conns))
     }
 }
 
@@ -123,7 +183,10 @@ struct NatFlow {
     has_port: bool,
 }
 
-// `enum bpf_cmd` values and `struct bpf_attr`'s batch member (include/uapi/linux/bpf.h).
+// `enum bpf_cmd` values and `struct bpf_attr`'s element and batch members
+// (include/uapi/linux/bpf.h).
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -138,6 +201,50 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `bpf(cmd, attr)` for one element: Ok(false) when the key is not there.
+fn bpf_elem(cmd: libc::c_long, attr: &mut ElemAttr) -> std::io::Result<bool> {
+    // SAFETY: `attr` is a valid bpf_attr prefix of its own size; the key and value it points
+    // to are sized for the map and outlive the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr as *mut ElemAttr as *mut libc::c_void, size_of::<ElemAttr>() as u32)
+    };
+    match rc {
+        0.. => Ok(true),
+        _ => match std::io::Error::last_os_error() {
+            error if error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            error => Err(error),
+        },
+    }
+}
+
+/// The value of `key` in the hash map `map`, if it is there.
+fn lookup<K: Pod, V: Pod + Default>(map: BorrowedFd, key: &K) -> std::io::Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        ..Default::default()
+    };
+    Ok(bpf_elem(BPF_MAP_LOOKUP_ELEM, &mut attr)?.then_some(value))
+}
+
+/// Removes `key` from the hash map `map`; whether it was there.
+fn delete<K: Pod>(map: BorrowedFd, key: &K) -> std::io::Result<bool> {
+    let mut attr = ElemAttr { map_fd: map.as_raw_fd() as u32, key: key as *const K as u64, ..Default::default() };
+    bpf_elem(BPF_MAP_DELETE_ELEM, &mut attr)
 }
 
 /// `bpf(cmd, attr)`; on failure the error and how many elements the kernel still handled.
