@@ -37,7 +37,7 @@ pub fn nat_config(topology: &Topology, backends: usize, check: Option<&str>) -> 
 
 /// One short TCP exchange: connect, send a line, read the backend's name.
 pub fn tcp_request(vip: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    exchange(TcpStream::connect_timeout(&vip, timeout)?, timeout)
+    exchange_on(&TcpStream::connect_timeout(&vip, timeout)?, timeout)
 }
 
 /// As [`tcp_request`], from the client address `from` (one the calling namespace holds).
@@ -45,14 +45,17 @@ pub fn tcp_request_from(from: IpAddr, vip: SocketAddr, timeout: Duration) -> std
     let socket = socket2::Socket::new(socket2::Domain::for_address(vip), socket2::Type::STREAM, None)?;
     socket.bind(&SocketAddr::new(from, 0).into())?;
     socket.connect_timeout(&vip.into(), timeout)?;
-    exchange(socket.into(), timeout)
+    exchange_on(&socket.into(), timeout)
 }
 
-fn exchange(stream: TcpStream, timeout: Duration) -> std::io::Result<String> {
+/// One line to the name server over an open connection, and its answer (the server's name);
+/// the connection stays open.
+pub fn exchange_on(stream: &TcpStream, timeout: Duration) -> std::io::Result<String> {
     stream.set_read_timeout(Some(timeout))?;
-    (&stream).write_all(b"hello\n")?;
+    let mut writer = stream;
+    writer.write_all(b"hello\n")?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+    BufReader::new(stream).read_line(&mut line)?;
     if line.is_empty() {
         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed without an answer"));
     }

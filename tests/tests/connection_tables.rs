@@ -4,9 +4,8 @@
 
 use lb_tests::daemon::{LbDaemon, unique_instance};
 use lb_tests::privilege::require_root;
-use lb_tests::service::tcp_vip;
+use lb_tests::service::{exchange_on as exchange, tcp_vip};
 use lb_tests::topology::{LB_V4, SERVICE_PORT, Topology, VIP_V4};
-use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -27,18 +26,6 @@ fn connect(timeout: Duration) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&tcp_vip(), timeout)?;
     exchange(&stream, timeout)?;
     Ok(stream)
-}
-
-fn exchange(stream: &TcpStream, timeout: Duration) -> std::io::Result<String> {
-    stream.set_read_timeout(Some(timeout))?;
-    let mut writer = stream;
-    writer.write_all(b"hello\n")?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without an answer"));
-    }
-    Ok(line)
 }
 
 #[test]

@@ -437,15 +437,11 @@ fn the_sweep_removes_quiet_and_finished_flows_and_makes_room_in_a_full_table() {
     assert_eq!(run(&mut harness, &established(open.clone())).reason, Reason::TxForward);
     let closed = client_frame(nat, client, 45002);
     let opened = run(&mut harness, &closed);
-    let (snat, snat_port, backend_ip, backend_port) = flow_of(&opened.packet);
     let mut fin = established(closed.clone());
     fin.tcp_flags = TCP_ACK | TCP_FLAG_FIN;
     assert_eq!(run(&mut harness, &fin).reason, Reason::TxForward);
-    let mut reply = closed.clone();
-    (reply.src, reply.sport, reply.dst, reply.dport) = (backend_ip, backend_port, snat, snat_port);
-    (reply.src_mac, reply.dst_mac) = (opened.packet[0..6].try_into().unwrap(), LB_MAC);
-    reply.tcp_flags = TCP_ACK | TCP_FLAG_FIN;
-    assert_eq!(run(&mut harness, &reply).reason, Reason::TxNatReply);
+    let backend_fin = backend_answer(&opened.packet, TCP_ACK | TCP_FLAG_FIN);
+    assert_eq!(run(&mut harness, &backend_fin).reason, Reason::TxNatReply);
     let dsr_flow = client_frame(dsr, client, 45003);
     run(&mut harness, &dsr_flow);
     assert_eq!(run(&mut harness, &established(dsr_flow.clone())).reason, Reason::TxForward);
@@ -512,11 +508,7 @@ fn a_port_that_changed_hands_after_the_sweep_read_it_stays_with_its_new_flow() {
     let swept = sweeper.apply(plan).unwrap();
     assert_eq!((swept.removed_connections, swept.removed_nat_entries), (0, 0), "{swept:?}");
     // The backend's answer reaches the new flow's client.
-    let (snat, snat_port, backend_ip, backend_port) = flow_of(&opened.packet);
-    let mut syn_ack = Frame::tcp(backend_ip, backend_port, snat, snat_port);
-    (syn_ack.src_mac, syn_ack.dst_mac) = (opened.packet[0..6].try_into().unwrap(), LB_MAC);
-    syn_ack.tcp_flags = TCP_FLAG_SYN | TCP_FLAG_ACK;
-    let answer = run(&mut harness, &syn_ack);
+    let answer = run(&mut harness, &backend_answer(&opened.packet, TCP_FLAG_SYN | TCP_FLAG_ACK));
     assert_eq!(answer.reason, Reason::TxNatReply);
     assert_eq!(flow_of(&answer.packet), (setup.vip.ip(), setup.vip.port(), client, 45001));
 }
@@ -581,15 +573,6 @@ fn a_syn_again_before_any_answer_is_counted_unanswered_for_an_observed_vip() {
         assert_eq!(kernel, harness.model.observed.get(&index).copied().unwrap_or_default(), "kernel and model");
         (kernel.refused, kernel.answered, kernel.unanswered)
     };
-    // The backend's answer to a SYN the program forwarded.
-    let answer = |forwarded: &[u8], tcp_flags: u8| {
-        let (snat, snat_port, backend_ip, backend_port) = flow_of(forwarded);
-        let mut reply = Frame::tcp(backend_ip, backend_port, snat, snat_port);
-        reply.src_mac = forwarded[0..6].try_into().unwrap();
-        reply.dst_mac = LB_MAC;
-        reply.tcp_flags = tcp_flags;
-        reply
-    };
 
     let silent = client_frame(setup, client, 45000);
     run(&mut harness, &silent);
@@ -601,7 +584,7 @@ fn a_syn_again_before_any_answer_is_counted_unanswered_for_an_observed_vip() {
     assert_eq!(again.reason, Reason::TxForward);
     assert_eq!(attempts(&harness), (0, 0, 1), "its SYN again, unanswered");
     // Answered at last: its next SYN (a lost SYN-ACK) is no longer an unanswered attempt.
-    let syn_ack = answer(&again.packet, TCP_FLAG_SYN | TCP_FLAG_ACK);
+    let syn_ack = backend_answer(&again.packet, TCP_FLAG_SYN | TCP_FLAG_ACK);
     assert_eq!(run(&mut harness, &syn_ack).reason, Reason::TxNatReply);
     harness.age_nat_flows(lb_common::nat::SYN_AGAIN_AFTER).unwrap();
     run(&mut harness, &silent);
@@ -609,14 +592,14 @@ fn a_syn_again_before_any_answer_is_counted_unanswered_for_an_observed_vip() {
     // Refused: the RST is held back, and the client's SYN again is not counted a second time.
     let refused = client_frame(setup, client, 45001);
     let forwarded = run(&mut harness, &refused);
-    let rst = answer(&forwarded.packet, TCP_FLAG_RST | TCP_FLAG_ACK);
+    let rst = backend_answer(&forwarded.packet, TCP_FLAG_RST | TCP_FLAG_ACK);
     assert_eq!(run(&mut harness, &rst).reason, Reason::DropRefusalHeld);
     harness.age_nat_flows(lb_common::nat::SYN_AGAIN_AFTER).unwrap();
     let retried = run(&mut harness, &refused);
     assert_eq!(retried.reason, Reason::TxForward);
     assert_eq!(attempts(&harness), (1, 1, 1));
     // Refused again: once per connection is enough, this refusal reaches the client.
-    let again = run(&mut harness, &answer(&retried.packet, TCP_FLAG_RST | TCP_FLAG_ACK));
+    let again = run(&mut harness, &backend_answer(&retried.packet, TCP_FLAG_RST | TCP_FLAG_ACK));
     assert_eq!(again.reason, Reason::TxNatReply, "the second refusal reaches the client");
     assert_eq!(flow_of(&again.packet), (setup.vip.ip(), setup.vip.port(), client, 45001));
     assert_eq!(attempts(&harness), (2, 1, 1));
@@ -980,6 +963,15 @@ fn icmp_errors_about_vip_flows_reach_the_flows_backend_translated_in_nat_mode() 
 }
 
 /// Runs `frame` through both sides, which must agree; the kernel's outcome.
+/// The backend's answer, with `tcp_flags`, to the NAT-forwarded frame `forwarded`.
+fn backend_answer(forwarded: &[u8], tcp_flags: u8) -> Frame {
+    let (snat, snat_port, backend_ip, backend_port) = flow_of(forwarded);
+    let mut reply = Frame::tcp(backend_ip, backend_port, snat, snat_port);
+    (reply.src_mac, reply.dst_mac) = (forwarded[0..6].try_into().unwrap(), LB_MAC);
+    reply.tcp_flags = tcp_flags;
+    reply
+}
+
 fn run(harness: &mut Harness, frame: &Frame) -> lb_common::model::Outcome {
     let (kernel, model) = harness.run(&frame.bytes()).unwrap();
     assert_eq!(kernel, model);

@@ -6,9 +6,8 @@ use aya::maps::{HashMap, Map, MapData};
 use lb_common::maps::{FlowKey, MAP_NAT_REV, NatReverse};
 use lb_tests::daemon::{LbDaemon, unique_instance};
 use lb_tests::privilege::require_root;
-use lb_tests::service::tcp_vip;
+use lb_tests::service::{exchange_on, tcp_vip};
 use lb_tests::topology::{LB_V4, SERVICE_PORT, Topology, VIP_V4};
-use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -91,12 +90,6 @@ fn nat_flows_never_take_the_ports_health_checks_leave_from() {
 /// One request over a new connection to the VIP, answered; the connection stays open.
 fn request(timeout: Duration) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&tcp_vip(), timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    (&stream).write_all(b"hello\n")?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without an answer"));
-    }
+    exchange_on(&stream, timeout)?;
     Ok(stream)
 }
