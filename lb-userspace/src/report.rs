@@ -206,8 +206,8 @@ pub struct TablesState {
 impl TablesState {
     /// Adds one pass.
     pub fn record(&mut self, swept: &crate::dataplane::Swept) {
-        self.connections = swept.connections - swept.removed_connections;
-        self.nat_entries = swept.nat_entries - swept.removed_nat_entries;
+        self.connections = swept.connections.saturating_sub(swept.removed_connections);
+        self.nat_entries = swept.nat_entries.saturating_sub(swept.removed_nat_entries);
         self.sweeps += 1;
         self.removed_connections += swept.removed_connections as u64;
         self.removed_nat_entries += swept.removed_nat_entries as u64;
