@@ -498,6 +498,9 @@ fn print_stats(s: &StatsReport) {
             t.last_sweep_micros as f64 / 1000.0
         );
     }
+    if let Some(error) = &t.sweep_error {
+        println!("\nconnection tables: NOT SWEPT (they fill up, then refuse new NAT flows): {error}");
+    }
     if s.flow_events.iter().any(|(_, n)| *n > 0) {
         let mut events = table(&["connection-table event", "count"]);
         for (event, count) in s.flow_events.iter().filter(|(_, n)| *n > 0) {

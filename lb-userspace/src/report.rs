@@ -191,7 +191,7 @@ pub struct StatsReport {
 
 /// The connection tables (`CONNS`, `NAT_REV`) as the last sweep found them, and what the
 /// sweeps removed since the daemon started.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TablesState {
     /// Entries each table holds at most (`daemon.max_conns`).
     pub capacity: u32,
@@ -201,6 +201,9 @@ pub struct TablesState {
     pub removed_connections: u64,
     pub removed_nat_entries: u64,
     pub last_sweep_micros: u64,
+    /// Why the last pass failed, while sweeping fails.
+    #[serde(default)]
+    pub sweep_error: Option<String>,
 }
 
 impl TablesState {
@@ -212,6 +215,7 @@ impl TablesState {
         self.removed_connections += swept.removed_connections as u64;
         self.removed_nat_entries += swept.removed_nat_entries as u64;
         self.last_sweep_micros = swept.micros;
+        self.sweep_error = None;
     }
 
     /// The fuller table's share of its capacity, in percent.
@@ -233,4 +237,27 @@ pub struct Explanation {
 pub struct ApplyReport {
     pub changes: Vec<String>,
     pub dry_run: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_leaves_the_tables_fill_and_ends_an_earlier_failure() {
+        let mut tables = TablesState { capacity: 100, sweep_error: Some("EINVAL".into()), ..Default::default() };
+        let swept = crate::dataplane::Swept {
+            connections: 80,
+            nat_entries: 30,
+            removed_connections: 5,
+            removed_nat_entries: 10,
+            micros: 7,
+        };
+        tables.record(&swept);
+        assert_eq!((tables.connections, tables.nat_entries, tables.sweeps), (75, 20, 1));
+        assert_eq!((tables.removed_connections, tables.removed_nat_entries), (5, 10));
+        assert_eq!(tables.fullest_percent(), 75, "the fuller table counts");
+        assert_eq!(tables.sweep_error, None, "a pass that worked ends the warning");
+        assert_eq!(TablesState::default().fullest_percent(), 0, "no capacity known yet");
+    }
 }

@@ -604,11 +604,12 @@ impl Daemon {
 
     /// Everything `lb status` warns about now.
     pub fn warnings(&self) -> Vec<String> {
-        self.warnings.iter().chain(&self.xdp_tx_problem).cloned().collect()
+        let unswept = self.tables.lock().ok().and_then(|t| t.sweep_error.clone()).map(|error| {
+            format!("the connection tables are not swept (they fill up, then refuse new NAT flows): {error}")
+        });
+        self.warnings.iter().chain(&self.xdp_tx_problem).cloned().chain(unswept).collect()
     }
 
-    /// The counters of every VIP and backend, now.
-    /// Samples the new-flow counters; tells the data plane when a flood starts or ends.
     /// Reads how the backends of `observe` VIPs answered new flows: one that refuses them, or
     /// leaves them unanswered, is taken out at once (one publish), and its check brings it back.
     pub fn observe(&mut self) {
@@ -637,6 +638,7 @@ impl Daemon {
         }
     }
 
+    /// Samples the new-flow counters; tells the data plane when a flood starts or ends.
     pub fn watch_floods(&mut self) {
         let sample = self
             .state
@@ -674,6 +676,7 @@ impl Daemon {
         self.flood.state()
     }
 
+    /// The counters of every VIP and backend, now.
     fn read_counters(&self) -> Sample {
         let mut vips = HashMap::new();
         let mut backends = HashMap::new();

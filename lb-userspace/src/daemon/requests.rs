@@ -361,7 +361,7 @@ impl Daemon {
             flow_events,
             flood: self.flood_state(),
             nat_flows_lost,
-            tables: self.tables.lock().map(|t| *t).unwrap_or_default(),
+            tables: self.tables.lock().map(|t| t.clone()).unwrap_or_default(),
         }
     }
 

@@ -294,6 +294,10 @@ fn sweep_tables(sweeper: &Sweeper, tables: &Mutex<crate::report::TablesState>) {
                     tracing::error!("sweeping the connection tables failed: {error:#}");
                 }
                 failing = true;
+                // `lb status` warns while it lasts.
+                if let Ok(mut state) = tables.lock() {
+                    state.sweep_error = Some(format!("{error:#}"));
+                }
                 continue;
             }
         };
