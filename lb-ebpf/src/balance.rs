@@ -189,7 +189,7 @@ fn report_nat_flow(packet: &Packet, vip: &VipMeta, backend: &Backend, conn: &Con
         unsafe {
             (*record).flow = packet.flow;
             (*record).conn = *conn;
-            (*record).reply = reply_key(packet, vip, backend, conn.snat_port);
+            (*record).reply = reply_key(&packet.flow, vip, backend, conn.snat_port);
             (*record).reverse = *reverse;
         }
         entry.submit(0);
@@ -209,16 +209,16 @@ pub fn touch(last_seen: &mut u32) {
     }
 }
 
-/// The key of the backend's replies to a NAT flow: backend → SNAT address and port.
+/// The key of the backend's replies to the NAT flow `flow`: backend → SNAT address and port.
 #[inline(always)]
-fn reply_key(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port: u16) -> FlowKey {
+pub fn reply_key(flow: &FlowKey, vip: &VipMeta, backend: &Backend, snat_port: u16) -> FlowKey {
     FlowKey {
         src: backend.addr,
         dst: vip.snat_addr,
-        sport: backend_port(backend, packet),
+        sport: port_towards(backend, flow.dport),
         dport: snat_port,
-        proto: packet.flow.proto,
-        family: packet.flow.family,
+        proto: flow.proto,
+        family: flow.family,
         _pad: [0; 2],
     }
 }
@@ -226,7 +226,7 @@ fn reply_key(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port: u16) 
 /// The client sent FIN or RST: recorded on the reverse entry, where the port's end is judged.
 #[inline(never)]
 fn note_client_end(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port: u16) {
-    if let Some(reverse) = NAT_REV.get_ptr_mut(&reply_key(packet, vip, backend, snat_port)) {
+    if let Some(reverse) = NAT_REV.get_ptr_mut(&reply_key(&packet.flow, vip, backend, snat_port)) {
         // SAFETY: a map value pointer stays valid for the program's run.
         unsafe { (*reverse).ended = note_segment((*reverse).ended, packet.tcp_flags, false) };
     }
@@ -236,7 +236,7 @@ fn note_client_end(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port:
 /// in a frame of its own: the reply key must not grow the balancing call chain's stack.
 #[inline(never)]
 fn release_port(packet: &Packet, vip: &VipMeta, backend: &Backend, snat_port: u16) {
-    let _ = NAT_REV.remove(&reply_key(packet, vip, backend, snat_port));
+    let _ = NAT_REV.remove(&reply_key(&packet.flow, vip, backend, snat_port));
 }
 
 /// Reserves a source port towards `backend` by creating the reply-direction entry: the first
@@ -252,7 +252,7 @@ fn allocate_snat_port(
 ) -> Result<u16, Reason> {
     for attempt in 0..NAT_PORT_TRIES {
         let port = snat_port_candidate(hash, attempt, vip.snat_port_min, vip.snat_port_max).to_be();
-        let reply = reply_key(packet, vip, backend, port);
+        let reply = reply_key(&packet.flow, vip, backend, port);
         match claim_port(&reply, reverse) {
             Claim::Claimed => return Ok(port),
             // Another candidate would find the table as full.

@@ -2,7 +2,7 @@
 //! leaves them unanswered, counted in `OBSERVED` for the daemon, which takes out a backend that
 //! refuses them or does not answer.
 
-use crate::balance::{now, port_towards};
+use crate::balance::{now, reply_key};
 use crate::maps::{BACKENDS, CONNS, NAT_REV, OBSERVED};
 use lb_common::maps::{Backend, FlowKey, NatReverse, VIP_ADDR_VIP, VIP_OBSERVE, VipMeta};
 use lb_common::nat::{REFUSAL_HELD, client_flow, refusal_held_before, retried_unanswered};
@@ -64,20 +64,6 @@ pub fn carry_refusal_held(flow: &FlowKey, vip: &VipMeta, backend: &Backend, snat
     if let Some(reverse) = NAT_REV.get_ptr_mut(&reply_key(flow, vip, backend, snat_port)) {
         // SAFETY: a map value pointer stays valid for the program's run.
         unsafe { (*reverse).awaiting |= REFUSAL_HELD };
-    }
-}
-
-/// The key of `backend`'s replies to the NAT flow `flow` on `snat_port`.
-#[inline(always)]
-fn reply_key(flow: &FlowKey, vip: &VipMeta, backend: &Backend, snat_port: u16) -> FlowKey {
-    FlowKey {
-        src: backend.addr,
-        dst: vip.snat_addr,
-        sport: port_towards(backend, flow.dport),
-        dport: snat_port,
-        proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
     }
 }
 
