@@ -12,6 +12,7 @@ fn main() {
         "lb-ebpf/src",
         "lb-ebpf/Cargo.toml",
         "lb-ebpf/Cargo.lock",
+        "lb-ebpf/.cargo/config.toml",
         "lb-common/src",
         "lb-common/Cargo.toml",
         "lb-userspace/build_ebpf.rs",

@@ -85,9 +85,7 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
     // A new flow in a TCP connection's first packet; later ones without an entry (a DSR flow's
     // handshake completing, or an entry lost) are placed again, not counted again.
     let new_flow = packet.opens_connection != 0 || packet.flow.proto != PROTO_TCP || vip.mode == MODE_NAT;
-    // DSR needs only the backend and the time (for the daemon's sweep); NAT adds its source
-    // port, below.
-    let mut conn = ConnState { backend: index, snat_port: 0, flags: 0, _pad: 0, last_seen: now() };
+    let last_seen = now();
     if vip.mode != MODE_NAT {
         // A SYN goes where the table says and leaves no state: the handshake's next packet
         // records the flow, so spoofed SYNs fill no table.
@@ -116,14 +114,17 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
             client_mac,
             ended: 0,
             awaiting: AWAITING_ANSWER,
-            last_seen: conn.last_seen,
+            last_seen,
         };
-        conn.snat_port = allocate_snat_port(packet, vip, backend, hash, &reverse)?;
-        if packet.opens_connection != 0 {
-            // Half-open until the client's next packet; opened during a flood, it gives its
-            // port up sooner (`lb_common::nat::half_open_wait`).
-            conn.flags = CONN_HALF_OPEN | if flooded() { CONN_OPENED_IN_FLOOD } else { 0 };
-        }
+        let snat_port = allocate_snat_port(packet, vip, backend, hash, &reverse)?;
+        // Half-open until the client's next packet; opened during a flood, it gives its port up
+        // sooner (`lb_common::nat::half_open_wait`). Built only now: alive across the port's
+        // allocation, it would take 16 of the call chain's 512 bytes of stack.
+        let flags = match packet.opens_connection {
+            0 => 0,
+            _ => CONN_HALF_OPEN | if flooded() { CONN_OPENED_IN_FLOOD } else { 0 },
+        };
+        let conn = ConnState { backend: index, snat_port, flags, _pad: 0, last_seen };
         // A full table keeps the connections it has: the new one is dropped, its port freed.
         if CONNS.insert(&packet.flow, &conn, 0).is_err() {
             release_port(packet, vip, backend, conn.snat_port);
@@ -132,11 +133,13 @@ pub fn choose(packet: &Packet, vip: &VipMeta, client_mac: [u8; 6]) -> Result<Cho
         report_nat_flow(packet, vip, backend, &conn, &reverse);
         return Ok(Chosen { index, backend, snat_port: conn.snat_port, new_flow });
     }
+    // DSR and tunnel flows need only the backend and the time (for the daemon's sweep).
+    let conn = ConnState { backend: index, snat_port: 0, flags: 0, _pad: 0, last_seen };
     // A full table keeps the connections it has; this flow goes where the Maglev table says.
     if CONNS.insert(&packet.flow, &conn, 0).is_err() {
         flow_event(FlowEvent::TableFull);
     }
-    Ok(Chosen { index, backend, snat_port: conn.snat_port, new_flow })
+    Ok(Chosen { index, backend, snat_port: 0, new_flow })
 }
 
 /// Whether the daemon sees a flood of new flows (`Settings::flood`).

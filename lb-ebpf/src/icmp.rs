@@ -65,7 +65,6 @@ fn answer_ping(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
         set_field(header, icmp::TYPE, reply);
         set_field(header, icmp::CHECK, check);
     }
-    let (src, dst) = (&packet.flow.src, &packet.flow.dst);
     if v4 {
         let ttl_proto: [u8; 2] = read(ctx, ETH_HLEN + ipv4::TTL)?;
         let ip_check: u16 = read(ctx, ETH_HLEN + ipv4::CHECK)?;
@@ -73,12 +72,15 @@ fn answer_ping(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
         let ip_check = replace_u16(ip_check, u16::from_ne_bytes(ttl_proto), u16::from_ne_bytes(fresh));
         write(ctx, ETH_HLEN + ipv4::TTL, fresh)?;
         write(ctx, ETH_HLEN + ipv4::CHECK, ip_check)?;
-        write(ctx, ETH_HLEN + ipv4::SRC, [dst[0], dst[1], dst[2], dst[3]])?;
-        write(ctx, ETH_HLEN + ipv4::DST, [src[0], src[1], src[2], src[3]])?;
+        // From the frame, not `packet.flow`: bytes of it kept across the lookup above would take
+        // stack, and this frame is part of the longest call chain.
+        let (from, to): ([u8; 4], [u8; 4]) = (read(ctx, ETH_HLEN + ipv4::SRC)?, read(ctx, ETH_HLEN + ipv4::DST)?);
+        write(ctx, ETH_HLEN + ipv4::SRC, to)?;
+        write(ctx, ETH_HLEN + ipv4::DST, from)?;
     } else {
         write(ctx, ETH_HLEN + ipv6::HOP_LIMIT, DEFAULT_TTL)?;
-        write(ctx, ETH_HLEN + ipv6::SRC, *dst)?;
-        write(ctx, ETH_HLEN + ipv6::DST, *src)?;
+        write(ctx, ETH_HLEN + ipv6::SRC, packet.flow.dst)?;
+        write(ctx, ETH_HLEN + ipv6::DST, packet.flow.src)?;
     }
     let client_mac: [u8; 6] = read(ctx, 6)?;
     set_macs(ctx, client_mac)?;
@@ -194,8 +196,6 @@ fn relay_error(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Result
             }
             MODE_NAT => {
                 let to = Translation {
-                    outer_src: &vip.snat_addr,
-                    outer_dst: &backend.addr,
                     src: &backend.addr,
                     sport: port_towards(backend, towards_us.dport),
                     dst: &vip.snat_addr,
@@ -215,8 +215,6 @@ fn relay_error(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Result
     let reverse = unsafe { &mut *reverse };
     let code: u8 = read(ctx, packet.l4_off + icmp::CODE)?;
     let to = Translation {
-        outer_src: &reverse.vip_addr,
-        outer_dst: &reverse.client_addr,
         src: &reverse.client_addr,
         sport: reverse.client_port,
         dst: &reverse.vip_addr,
@@ -232,10 +230,9 @@ fn relay_error(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Result
     Ok(Reason::TxIcmpToClient)
 }
 
-/// What a translated error looks like: its own addresses, and the quoted packet's flow.
+/// The quoted packet's flow once translated. The error itself then comes from that packet's
+/// destination and goes to its source, as a router addresses an error about it.
 struct Translation<'a> {
-    outer_src: &'a [u8; 16],
-    outer_dst: &'a [u8; 16],
     src: &'a [u8; 16],
     sport: u16,
     dst: &'a [u8; 16],
@@ -296,18 +293,15 @@ fn translate(ctx: &XdpContext, packet: &Packet, quoted: &Quoted, to: &Translatio
     let outer = &packet.flow;
     if v4 {
         let old: u16 = read(ctx, ETH_HLEN + ipv4::CHECK)?;
-        let new = replace_bytes(
-            replace_bytes(old, &v4_of(&outer.src), &v4_of(to.outer_src)),
-            &v4_of(&outer.dst),
-            &v4_of(to.outer_dst),
-        );
+        let new =
+            replace_bytes(replace_bytes(old, &v4_of(&outer.src), &v4_of(to.dst)), &v4_of(&outer.dst), &v4_of(to.src));
         write(ctx, ETH_HLEN + ipv4::CHECK, new)?;
-        write(ctx, ETH_HLEN + ipv4::SRC, v4_of(to.outer_src))?;
-        write(ctx, ETH_HLEN + ipv4::DST, v4_of(to.outer_dst))?;
+        write(ctx, ETH_HLEN + ipv4::SRC, v4_of(to.dst))?;
+        write(ctx, ETH_HLEN + ipv4::DST, v4_of(to.src))?;
     } else {
-        write(ctx, ETH_HLEN + ipv6::SRC, *to.outer_src)?;
-        write(ctx, ETH_HLEN + ipv6::DST, *to.outer_dst)?;
-        icmp_check = replace_bytes(replace_bytes(icmp_check, &outer.src, to.outer_src), &outer.dst, to.outer_dst);
+        write(ctx, ETH_HLEN + ipv6::SRC, *to.dst)?;
+        write(ctx, ETH_HLEN + ipv6::DST, *to.src)?;
+        icmp_check = replace_bytes(replace_bytes(icmp_check, &outer.src, to.dst), &outer.dst, to.src);
     }
     // SAFETY: as above.
     unsafe { set_field(header, icmp::CHECK, icmp_check) };
