@@ -8,7 +8,9 @@
 //! epoll loop, as web servers do;
 //! `http-close` the test backend `name-server`, which closes the connection after each answer.
 //! On loopback the kernel's work for both ends of a connection (the server's half of the
-//! handshake too) is done in the sender's context, so it counts as the engine's.
+//! handshake too) is done in the sender's context, so it counts as the engine's. For tcp and
+//! http a second line shows that share on its own: the same work as the checks done, from a bare
+//! loop of blocking calls with no engine.
 
 use anyhow::{Result, bail};
 use lb::health::HealthEngine;
@@ -23,9 +25,13 @@ const SERVERS: u16 = 20;
 const FIRST_PORT: u16 = 31000;
 
 fn cpu_time() -> Duration {
+    cpu_time_of(libc::RUSAGE_SELF)
+}
+
+fn cpu_time_of(who: libc::c_int) -> Duration {
     // SAFETY: getrusage fills the struct we pass.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    unsafe { libc::getrusage(who, &mut usage) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
@@ -145,7 +151,68 @@ fn main() -> Result<()> {
         wall.as_secs_f64()
     );
     drop(engine);
+    // Every backend once per interval (1 s).
+    let per_second = f64::from(backends);
+    let bare = match kind_name.as_str() {
+        "tcp" => Some(("connect, then reset with connect(AF_UNSPEC) as the checks do", bare_connections(&list)?)),
+        "http" => Some(("one request and its answer on a kept connection", bare_requests()?)),
+        _ => None,
+    };
+    if let Some((what, per_check)) = bare {
+        println!(
+            "bare loop without the engine, {what}: {:.1} µs each, {:.1}% of one core at the checks' {per_second:.0}/s \
+             (the kernel's share above, both ends on loopback)",
+            per_check.as_secs_f64() * 1e6,
+            100.0 * per_check.as_secs_f64() * per_second
+        );
+    }
     Ok(())
+}
+
+const BARE_ROUNDS: u32 = 20_000;
+
+/// CPU time of this thread per round of `round`, over `BARE_ROUNDS` rounds back to back.
+fn per_round(mut round: impl FnMut(u32) -> Result<()>) -> Result<Duration> {
+    let start = cpu_time_of(libc::RUSAGE_THREAD);
+    for i in 0..BARE_ROUNDS {
+        round(i)?;
+    }
+    Ok((cpu_time_of(libc::RUSAGE_THREAD) - start) / BARE_ROUNDS)
+}
+
+/// A TCP check's kernel work alone: one socket, connected to the backends in turn and dissolved
+/// again with connect(AF_UNSPEC), which resets the connection.
+fn bare_connections(backends: &[BackendSpec]) -> Result<Duration> {
+    use socket2::{Domain, Socket, Type};
+    use std::os::fd::AsRawFd;
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    per_round(|i| {
+        socket.connect(&backends[i as usize % backends.len()].address.into())?;
+        // SAFETY: an all-zero sockaddr is a valid AF_UNSPEC address, of the size given.
+        let unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::connect(socket.as_raw_fd(), &raw const unspec, size_of::<libc::sockaddr>() as libc::socklen_t)
+        };
+        anyhow::ensure!(rc == 0, "connect(AF_UNSPEC): {}", std::io::Error::last_os_error());
+        Ok(())
+    })
+}
+
+/// An HTTP check's kernel work alone, against servers that keep connections: a request written
+/// and its whole answer read, on connections opened once.
+fn bare_requests() -> Result<Duration> {
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+    let mut connections = (0..SERVERS)
+        .map(|i| std::net::TcpStream::connect(("127.0.0.1", FIRST_PORT + i)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut answer = [0u8; ANSWER.len()];
+    per_round(|i| {
+        let connection = &mut connections[(i % SERVERS as u32) as usize];
+        connection.write_all(b"GET / HTTP/1.1\r\nhost: bench\r\nuser-agent: lb-health\r\n\r\n")?;
+        connection.read_exact(&mut answer)?;
+        anyhow::ensure!(answer == ANSWER, "unexpected answer {:?}", String::from_utf8_lossy(&answer));
+        Ok(())
+    })
 }
 
 /// An HTTP/1.1 server that keeps each connection open for the next request and serves all of
