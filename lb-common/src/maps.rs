@@ -391,21 +391,26 @@ impl VipAddr {
     }
 }
 
-/// `ADDR_FILTER`: one bit per [`address_filter_bit`] value, set for every `VIP_ADDRS` address:
-/// a clear bit tells the program that a packet's destination is none of them without a hash
-/// lookup (an array lookup is a few instructions). A set bit may be another address's: the
-/// hash lookup decides.
-pub const ADDR_FILTER_WORDS: u32 = 256;
-const ADDR_FILTER_BITS_LOG2: u32 = 14; // ADDR_FILTER_WORDS * 64 bits
+/// `ADDR_FILTER`: 4 bits for every slot an address can fall in ([`address_filter_slot`]): the
+/// `VIP_ADDRS` flags of every address in that slot, or-ed. Without a hash lookup (an array
+/// lookup is a few instructions) they tell the program that a packet's destination is none of
+/// those addresses (all clear), and which lookup a TCP or UDP packet needs: `VIPS` for a VIP's
+/// address, `NAT_REV` for a NAT VIP's source address. A flag may be another address's in the
+/// same slot: the lookup it leads to then finds nothing.
+pub const ADDR_FILTER_WORDS: u32 = 1 << (ADDR_FILTER_SLOTS_LOG2 - 4); // 16 slots of 4 bits a word
+const ADDR_FILTER_SLOTS_LOG2: u32 = 14;
+/// The bits of one slot.
+pub const ADDR_FILTER_SLOT_MASK: u32 = 0xf;
+const _: () = assert!((VIP_ADDR_ANSWER_PING | VIP_ADDR_VIP | VIP_ADDR_SNAT) & !ADDR_FILTER_SLOT_MASK == 0);
 
-/// The `ADDR_FILTER` bit of an address: its 32-bit words folded, then a multiplicative hash
-/// (Knuth's) whose top bits index the filter. Returns (word, bit mask).
+/// Where an address's slot sits in `ADDR_FILTER`: its 32-bit words folded, then a
+/// multiplicative hash (Knuth's) whose top bits number the slot. Returns (word, shift).
 #[inline(always)]
-pub fn address_filter_bit(addr: &[u8; 16]) -> (u32, u64) {
+pub fn address_filter_slot(addr: &[u8; 16]) -> (u32, u32) {
     let word = |at: usize| u32::from_ne_bytes([addr[at], addr[at + 1], addr[at + 2], addr[at + 3]]);
     let folded = word(0) ^ word(4) ^ word(8) ^ word(12);
-    let bit = folded.wrapping_mul(0x9e37_79b1) >> (32 - ADDR_FILTER_BITS_LOG2);
-    (bit >> 6, 1u64 << (bit & 63))
+    let slot = folded.wrapping_mul(0x9e37_79b1) >> (32 - ADDR_FILTER_SLOTS_LOG2);
+    (slot >> 4, (slot & 15) * 4)
 }
 
 /// `VipAddr::flags`: ICMP echo requests to the address are answered by the program.
@@ -630,6 +635,21 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every slot lies inside the filter, on a 4-bit boundary, and addresses spread over them.
+    #[test]
+    fn address_filter_slots_stay_inside_the_filter() {
+        let mut used = std::collections::HashSet::new();
+        for i in 0..100_000u32 {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&(0x0a00_0000 + i).to_be_bytes());
+            let (word, shift) = address_filter_slot(&addr);
+            assert!(word < ADDR_FILTER_WORDS && shift <= 60 && shift % 4 == 0, "{word} {shift}");
+            used.insert((word, shift));
+        }
+        // 100,000 addresses over 16,384 slots leave hardly any empty.
+        assert!(used.len() > 16_000, "{} slots used", used.len());
+    }
 
     /// The flows of one backend (one Maglev residue class) must be able to use the whole port
     /// range, or NAT runs out of ports long before the range is used.

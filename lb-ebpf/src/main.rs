@@ -22,8 +22,8 @@ use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::XdpContext;
 use lb_common::hash::flow_hash;
 use lb_common::maps::{
-    FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic, TunnelJob, VIP_ADDR_SNAT,
-    VIP_ADDR_VIP, VIP_OBSERVE, VipAddrKey, VipKey, VipMeta, address_filter_bit,
+    ADDR_FILTER_SLOT_MASK, FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, Reason, Settings, Traffic,
+    TunnelJob, VIP_ADDR_SNAT, VIP_ADDR_VIP, VIP_OBSERVE, VipAddrKey, VipKey, VipMeta, address_filter_slot,
 };
 use lb_common::nat::{AWAITING_ANSWER, REFUSAL_HELD, holds_refusal, note_segment, refuses};
 use lb_common::packet::{Fragment, icmp_protocol};
@@ -41,14 +41,21 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let mut packet = Packet::empty();
     let mut reason = match read_packet(&ctx, &mut packet) {
         Err(reason) => reason,
-        Ok(()) => match address_flags(&packet) {
-            // The host's own traffic on this NIC: one lookup, and on to the kernel.
+        Ok(()) => match filter_flags(&packet) {
+            // The host's own traffic on this NIC: one array lookup, and on to the kernel.
             0 if packet.fragment == Fragment::Later => Reason::PassFragment,
             0 => Reason::PassNotVip,
             // Apart, each with its own stack frame: together they would pass the 512 bytes a
-            // program's call chain may use.
-            flags if packet.fragment == Fragment::Later => fragment::forward_later(&ctx, &packet, flags, job),
-            _ if packet.flow.proto == icmp_protocol(packet.family) => icmp::handle(&ctx, &packet, job),
+            // program's call chain may use. These rarer packets ask for the address's own flags.
+            _ if packet.fragment == Fragment::Later => match address_flags(&packet) {
+                0 => Reason::PassFragment,
+                flags => fragment::forward_later(&ctx, &packet, flags, job),
+            },
+            _ if packet.flow.proto == icmp_protocol(packet.family) => match address_flags(&packet) {
+                0 => Reason::PassNotVip,
+                _ => icmp::handle(&ctx, &packet, job),
+            },
+            // TCP and UDP go by the filter's flags: no lookup of the address itself.
             flags => match find_vip(&packet.flow, flags) {
                 Some(vip) => balance(&ctx, &packet, vip, job),
                 None if flags & VIP_ADDR_SNAT != 0 => nat_reply(&ctx, &packet),
@@ -156,15 +163,20 @@ fn addressed_to_us(ctx: &XdpContext, settings: &Settings) -> Result<bool, Reason
     Ok(destination == settings.own_mac)
 }
 
+/// The `VIP_ADDR_*` flags the address filter holds for the packet's destination: 0 for an
+/// address that is certainly neither a VIP's nor a NAT VIP's source address; otherwise its
+/// flags, maybe with those of another address in its slot (see `ADDR_FILTER_WORDS`).
+#[inline(always)]
+fn filter_flags(packet: &Packet) -> u32 {
+    let (word, shift) = address_filter_slot(&packet.flow.dst);
+    ADDR_FILTER.get(word).map_or(0, |slots| (*slots >> shift) as u32 & ADDR_FILTER_SLOT_MASK)
+}
+
 /// What the program does for the packet's destination address (`VIP_ADDR_*` bits): 0 for an
 /// address that is neither a VIP's nor a NAT VIP's source address. One number rather than the
 /// entry: it stays in a register, where a pointer would take stack.
 #[inline(always)]
 fn address_flags(packet: &Packet) -> u32 {
-    let (word, bit) = address_filter_bit(&packet.flow.dst);
-    if ADDR_FILTER.get(word).is_none_or(|bits| bits & bit == 0) {
-        return 0;
-    }
     let key = VipAddrKey { addr: packet.flow.dst, family: packet.family, _pad: [0; 3] };
     let Some(address) = VIP_ADDRS.get_ptr(&key) else {
         return 0;
@@ -173,8 +185,8 @@ fn address_flags(packet: &Packet) -> u32 {
     unsafe { (*address).flags }
 }
 
-/// The VIP for a flow's destination, given its address's flags: the exact port first, then the
-/// VIP's any-port entry.
+/// The VIP for a flow's destination, given its address's flags (the filter's, or its own
+/// entry's): the exact port first, then the VIP's any-port entry.
 #[inline(always)]
 fn find_vip(flow: &FlowKey, address_flags: u32) -> Option<&'static VipMeta> {
     if address_flags & VIP_ADDR_VIP == 0 {

@@ -21,7 +21,8 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MA
 #[map(name = "VIP_ADDRS")]
 pub static VIP_ADDRS: HashMap<VipAddrKey, VipAddr> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
-/// A bit per hashed address of `VIP_ADDRS`: most packets for other addresses stop here.
+/// `VIP_ADDRS`' flags, 4 bits per slot of hashed addresses: most packets for other addresses
+/// stop here, and TCP and UDP learn from it which lookup they need.
 #[map(name = "ADDR_FILTER")]
 pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(ADDR_FILTER_WORDS, 0);
 

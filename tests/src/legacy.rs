@@ -135,10 +135,18 @@ fn publish_address(ebpf: &mut aya::Ebpf, family: u8, addr: [u8; 16], flags: u32)
     let entry = addrs.get(&key, 0).unwrap_or_default().merged(VipAddr::with_flags(flags));
     addrs.insert(key, entry, 0)?;
     let mut filter: Array<_, u64> = Array::try_from(map(ebpf, MAP_ADDR_FILTER)?)?;
-    let (word, bit) = address_filter_bit(&addr);
+    let (word, bit) = layout2_filter_bit(&addr);
     let before = filter.get(&word, 0)?;
     filter.set(word, before | bit, 0)?;
     Ok(())
+}
+
+/// Layout 2's `ADDR_FILTER` (256 words): one bit per address slot, set for any address.
+fn layout2_filter_bit(addr: &[u8; 16]) -> (u32, u64) {
+    let word = |at: usize| u32::from_ne_bytes([addr[at], addr[at + 1], addr[at + 2], addr[at + 3]]);
+    let folded = word(0) ^ word(4) ^ word(8) ^ word(12);
+    let bit = folded.wrapping_mul(0x9e37_79b1) >> (32 - 14);
+    (bit >> 6, 1u64 << (bit & 63))
 }
 
 /// Packets the pinned data plane of `release` counted for `reason`, over every CPU.

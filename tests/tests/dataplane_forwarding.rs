@@ -255,6 +255,35 @@ fn nat_replies_are_translated_back_to_the_client() {
     }
 }
 
+/// The address filter holds a slot's flags, not an address's: a packet to another address in
+/// the slot of a VIP's or a SNAT address is looked up in `VIPS` or `NAT_REV`, is found in
+/// neither, and goes to the kernel like any other host's.
+#[test]
+fn an_address_in_the_filter_slot_of_a_vip_or_snat_address_is_not_ours() {
+    if !require_root("an_address_in_the_filter_slot_of_a_vip_or_snat_address_is_not_ours") {
+        return;
+    }
+    let setups: Vec<Setup> =
+        setups().into_iter().filter(|s| s.mode == MODE_NAT && s.proto == PROTO_TCP && s.vip.is_ipv4()).collect();
+    let mut harness = harness_with(&setups);
+    let setup = &setups[0];
+    for ours in [setup.vip.ip(), setup.snat] {
+        let slot = address_filter_slot(&addr16(ours));
+        let neighbour = (1..=u32::from(u16::MAX) * 4)
+            .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a40_0000 + i)))
+            .find(|other| address_filter_slot(&addr16(*other)) == slot)
+            .expect("16,384 slots: some address among 262,140 shares one");
+        let mut frame = client_frame(setup, client_ip(setup), 41000);
+        frame.dst = neighbour;
+        let (kernel, model) = harness.run(&frame.bytes()).unwrap();
+        assert_eq!(kernel, model);
+        assert_eq!(kernel.reason, Reason::PassNotVip, "{neighbour}, in the slot of {ours}");
+    }
+    // The addresses themselves still are.
+    let (kernel, _) = harness.run(&client_frame(setup, client_ip(setup), 41000).bytes()).unwrap();
+    assert_eq!(kernel.reason, Reason::TxForward);
+}
+
 #[test]
 fn established_flows_keep_their_backend_until_it_goes_away() {
     if !require_root("established_flows_keep_their_backend_until_it_goes_away") {

@@ -406,7 +406,7 @@ impl Dataplane {
         let before = not_found_is_none(addrs.get(key, 0))?;
         let after = before.unwrap_or_default().merged(entry);
         if before != Some(after) {
-            self.write_address_filter(std::slice::from_ref(key), false)?;
+            self.write_address_filter(&[(*key, after)], false)?;
             let mut addrs: HashMap<&mut MapData, VipAddrKey, VipAddr> =
                 HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIP_ADDRS)?)?;
             addrs.insert(key, after, 0).context("writing a VIP address")?;
@@ -414,15 +414,15 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Sets the `ADDR_FILTER` bits of `addresses`; with `exact`, clears every other bit. Bits
-    /// are set before their entries are written and cleared after they are removed: a clear
-    /// bit must never hide an entry.
-    fn write_address_filter(&mut self, addresses: &[VipAddrKey], exact: bool) -> Result<()> {
+    /// Sets the `ADDR_FILTER` flags of `addresses`; with `exact`, clears every other flag.
+    /// Flags are set before their entries are written and cleared after they are removed: a
+    /// clear flag must never hide an entry, nor keep a VIP's packets from its `VIPS` entry.
+    fn write_address_filter(&mut self, addresses: &[(VipAddrKey, VipAddr)], exact: bool) -> Result<()> {
         let mut filter: Array<&mut MapData, u64> = Array::try_from(map_mut(&mut self.ebpf, MAP_ADDR_FILTER)?)?;
         let mut words = vec![0u64; ADDR_FILTER_WORDS as usize];
-        for address in addresses {
-            let (word, bit) = address_filter_bit(&address.addr);
-            words[word as usize] |= bit;
+        for (address, entry) in addresses {
+            let (word, shift) = address_filter_slot(&address.addr);
+            words[word as usize] |= u64::from(entry.flags & ADDR_FILTER_SLOT_MASK) << shift;
         }
         for (index, wanted) in words.into_iter().enumerate() {
             let index = index as u32;
@@ -439,8 +439,7 @@ impl Dataplane {
     /// added or changed first, then the ones no longer wanted removed.
     fn sync_addresses(&mut self) -> Result<()> {
         let wanted = address_entries(&self.address_flags, &self.vips()?);
-        let keys: Vec<VipAddrKey> = wanted.iter().map(|(key, _)| *key).collect();
-        self.write_address_filter(&keys, false)?;
+        self.write_address_filter(&wanted, false)?;
         let mut addrs: HashMap<&mut MapData, VipAddrKey, VipAddr> =
             HashMap::try_from(map_mut(&mut self.ebpf, MAP_VIP_ADDRS)?)?;
         for (key, value) in &wanted {
@@ -456,7 +455,7 @@ impl Dataplane {
                 Err(e) => return Err(anyhow::Error::from(e).context("removing a VIP address")),
             }
         }
-        self.write_address_filter(&keys, true)
+        self.write_address_filter(&wanted, true)
     }
 
     /// Drops the connection-table entries of backend slot `index`: those flows are placed anew
