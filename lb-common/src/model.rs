@@ -332,6 +332,13 @@ fn be16(p: &[u8], at: usize) -> usize {
     u16::from_be_bytes([p[at], p[at + 1]]) as usize
 }
 
+/// The flow of a frame as the model parses it, if it has one: for a client's packet the key of
+/// its `CONNS` entry, for a backend's reply (or, reversed, for a packet forwarded to a backend)
+/// the key of its `NAT_REV` entry.
+pub fn flow_of(frame: &[u8]) -> Option<FlowKey> {
+    parse(frame).ok().map(|parsed| parsed.flow)
+}
+
 fn parse(p: &[u8]) -> Result<Parsed, Reason> {
     let need = |n: usize| if p.len() >= n { Ok(()) } else { Err(Reason::PassTruncated) };
     need(ETH_HLEN)?;

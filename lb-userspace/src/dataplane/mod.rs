@@ -480,6 +480,12 @@ impl Dataplane {
         not_found_is_none(conns.get(flow, 0))
     }
 
+    /// The NAT reverse entry of a backend's replies, if any.
+    pub fn nat_reverse(&self, reply: &FlowKey) -> Result<Option<NatReverse>> {
+        let nat: HashMap<&MapData, FlowKey, NatReverse> = HashMap::try_from(map(&self.ebpf, MAP_NAT_REV)?)?;
+        not_found_is_none(nat.get(reply, 0))
+    }
+
     /// Pins a client flow to a backend, as the data plane would (benchmarks fill the table).
     pub fn insert_connection(&mut self, flow: &FlowKey, state: &ConnState) -> Result<()> {
         let mut conns: HashMap<&mut MapData, FlowKey, ConnState> =
