@@ -315,14 +315,23 @@ fn comparison(document: &Value) -> Vec<(String, Vec<Bar>)> {
                     )
                 }),
             )),
-            Some(name) if name.starts_with("TCP connections") => groups.push((
+            Some("TCP connections per second vs HAProxy") => groups.push((
                 "new TCP connections per second (higher is better)".to_string(),
                 bars("connections/s", &|row| short_name(row["balancer"].as_str().unwrap_or_default())),
             )),
             _ => {}
         }
     }
+    // A step that did not run (or printed no such table) draws no empty panel.
+    groups.retain(|(_, bars)| !bars.is_empty());
     groups
+}
+
+/// Draws a recorded run's chart again from its JSON, beside it; returns the PNG's path.
+pub fn redraw(json: &Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let document: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    chart(&document, &json.with_extension("svg"))
 }
 
 /// "lb (XDP, nat)" → "lb nat", "nftables jhash DNAT+SNAT, conntrack" → "nftables", "HAProxy 2.6, …" → "HAProxy 2.6".
@@ -444,9 +453,12 @@ mod tests {
                    | nftables jhash DNAT+SNAT, conntrack | 64 B | 1 | 222970 | 0.0% |\n";
         let cps = "| balancer | connections/s | failed |\n|---|---:|---:|\n| lb (XDP, nat) | 11570 | 0 |\n\
                    | HAProxy 2.6, mode tcp, roundrobin | 7344 | 0 |\n";
+        let flood = "| run | flood pps offered | client attempts | succeeded |\n|---|---:|---:|---:|\n| dsr, SYN flood | 199810 | 2000 | 840 |\n";
         let document = json!({ "steps": [
             { "step": "end-to-end pps vs nftables", "tables": tables(e2e) },
             { "step": "TCP connections per second vs HAProxy", "tables": tables(cps) },
+            // Its name starts as the one above does; it has no bars, and draws no panel.
+            { "step": "TCP connections during a SYN flood", "tables": tables(flood) },
         ]});
         let groups = comparison(&document);
         let labels: Vec<Vec<&str>> =

@@ -88,6 +88,9 @@ enum Task {
         /// Compare with this run's JSON rather than the newest in bench/results/.
         #[arg(long, value_name = "PATH")]
         previous: Option<PathBuf>,
+        /// Run nothing: draw the chart of this recorded run's JSON again, beside it.
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["record", "quick", "json", "previous"])]
+        redraw: Option<PathBuf>,
     },
 }
 
@@ -114,7 +117,13 @@ fn main() -> Result<()> {
         Task::Package { binary } => install::package(&root, &release_binary(&root, binary)?).map(|_| ()),
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo { keep } => demo(&root, keep),
-        Task::Bench { record, quick, json, previous } => bench(&root, record, quick, json, previous.as_deref()),
+        Task::Bench { redraw: Some(json), .. } => {
+            println!("chart: {}", bench::redraw(&json)?.display());
+            Ok(())
+        }
+        Task::Bench { record, quick, json, previous, redraw: None } => {
+            bench(&root, record, quick, json, previous.as_deref())
+        }
         Task::Soak { minutes } => soak(&root, minutes),
     }
 }
