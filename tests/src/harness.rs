@@ -43,7 +43,6 @@ pub fn maglev_key(index: u32) -> u64 {
 /// The program's clock, to set the model's and to bound the kernel's timestamps.
 pub use lb::dataplane::clock_ticks as kernel_clock_ticks;
 
-
 /// Map sizes small enough to load fast, large enough for every test here.
 pub fn test_sizes() -> DataplaneSizes {
     DataplaneSizes { max_vips: 16, ring_size: TEST_RING_SIZE, max_conns: 1 << 18 }
@@ -155,8 +154,7 @@ impl Harness {
         let early_fits = is_kernels(&early_outcome) && self.kernel_agrees(frame, &early_outcome, &early, &late)?;
         // With neither (a real difference), the outcome at the clock read before the run.
         let rings = std::mem::take(&mut late.rings);
-        let (mut model, outcome) =
-            if late_fits && !early_fits { (late, late_outcome) } else { (early, early_outcome) };
+        let (mut model, outcome) = if late_fits && !early_fits { (late, late_outcome) } else { (early, early_outcome) };
         model.rings = rings;
         self.model = model;
         Ok(outcome)
