@@ -4,7 +4,7 @@
 //! the tunnel modes; the rest passes to the kernel.
 
 use crate::balance::{backend_of_flow, port_towards};
-use crate::maps::{NAT_REV, VIP_ADDRS};
+use crate::maps::NAT_REV;
 use crate::parse::{Packet, field, l4_header, ptr_at, read, set_field, write};
 use crate::rewrite::set_macs;
 use crate::tunnel;
@@ -14,21 +14,22 @@ use lb_common::csum::{replace_bytes, replace_u16, udp_nonzero};
 use lb_common::hash::flow_hash;
 use lb_common::maps::{
     FAMILY_V4, FlowKey, MODE_DSR, MODE_GUE, MODE_IPIP, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, TunnelJob,
-    VIP_ADDR_ANSWER_PING, VIP_ADDR_VIP, VipAddrKey,
+    VIP_ADDR_ANSWER_PING, VIP_ADDR_VIP,
 };
 use lb_common::nat::{AWAITING_ANSWER, icmp_refuses};
 use lb_common::packet::{
     DEFAULT_TTL, ETH_HLEN, Fragment, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, icmp, ipv4, ipv6, is_icmp_error, l4,
 };
 
-/// ICMP of the packet's family, parsed up to its 8-byte header. Returns a plain `Reason` (see
-/// `balance` in main.rs).
+/// ICMP of the packet's family, parsed up to its 8-byte header, to an address with
+/// `address_flags` (its `VIP_ADDRS` entry's). Returns a plain `Reason` (see `balance` in
+/// main.rs).
 #[inline(never)]
-pub fn handle(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Reason {
+pub fn handle(ctx: &XdpContext, packet: &Packet, address_flags: u32, job: &mut TunnelJob) -> Reason {
     let verdict = if is_icmp_error(packet.family, packet.icmp_type) {
         relay_error(ctx, packet, job)
     } else {
-        answer_ping(ctx, packet)
+        answer_ping(ctx, packet, address_flags)
     };
     match verdict {
         Ok(reason) | Err(reason) => reason,
@@ -39,7 +40,7 @@ pub fn handle(ctx: &XdpContext, packet: &Packet, job: &mut TunnelJob) -> Reason 
 /// type, addresses and MACs swapped, a fresh TTL. Swapping the addresses changes no checksum
 /// (ICMPv6's pseudo-header sums them in either order).
 #[inline(always)]
-fn answer_ping(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
+fn answer_ping(ctx: &XdpContext, packet: &Packet, address_flags: u32) -> Result<Reason, Reason> {
     let v4 = packet.family == FAMILY_V4;
     let (request, reply) =
         if v4 { (icmp::ECHO_REQUEST_V4, icmp::ECHO_REPLY_V4) } else { (icmp::ECHO_REQUEST_V6, icmp::ECHO_REPLY_V6) };
@@ -50,11 +51,8 @@ fn answer_ping(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
     if !v4 && packet.l4_off != ETH_HLEN + IPV6_HLEN {
         return Err(Reason::PassIpv6ExtHeader);
     }
-    let key = VipAddrKey { addr: packet.flow.dst, family: packet.family, _pad: [0; 3] };
-    // SAFETY: a map value pointer stays valid for the program's run.
-    match VIP_ADDRS.get_ptr(&key) {
-        Some(addr) if unsafe { (*addr).flags } & VIP_ADDR_ANSWER_PING != 0 => {}
-        _ => return Err(Reason::PassNotVip),
+    if address_flags & VIP_ADDR_ANSWER_PING == 0 {
+        return Err(Reason::PassNotVip);
     }
     let header = l4_header::<ICMP_HLEN>(ctx, packet)?;
     // SAFETY: type, code and checksum are inside the 8 checked bytes.
@@ -72,8 +70,8 @@ fn answer_ping(ctx: &XdpContext, packet: &Packet) -> Result<Reason, Reason> {
         let ip_check = replace_u16(ip_check, u16::from_ne_bytes(ttl_proto), u16::from_ne_bytes(fresh));
         write(ctx, ETH_HLEN + ipv4::TTL, fresh)?;
         write(ctx, ETH_HLEN + ipv4::CHECK, ip_check)?;
-        // From the frame, not `packet.flow`: bytes of it kept across the lookup above would take
-        // stack, and this frame is part of the longest call chain.
+        // Swapped within the frame: copies of `packet.flow`'s bytes would be kept in registers
+        // across the writes above, and spill into a frame on the longest call chain.
         let (from, to): ([u8; 4], [u8; 4]) = (read(ctx, ETH_HLEN + ipv4::SRC)?, read(ctx, ETH_HLEN + ipv4::DST)?);
         write(ctx, ETH_HLEN + ipv4::SRC, to)?;
         write(ctx, ETH_HLEN + ipv4::DST, from)?;

@@ -53,7 +53,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             },
             _ if packet.flow.proto == icmp_protocol(packet.family) => match address_flags(&packet) {
                 0 => Reason::PassNotVip,
-                _ => icmp::handle(&ctx, &packet, job),
+                flags => icmp::handle(&ctx, &packet, flags, job),
             },
             // TCP and UDP go by the filter's flags: no lookup of the address itself.
             flags => match find_vip(&packet.flow, flags) {

@@ -11,7 +11,7 @@ mod timer_wheel;
 mod tracker;
 
 pub use engine::{BackendStatus, HealthEngine, Transition, effective_check};
-pub use probe::Via;
+pub use probe::{Via, disconnect};
 pub use tracker::{Health, Tracker};
 
 #[cfg(test)]

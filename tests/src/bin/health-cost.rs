@@ -184,16 +184,10 @@ fn per_round(mut round: impl FnMut(u32) -> Result<()>) -> Result<Duration> {
 /// again with connect(AF_UNSPEC), which resets the connection.
 fn bare_connections(backends: &[BackendSpec]) -> Result<Duration> {
     use socket2::{Domain, Socket, Type};
-    use std::os::fd::AsRawFd;
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     per_round(|i| {
         socket.connect(&backends[i as usize % backends.len()].address.into())?;
-        // SAFETY: an all-zero sockaddr is a valid AF_UNSPEC address, of the size given.
-        let unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
-        let rc = unsafe {
-            libc::connect(socket.as_raw_fd(), &raw const unspec, size_of::<libc::sockaddr>() as libc::socklen_t)
-        };
-        anyhow::ensure!(rc == 0, "connect(AF_UNSPEC): {}", std::io::Error::last_os_error());
+        lb::health::disconnect(&socket)?;
         Ok(())
     })
 }
