@@ -240,16 +240,32 @@ pub async fn run(config_file: &Path) -> Result<()> {
     }
     let detach = daemon.lock().map(|d| d.stop == Some(true)).unwrap_or(false);
     if detach {
-        let daemon = daemon.lock().map_err(|_| anyhow!("daemon state poisoned"))?;
-        // Pins last: `lb detach` waits for them to disappear as the sign that all is removed.
-        daemon.store.remove()?;
-        daemon.pins.remove()?;
+        let interface = {
+            let daemon = daemon.lock().map_err(|_| anyhow!("daemon state poisoned"))?;
+            daemon.store.remove()?;
+            daemon.pins.remove()?;
+            daemon.settings.interface.clone()
+        };
+        wait_until_detached(&interface).await;
         tracing::info!("data plane detached: program, pins and saved state removed");
     } else {
         tracing::info!("exiting; the data plane keeps forwarding (`lb detach` removes it)");
     }
     let _ = std::fs::remove_file(api::socket_path(&instance));
     Ok(())
+}
+
+/// Waits (at most 2 s) until the interface runs no XDP program: the kernel releases a link
+/// whose pin was removed on a work queue, a moment later, and `lb detach` reports the program
+/// gone once this daemon's socket is.
+async fn wait_until_detached(interface: &str) {
+    for _ in 0..200 {
+        match crate::netdev::interface(interface) {
+            Ok(iface) if iface.xdp_program().is_some() => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => return,
+        }
+    }
+    tracing::warn!(interface, "the XDP program is still attached 2 s after its link was unpinned");
 }
 
 async fn serve_connection(

@@ -152,9 +152,11 @@ impl Dataplane {
         if link_path.exists() {
             match pinned_link_on(&link_path, &iface)? {
                 Ok(pinned) => {
-                    program_mut(&mut self.ebpf)?
-                        .attach_to_link(pinned)
-                        .context("replacing the program in the pinned XDP link")?;
+                    let program = program_mut(&mut self.ebpf)?;
+                    let id = program.attach_to_link(pinned).context("replacing the program in the pinned XDP link")?;
+                    // The pin stays the link's only owner, as after a fresh attach: removing it
+                    // detaches the program, whether this process still runs or not.
+                    drop(program.take_link(id)?);
                     link = Attach::TookOver;
                 }
                 Err(stale) => {
